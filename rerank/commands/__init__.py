@@ -1,0 +1,1 @@
+"""Subcommands of the `rerank` CLI; each module has `register(subparsers)`."""
