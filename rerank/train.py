@@ -1,0 +1,120 @@
+"""Training entry point shared by every model kind: seed, fit, log, save.
+
+`train(kind, data_dir, out_dir)` loads the dataset, splits it leave-one-out, seeds
+numpy/torch/random, builds `MODEL_KINDS[kind]` and fits it on the training part only,
+writing a JSON-lines log (`out_dir/train_log.jsonl`) as it goes, then saves the model
+directory (see rerank.recommender).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rerank.dataset import leave_one_out, load_dataset
+from rerank.recommender import Recommender, TRAIN_LOG_FILE, model_class, save_model
+
+
+class TrainLog:
+    """A JSON-lines training log, one record per `log(...)` call; also the place progress goes.
+
+    Each record gets "time": seconds since the log was created. With `echo`, records are
+    also printed to stderr (one JSON line each). The file is truncated when the log is created.
+    """
+
+    def __init__(self, path: Path | None = None, echo: bool = False) -> None:
+        self.path = Path(path) if path is not None else None
+        self.echo = echo
+        self.records: list[dict] = []
+        self.start = time.monotonic()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def log(self, **record: Any) -> None:
+        """Append one record (JSON-able values; numpy scalars are converted)."""
+        record = {"time": round(time.monotonic() - self.start, 3), **record}
+        line = json.dumps(record, default=_json_default)
+        self.records.append(json.loads(line))
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+        if self.echo:
+            print(line, file=sys.stderr)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's random, numpy's global generator and torch (when installed)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    torch.manual_seed(seed)
+
+
+def train(
+    kind: str,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    evaluate_valid: bool = True,
+    echo: bool = False,
+    **options: Any,
+) -> tuple[Recommender, dict]:
+    """Train a `kind` model on `data_dir` and save it to `out_dir`; returns (model, summary).
+
+    The summary holds kind, seed, options, train_seconds and, with `evaluate_valid`, the
+    validation metrics of the final model. Raises KeyError for an unknown kind, ValueError
+    (DatasetError) for a bad data dir, ValueError for options the model does not take.
+    """
+    from rerank.evaluate import evaluate
+
+    cls = model_class(kind)
+    dataset = load_dataset(data_dir)
+    split = leave_one_out(dataset)
+    seed_everything(seed)
+    model = cls.create(dataset, seed=seed, **options)
+    out = Path(out_dir)
+    log_path = out.parent / f".{out.name}.{TRAIN_LOG_FILE}"  # out_dir is replaced atomically on save
+    log = TrainLog(log_path, echo=echo)
+    log.log(event="start", kind=kind, seed=seed, options=options, dataset=dataset.meta.get("name"))
+    start = time.monotonic()
+    model.fit(dataset, split, log)
+    train_seconds = time.monotonic() - start
+    summary: dict[str, Any] = {
+        "kind": kind,
+        "seed": seed,
+        "options": options,
+        "data": str(data_dir),
+        "out": str(out),
+        "n_items": dataset.n_items,
+        "train_seconds": round(train_seconds, 2),
+    }
+    if evaluate_valid:
+        summary["valid"] = evaluate(model, dataset, split, which="valid")
+    log.log(event="end", **{k: v for k, v in summary.items() if k not in ("options",)})
+    try:
+        save_model(model, out, dataset, extra={"seed": seed, "train_seconds": summary["train_seconds"]},
+                   train_log=log_path)
+    finally:
+        log_path.unlink(missing_ok=True)
+    return model, summary
