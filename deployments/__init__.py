@@ -1,0 +1,1 @@
+"""Thin Ray Serve deployments over the `rerank` core library; the app builder is app.py."""
