@@ -112,6 +112,10 @@ class EmbeddedRedis:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running else None
+
+    @property
     def log_path(self) -> Path:
         return self.data_dir / "redis.log"
 

@@ -1,0 +1,513 @@
+"""The online feature store: users' recent behaviour and item statistics in Redis.
+
+Key schema (prefix `P`, default "rr:"; all keys of one store share it):
+
+    P item_idx               hash   item_id -> item_idx (dense, 1..; never changes once assigned)
+    P item_id                hash   item_idx -> item_id (the reverse mapping)
+    P item_attrs             hash   item_idx -> "3,17,42" attribute ids (items from bulk_load)
+    P item_stats             hash   item_id -> 28-byte record, little-endian struct "<iIIIId":
+                                    item_idx, views, clicks, carts, purchases, last_ts
+                                    (one HMGET per batch gives idx + counters for all candidates)
+    P next_item_idx          string highest item_idx assigned so far; items first seen in events
+                                    get the next one (up to `item_capacity` when set)
+    P u:{user_id}:seq        list   the user's events, newest first, 13-byte records "<ibd":
+                                    item_idx, event type code (1..4), ts; capped at max_history
+                                    (LTRIM); TTL user_ttl_s, renewed on every event
+    P u:{user_id}:bought     set    item_idx of purchased items; TTL user_ttl_s
+    P evt:{event_id}         string idempotency marker, TTL event_ttl_s (7 days)
+    P events                 stream one entry per applied event (XADD MAXLEN ~ stream_maxlen):
+                                    event_id, user_id, item_id, item_idx, type, ts, and
+                                    seq = the user's recent "item_idx:type_code" pairs BEFORE
+                                    this event, oldest first, space separated, at most
+                                    stream_seq_len (see `parse_stream_seq`)
+
+Binary records keep the hot read path to one HMGET/LRANGE per batch plus one
+`np.frombuffer`; `decode_seq`/`ITEM_RECORD` document the layout for other readers.
+
+Writes: each event is ONE Lua script (EVALSHA), atomic on the server: idempotency
+check, idx assignment for new items, the user's sequence and bought set, item
+counters, XADD. A batch of events is one pipelined round trip. A script touches
+several keys, so on Redis Cluster all of them must share one hash slot (use a
+prefix with a hash tag, e.g. "{rr}:", which puts the store on one node); the
+store is meant for a single Redis node (with a replica for failover).
+
+Timestamps are Unix seconds (float). The sequence is in arrival order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from rerank.dataset import EVENT_CODE, EVENT_TYPES
+
+if TYPE_CHECKING:
+    from rerank.dataset import Dataset
+
+SEQ_RECORD = np.dtype([("idx", "<i4"), ("type", "i1"), ("ts", "<f8")])  # Lua struct "<ibd"
+ITEM_RECORD = np.dtype(
+    [("idx", "<i4"), ("views", "<u4"), ("clicks", "<u4"), ("carts", "<u4"), ("purchases", "<u4"), ("last_ts", "<f8")]
+)  # Lua struct "<iIIIId"
+STAT_FIELDS = ("views", "clicks", "carts", "purchases")  # candidate_stats columns, = EVENT_TYPES order
+_NO_ITEM = bytes(ITEM_RECORD.itemsize)
+MAX_ID_LENGTH = 512
+
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+
+# KEYS: 1 evt marker, 2 item_idx, 3 item_id, 4 item_stats, 5 next_item_idx, 6 user seq, 7 user bought, 8 stream
+# ARGV: 1 event_id, 2 user_id, 3 item_id, 4 type code, 5 type name, 6 ts, 7 max_history, 8 user_ttl_s,
+#       9 event_ttl_s, 10 stream_maxlen, 11 stream_seq_len, 12 item_capacity (0 = none)
+# Reads first, writes last: Redis does not roll a script back, so nothing is written before
+# the last point where it could fail.
+_WRITE_EVENT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local code = tonumber(ARGV[4])
+local ts = tonumber(ARGV[6])
+local idx = redis.call('HGET', KEYS[2], ARGV[3])
+local new_item = false
+if idx then
+  idx = tonumber(idx)
+else
+  local cap = tonumber(ARGV[12])
+  idx = tonumber(redis.call('GET', KEYS[5]) or '0') + 1
+  if cap > 0 and idx > cap then idx = 0 else new_item = true end
+end
+local counts = {0, 0, 0, 0}
+local last = 0
+local rec = redis.call('HGET', KEYS[4], ARGV[3])
+if rec and idx > 0 then
+  local _
+  _, counts[1], counts[2], counts[3], counts[4], last = struct.unpack('<iIIIId', rec)
+end
+local prev = redis.call('LRANGE', KEYS[6], 0, tonumber(ARGV[11]) - 1)
+local parts = {}
+for i = #prev, 1, -1 do
+  local p_idx, p_type = struct.unpack('<ibd', prev[i])
+  parts[#parts + 1] = p_idx .. ':' .. p_type
+end
+if new_item then
+  redis.call('SET', KEYS[5], idx)
+  redis.call('HSET', KEYS[2], ARGV[3], idx)
+  redis.call('HSET', KEYS[3], idx, ARGV[3])
+end
+if idx > 0 then
+  counts[code] = counts[code] + 1
+  if ts > last then last = ts end
+  redis.call('HSET', KEYS[4], ARGV[3], struct.pack('<iIIIId', idx, counts[1], counts[2], counts[3], counts[4], last))
+  redis.call('LPUSH', KEYS[6], struct.pack('<ibd', idx, code, ts))
+  redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[7]) - 1)
+  redis.call('EXPIRE', KEYS[6], ARGV[8])
+  if code == 4 then
+    redis.call('SADD', KEYS[7], idx)
+    redis.call('EXPIRE', KEYS[7], ARGV[8])
+  end
+end
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*',
+  'event_id', ARGV[1], 'user_id', ARGV[2], 'item_id', ARGV[3], 'item_idx', tostring(idx),
+  'type', ARGV[5], 'ts', ARGV[6], 'seq', table.concat(parts, ' '))
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[9])
+return 1
+"""
+
+
+class FeatureStoreUnavailable(RuntimeError):
+    """Redis is unreachable or timed out; callers degrade (ranking) or refuse with a retryable status."""
+
+
+class FeatureStoreError(RuntimeError):
+    """The store holds data that contradicts what is being loaded (e.g. an id mapped to another idx)."""
+
+
+class EventValidationError(ValueError):
+    """An event with a missing or malformed field; the message names the event and field."""
+
+
+@dataclass
+class Event:
+    """One behaviour event from the shop."""
+
+    user_id: str
+    item_id: str
+    type: str
+    ts: float | None = None  # Unix seconds; None = now
+    event_id: str | None = None  # idempotency key; None = a fresh uuid (then a retry may apply it twice)
+
+
+@dataclass
+class UserFeatures:
+    """What the store knows about one user, and about the request's candidates."""
+
+    user_id: str
+    history: np.ndarray  # (L,) int32 item_idx, oldest -> newest
+    history_types: np.ndarray  # (L,) int8 EVENT_CODE
+    history_ts: np.ndarray  # (L,) float64 Unix seconds
+    purchased: np.ndarray  # (P,) int32 item_idx, sorted
+    last_event_ts: float | None
+    candidates: np.ndarray | None  # (C,) int32 item_idx, 0 = unknown item
+    candidate_stats: np.ndarray | None  # (C, 4) int64 views, clicks, carts, purchases
+    feature_age_ms: float | None  # now - last_event_ts
+
+
+@dataclass
+class FeatureStoreConfig:
+    """Key prefix, caps, TTLs and timeouts of a FeatureStore."""
+
+    prefix: str = "rr:"
+    max_history: int = 200  # events kept per user
+    user_ttl_s: int = 30 * 24 * 3600  # user keys expire after 30 days without events
+    event_ttl_s: int = 7 * 24 * 3600  # how long a duplicate event_id is recognised
+    stream_maxlen: int = 1_000_000  # approximate cap of the event stream
+    stream_seq_len: int = 50  # pre-event history carried in each stream entry
+    item_capacity: int | None = None  # highest item_idx the store may assign; None = no limit
+    socket_timeout_s: float = 0.2
+    connect_timeout_s: float = 0.2
+    retries: int = 1  # one reconnect attempt (e.g. a pooled socket that died in a restart)
+
+    def __post_init__(self) -> None:
+        for name in ("max_history", "user_ttl_s", "event_ttl_s", "stream_maxlen", "stream_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"FeatureStoreConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.item_capacity is not None and self.item_capacity <= 0:
+            raise ValueError(f"FeatureStoreConfig.item_capacity must be > 0 or None, got {self.item_capacity}")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names for one prefix (see the module docstring)."""
+
+    prefix: str = "rr:"
+    item_idx: str = field(init=False)
+    item_id: str = field(init=False)
+    item_attrs: str = field(init=False)
+    item_stats: str = field(init=False)
+    next_item_idx: str = field(init=False)
+    events: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("item_idx", "item_id", "item_attrs", "item_stats", "next_item_idx", "events"):
+            object.__setattr__(self, name, self.prefix + name)
+
+    def user_seq(self, user_id: str) -> str:
+        return f"{self.prefix}u:{user_id}:seq"
+
+    def user_bought(self, user_id: str) -> str:
+        return f"{self.prefix}u:{user_id}:bought"
+
+    def event(self, event_id: str) -> str:
+        return f"{self.prefix}evt:{event_id}"
+
+
+def decode_seq(entries: list[bytes]) -> np.ndarray:
+    """LRANGE of a user's seq key (newest first) -> SEQ_RECORD array, oldest -> newest."""
+    if not entries:
+        return np.zeros(0, dtype=SEQ_RECORD)
+    return np.frombuffer(b"".join(entries), dtype=SEQ_RECORD)[::-1]
+
+
+def parse_stream_seq(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """A stream entry's `seq` field "12:1 40:4" -> (item_idx int32, type codes int8), oldest first."""
+    if not text:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int8)
+    pairs = np.array(text.replace(":", " ").split(), dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0].astype(np.int32), pairs[:, 1].astype(np.int8)
+
+
+def _check_id(value, where: str, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise EventValidationError(f"{where}.{name}: expected a non-empty string, got {value!r}")
+    if len(value) > MAX_ID_LENGTH:
+        raise EventValidationError(f"{where}.{name}: longer than {MAX_ID_LENGTH} characters")
+    return value
+
+
+def validate_event(event: Event, where: str = "event", now: float | None = None) -> tuple[str, float]:
+    """Check an event's fields; returns (event_id, ts) with defaults filled in."""
+    _check_id(event.user_id, where, "user_id")
+    _check_id(event.item_id, where, "item_id")
+    if event.type not in EVENT_CODE:
+        raise EventValidationError(f"{where}.type: {event.type!r} is not one of {'|'.join(EVENT_TYPES)}")
+    event_id = str(uuid.uuid4()) if event.event_id is None else _check_id(event.event_id, where, "event_id")
+    ts = (time.time() if now is None else now) if event.ts is None else event.ts
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
+        raise EventValidationError(f"{where}.ts: expected Unix seconds (a finite number >= 0), got {event.ts!r}")
+    return event_id, float(ts)
+
+
+class FeatureStore:
+    """Client of the Redis feature store; thread-safe (one connection pool)."""
+
+    def __init__(self, url: str, prefix: str = "rr:", max_history: int = 200, **config) -> None:
+        self.url = url
+        self.config = FeatureStoreConfig(prefix=prefix, max_history=max_history, **config)
+        self.keys = Keys(self.config.prefix)
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=self.config.socket_timeout_s,
+            socket_connect_timeout=self.config.connect_timeout_s,
+            retry=Retry(NoBackoff(), self.config.retries),
+            retry_on_timeout=True,
+        )
+        self._write_sha: str | None = None
+
+    # Ray and multiprocessing pickle deployments' state: rebuild the client on the other side.
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "config": self.config}
+
+    def __setstate__(self, state: dict) -> None:
+        cfg = dict(vars(state["config"]))
+        self.__init__(state["url"], **cfg)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def ping(self) -> bool:
+        """True when Redis answers; never raises."""
+        try:
+            return bool(self._redis.ping())
+        except _UNAVAILABLE + (redis.RedisError,):
+            return False
+
+    def _unavailable(self, err: Exception, what: str) -> FeatureStoreUnavailable:
+        return FeatureStoreUnavailable(f"feature store at {self.url} unavailable during {what}: {err}")
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def fetch(self, requests: list[tuple[str, list[str] | None]], history_len: int = 50) -> list[UserFeatures]:
+        """Features for each (user_id, candidate item ids or None), in ONE pipelined round trip."""
+        if history_len <= 0:
+            raise ValueError(f"history_len must be > 0, got {history_len}")
+        keys = self.keys
+        all_candidates: list[str] = []
+        for user_id, candidates in requests:
+            if candidates is not None:
+                all_candidates.extend(candidates)
+        pipe = self._redis.pipeline(transaction=False)
+        for user_id, _ in requests:
+            pipe.lrange(keys.user_seq(user_id), 0, history_len - 1)
+            pipe.smembers(keys.user_bought(user_id))
+        if all_candidates:
+            pipe.hmget(keys.item_stats, all_candidates)
+        try:
+            replies = pipe.execute()
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "fetch") from err
+        now = time.time()
+        items = np.zeros(0, dtype=ITEM_RECORD)
+        if all_candidates:
+            records = replies[-1]
+            items = np.frombuffer(b"".join([r if r is not None else _NO_ITEM for r in records]), dtype=ITEM_RECORD)
+        out, offset = [], 0
+        for i, (user_id, candidates) in enumerate(requests):
+            seq = decode_seq(replies[2 * i])
+            bought = replies[2 * i + 1]
+            last_ts = float(seq["ts"].max()) if len(seq) else None
+            cand_idx = cand_stats = None
+            if candidates is not None:
+                rec = items[offset : offset + len(candidates)]
+                offset += len(candidates)
+                cand_idx = rec["idx"].astype(np.int32)
+                cand_stats = np.stack([rec[f].astype(np.int64) for f in STAT_FIELDS], axis=1).reshape(-1, 4)
+            out.append(
+                UserFeatures(
+                    user_id=user_id,
+                    history=seq["idx"].astype(np.int32),
+                    history_types=seq["type"].astype(np.int8),
+                    history_ts=seq["ts"].astype(np.float64),
+                    purchased=np.sort(np.fromiter((int(b) for b in bought), dtype=np.int32, count=len(bought))),
+                    last_event_ts=last_ts,
+                    candidates=cand_idx,
+                    candidate_stats=cand_stats,
+                    feature_age_ms=None if last_ts is None else max(0.0, (now - last_ts) * 1000.0),
+                )
+            )
+        return out
+
+    def item_index(self, item_ids: list[str]) -> np.ndarray:
+        """(N,) int32 item_idx of each id, 0 for unknown ids."""
+        if not item_ids:
+            return np.zeros(0, dtype=np.int32)
+        try:
+            values = self._redis.hmget(self.keys.item_idx, item_ids)
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "item_index") from err
+        return np.array([int(v) if v is not None else 0 for v in values], dtype=np.int32)
+
+    def catalogue(self) -> tuple[np.ndarray, np.ndarray]:
+        """(item_ids (n+1,) object, idx -> id, "" at 0 and at gaps; attributes (n+1, A) int32, 0-padded).
+
+        n is the highest assigned item_idx, so items first seen in events are included
+        (with no attributes)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self.keys.next_item_idx)
+        pipe.hgetall(self.keys.item_id)
+        pipe.hgetall(self.keys.item_attrs)
+        try:
+            top, ids, attrs = pipe.execute()
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "catalogue") from err
+        n = max([int(top or 0)] + [int(k) for k in ids])
+        item_ids = np.full(n + 1, "", dtype=object)
+        for idx, item_id in ids.items():
+            item_ids[int(idx)] = item_id.decode()
+        parsed = {int(k): [int(a) for a in v.split(b",") if a] for k, v in attrs.items()}
+        width = max([len(a) for a in parsed.values()] + [1])
+        attributes = np.zeros((n + 1, width), dtype=np.int32)
+        for idx, values in parsed.items():
+            if idx <= n:
+                attributes[idx, : len(values)] = values
+        return item_ids, attributes
+
+    def item_stats(self) -> np.ndarray:
+        """(n+1, 4) int64 views/clicks/carts/purchases per item_idx over the whole catalogue."""
+        try:
+            records = self._redis.hvals(self.keys.item_stats)
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "item_stats") from err
+        rec = np.frombuffer(b"".join(records), dtype=ITEM_RECORD) if records else np.zeros(0, ITEM_RECORD)
+        n = int(rec["idx"].max()) if len(rec) else 0
+        out = np.zeros((n + 1, 4), dtype=np.int64)
+        for j, name in enumerate(STAT_FIELDS):
+            out[rec["idx"], j] = rec[name]
+        return out
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def write_events(self, events: list[Event]) -> list[bool]:
+        """Apply events atomically one by one, all in ONE round trip; True = applied, False = duplicate.
+
+        All events are validated first (EventValidationError, nothing written). Raises
+        FeatureStoreUnavailable when Redis is unreachable; some events of the batch may
+        then have been applied, and a retry with the same event_ids applies the rest once.
+        """
+        now = time.time()
+        checked = [validate_event(e, f"events[{i}]", now) for i, e in enumerate(events)]
+        if not events:
+            return []
+        cfg, keys = self.config, self.keys
+        static_args = [cfg.max_history, cfg.user_ttl_s, cfg.event_ttl_s, cfg.stream_maxlen, cfg.stream_seq_len,
+                       cfg.item_capacity or 0]  # fmt: skip
+        for attempt in range(2):
+            try:
+                if self._write_sha is None:
+                    self._write_sha = self._redis.script_load(_WRITE_EVENT_LUA)
+                pipe = self._redis.pipeline(transaction=False)
+                for event, (event_id, ts) in zip(events, checked):
+                    pipe.evalsha(
+                        self._write_sha,
+                        8,
+                        keys.event(event_id), keys.item_idx, keys.item_id, keys.item_stats, keys.next_item_idx,
+                        keys.user_seq(event.user_id), keys.user_bought(event.user_id), keys.events,
+                        event_id, event.user_id, event.item_id, EVENT_CODE[event.type], event.type, repr(ts),
+                        *static_args,
+                    )  # fmt: skip
+                replies = pipe.execute(raise_on_error=False)
+            except _UNAVAILABLE as err:
+                raise self._unavailable(err, "write_events") from err
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies) and attempt == 0:
+                self._write_sha = None  # the server restarted without its script cache: load and retry
+                continue
+            errors = [r for r in replies if isinstance(r, Exception)]
+            if errors:
+                raise FeatureStoreError(f"write_events: Redis refused {len(errors)} event(s): {errors[0]}")
+            return [bool(r) for r in replies]
+        raise FeatureStoreError("write_events: the event script could not be loaded")
+
+    def bulk_load(self, dataset: "Dataset", progress: bool = True, batch: int = 5000, drop_last: int = 0) -> dict:
+        """Load a dataset's catalogue, item counters and user histories (pipelined, idempotent).
+
+        Sets (does not add to) every key it writes, so loading twice gives the same state;
+        counters of loaded items are reset to the dataset's. Users' histories keep their last
+        max_history events; `drop_last` leaves each user's last N events out (to replay them
+        online). Historical events do not go to the event stream. Returns counts and seconds.
+        """
+        from tqdm import tqdm
+
+        if drop_last < 0:
+            raise ValueError(f"drop_last must be >= 0, got {drop_last}")
+        start = time.perf_counter()
+        keys, cfg = self.keys, self.config
+        item_ids = dataset.item_ids
+        n_items = dataset.n_items
+        try:
+            position = {item_id: i for i, item_id in enumerate(item_ids) if i > 0}
+            for item_id, idx in self._redis.hgetall(keys.item_idx).items():
+                item_id, idx = item_id.decode(), int(idx)
+                if position.get(item_id, 0) != idx and (item_id in position or idx <= n_items):
+                    raise FeatureStoreError(
+                        f"{keys.item_idx}: item {item_id!r} has idx {idx} in Redis but "
+                        f"{position.get(item_id, 'none')} in {dataset.path}; flush the store "
+                        f"(prefix {cfg.prefix!r}) before loading this dataset"
+                    )
+            seqs, types, stamps = dataset.sequences, dataset.event_type_sequences, dataset.timestamp_sequences
+            kept = [slice(0, max(0, len(s) - drop_last)) for s in seqs]
+            # item counters over the loaded events (events are sorted by user: keep a prefix of each)
+            lengths = np.array([len(s) for s in seqs])
+            start_of = np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+            keep = (np.arange(lengths.sum()) - start_of) < np.repeat(lengths - drop_last, lengths)
+            ev_idx = np.concatenate(seqs)[keep].astype(np.int64)
+            ev_type = np.concatenate(types)[keep].astype(np.int64)
+            ev_ts = np.concatenate(stamps)[keep].astype(np.float64)
+            counts = np.zeros((n_items + 1, 4), dtype=np.int64)
+            np.add.at(counts, (ev_idx, ev_type - 1), 1)
+            last_ts = np.zeros(n_items + 1, dtype=np.float64)
+            np.maximum.at(last_ts, ev_idx, ev_ts)
+            records = np.zeros(n_items + 1, dtype=ITEM_RECORD)
+            records["idx"] = np.arange(n_items + 1)
+            for j, name in enumerate(STAT_FIELDS):
+                records[name] = counts[:, j]
+            records["last_ts"] = last_ts
+            attrs = dataset.item_attributes
+            bar = tqdm(total=n_items + dataset.n_users, desc="feature store", unit="key", disable=not progress)
+            for lo in range(1, n_items + 1, batch):
+                hi = min(lo + batch, n_items + 1)
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.hset(keys.item_idx, mapping={item_ids[i]: i for i in range(lo, hi)})
+                pipe.hset(keys.item_id, mapping={i: item_ids[i] for i in range(lo, hi)})
+                pipe.hset(keys.item_attrs, mapping={i: ",".join(map(str, attrs[i][attrs[i] > 0])) for i in range(lo, hi)})
+                pipe.hset(keys.item_stats, mapping={item_ids[i]: records[i].tobytes() for i in range(lo, hi)})
+                pipe.execute()
+                bar.update(hi - lo)
+            top = int(self._redis.get(keys.next_item_idx) or 0)
+            if top < n_items:
+                self._redis.set(keys.next_item_idx, n_items)
+            user_ids = dataset.user_ids
+            n_events = 0
+            for lo in range(1, dataset.n_users + 1, batch):
+                hi = min(lo + batch, dataset.n_users + 1)
+                pipe = self._redis.pipeline(transaction=False)
+                for u in range(lo, hi):
+                    seq_key, bought_key = keys.user_seq(user_ids[u]), keys.user_bought(user_ids[u])
+                    pipe.delete(seq_key, bought_key)
+                    idx, typ, ts = seqs[u][kept[u]], types[u][kept[u]], stamps[u][kept[u]]
+                    n_events += len(idx)
+                    recent = slice(max(0, len(idx) - cfg.max_history), len(idx))
+                    rec = np.zeros(len(idx[recent]), dtype=SEQ_RECORD)
+                    rec["idx"], rec["type"], rec["ts"] = idx[recent], typ[recent], ts[recent]
+                    raw = rec[::-1].tobytes()
+                    size = SEQ_RECORD.itemsize
+                    if len(rec):
+                        pipe.rpush(seq_key, *[raw[i : i + size] for i in range(0, len(raw), size)])
+                        pipe.expire(seq_key, cfg.user_ttl_s)
+                    bought = np.unique(idx[typ == EVENT_CODE["purchase"]])
+                    if len(bought):
+                        pipe.sadd(bought_key, *bought.tolist())
+                        pipe.expire(bought_key, cfg.user_ttl_s)
+                pipe.execute()
+                bar.update(hi - lo)
+            bar.close()
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "bulk_load") from err
+        return {
+            "users": dataset.n_users,
+            "items": n_items,
+            "events": n_events,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
