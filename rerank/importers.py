@@ -15,6 +15,7 @@ or column, and what was expected.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -306,8 +307,8 @@ def _read_events_table(path: Path) -> tuple[pa.Table, bool]:
         raise DataImportError(f"{path}: expected a .csv or .parquet event log, got {suffix or 'no extension'}")
     import pyarrow.csv as pacsv
 
-    with path.open(encoding="utf-8", errors="replace") as f:
-        header = [h.strip() for h in f.readline().rstrip("\r\n").split(",")]
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        header = [h.strip() for h in next(csv.reader([f.readline()]), [])]
     missing = [c for c in EVENT_COLUMNS if c not in header]
     if missing:
         raise DataImportError(f"{path}: line 1: missing column(s) {', '.join(missing)}; expected header {','.join(EVENT_COLUMNS)} (got {','.join(header)})")
