@@ -1,0 +1,172 @@
+"""List-level re-ranking after the model has scored the candidates (numpy only).
+
+`rank` turns one request's scored candidates into the answer, in this order:
+
+1. cold start: candidates the model cannot score (item_idx 0 = unknown to the store, or a
+   non-finite score) get a score placed among the known candidates' scores by popularity:
+   the quantile `cold_start_weight * popularity percentile` of the known scores. So with
+   weight 0.5, the most popular unknown item lands at the median, one without any events
+   at the bottom; with no known candidate at all, the popularity prior itself is the score;
+2. additive boosts by item id;
+3. exclusions: the user's purchased items (when `exclude_purchased`) and explicit ids;
+4. top-k: pure score order when `diversity` is 0, else greedy MMR over the candidates'
+   attributes (cosine similarity of their multi-hot attribute vectors).
+
+Ties keep the candidates' input order, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+# weights of the (views, clicks, carts, purchases) counters in the popularity prior
+EVENT_WEIGHTS = np.array([1.0, 2.0, 4.0, 8.0])
+
+
+@dataclass
+class RankingRules:
+    """Per-request list rules (the HTTP body's `k` and `rules`)."""
+
+    k: int = 20
+    diversity: float = 0.0  # MMR trade-off: 0 = pure score order, 1 = only novelty of attributes
+    exclude_purchased: bool = True
+    exclude_items: list[str] = field(default_factory=list)
+    boost: dict[str, float] = field(default_factory=dict)  # item_id -> added to its score
+    cold_start_weight: float = 0.5  # how high unknown items may rise by popularity (quantile of known scores)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"RankingRules.k: expected >= 1, got {self.k}")
+        if not 0.0 <= self.diversity <= 1.0:
+            raise ValueError(f"RankingRules.diversity: expected 0..1, got {self.diversity}")
+        if not 0.0 <= self.cold_start_weight <= 1.0:
+            raise ValueError(f"RankingRules.cold_start_weight: expected 0..1, got {self.cold_start_weight}")
+
+
+def popularity_prior(stats: np.ndarray | None, n: int) -> np.ndarray:
+    """(n,) log(1 + weighted views/clicks/carts/purchases) from (n, 4) counters; zeros without them."""
+    if stats is None or len(stats) == 0:
+        return np.zeros(n)
+    stats = np.asarray(stats, dtype=np.float64)
+    return np.log1p(stats[:, : len(EVENT_WEIGHTS)] @ EVENT_WEIGHTS[: stats.shape[1]])
+
+
+def attribute_features(attributes: np.ndarray) -> np.ndarray:
+    """(C, A) attribute ids (0 = padding) -> (C, F) float32 multi-hot over the ids present."""
+    attributes = np.asarray(attributes)
+    if attributes.ndim != 2:
+        raise ValueError(f"attributes: expected a (C, A) array of attribute ids, got shape {attributes.shape}")
+    present, column = np.unique(attributes, return_inverse=True)
+    column = column.reshape(attributes.shape)
+    out = np.zeros((attributes.shape[0], len(present)), dtype=np.float32)
+    rows = np.broadcast_to(np.arange(attributes.shape[0])[:, None], attributes.shape)
+    out[rows, column] = 1.0
+    if len(present) and present[0] == 0:
+        out = out[:, 1:]  # the padding id is not an attribute
+    return out
+
+
+def mmr(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndarray:
+    """Greedy maximal marginal relevance: up to k indices into `scores`, in pick order.
+
+    Each step picks argmax (1 - lam) * relevance - lam * max cosine similarity to the picked
+    items, with relevance = scores min-max scaled to [0, 1] (so lam does not depend on the
+    score scale). lam = 0 is score order. Ties go to the lower index.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if lam == 0.0:
+        return np.argsort(-scores, kind="stable")[:k]
+    span = scores.max() - scores.min()
+    relevance = (scores - scores.min()) / span if span > 0 else np.zeros(n)
+    feats = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    unit = np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
+    max_sim = np.zeros(n)
+    available = np.ones(n, dtype=bool)
+    picked = np.empty(k, dtype=np.int64)
+    for step in range(k):
+        objective = np.where(available, (1.0 - lam) * relevance - lam * max_sim, -np.inf)
+        best = int(np.argmax(objective))
+        picked[step] = best
+        available[best] = False
+        np.maximum(max_sim, unit @ unit[best], out=max_sim)
+    return picked
+
+
+def cold_start_scores(scores: np.ndarray, cold: np.ndarray, popularity: np.ndarray, weight: float) -> np.ndarray:
+    """Scores with the `cold` entries replaced by a popularity-driven quantile of the others."""
+    out = np.asarray(scores, dtype=np.float64).copy()
+    if not cold.any():
+        return out
+    popularity = np.asarray(popularity, dtype=np.float64)
+    known = out[~cold]
+    if known.size == 0:
+        out[cold] = popularity[cold]
+        return out
+    # percentile of each candidate's popularity: the share of candidates strictly below it
+    order = np.sort(popularity)
+    below = np.searchsorted(order, popularity[cold], side="left")
+    pct = below / max(len(popularity) - 1, 1)
+    out[cold] = np.quantile(known, np.clip(weight * pct, 0.0, 1.0))
+    return out
+
+
+def rank(
+    candidate_ids: Sequence[str],
+    candidate_idx: np.ndarray,
+    scores: np.ndarray,
+    *,
+    rules: RankingRules,
+    purchased_idx: np.ndarray | None = None,
+    attributes: np.ndarray | None = None,
+    popularity: np.ndarray | None = None,
+) -> list[tuple[str, float]]:
+    """The top `rules.k` (item_id, score) of one request's candidates (see the module docstring).
+
+    candidate_idx: (C,) item_idx, 0 = unknown; scores: (C,) model scores; purchased_idx: the
+    user's bought item_idx; attributes: (C, A) attribute ids, 0-padded; popularity: (C,) prior.
+    """
+    n = len(candidate_ids)
+    candidate_idx = np.asarray(candidate_idx, dtype=np.int64).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    for name, array in (("candidate_idx", candidate_idx), ("scores", scores)):
+        if len(array) != n:
+            raise ValueError(f"rank: {name} has {len(array)} entries for {n} candidate ids")
+    if popularity is None:
+        popularity = np.zeros(n)
+    popularity = np.asarray(popularity, dtype=np.float64).reshape(-1)
+    if len(popularity) != n:
+        raise ValueError(f"rank: popularity has {len(popularity)} entries for {n} candidate ids")
+    if attributes is not None and len(attributes) != n:
+        raise ValueError(f"rank: attributes has {len(attributes)} rows for {n} candidate ids")
+    if n == 0:
+        return []
+
+    cold = (candidate_idx == 0) | ~np.isfinite(scores)
+    final = cold_start_scores(scores, cold, popularity, rules.cold_start_weight)
+    if rules.boost:
+        final += np.fromiter((rules.boost.get(i, 0.0) for i in candidate_ids), dtype=np.float64, count=n)
+
+    keep = np.ones(n, dtype=bool)
+    if rules.exclude_purchased and purchased_idx is not None and len(purchased_idx):
+        keep &= ~(np.isin(candidate_idx, np.asarray(purchased_idx)) & (candidate_idx > 0))
+    if rules.exclude_items:
+        excluded = set(rules.exclude_items)
+        keep &= np.fromiter((i not in excluded for i in candidate_ids), dtype=bool, count=n)
+    pool = np.flatnonzero(keep)
+    if pool.size == 0:
+        return []
+
+    if rules.diversity > 0.0 and attributes is not None:
+        features = attribute_features(np.asarray(attributes)[pool])
+        order = pool[mmr(final[pool], features, rules.diversity, rules.k)]
+    else:
+        order = pool[np.argsort(-final[pool], kind="stable")[: rules.k]]
+    return [(candidate_ids[i], float(final[i])) for i in order]

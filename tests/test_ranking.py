@@ -1,0 +1,129 @@
+"""List-level re-ranking: score order, MMR diversity, exclusions, boosts, cold start, top-k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rerank.ranking import RankingRules, attribute_features, mmr, popularity_prior, rank
+
+IDS = ["a", "b", "c", "d", "e"]
+IDX = np.array([1, 2, 3, 4, 5])
+SCORES = np.array([0.1, 0.9, 0.5, 0.7, 0.3])
+
+
+def ids(result):
+    return [item_id for item_id, _ in result]
+
+
+def test_pure_score_order_when_diversity_is_zero():
+    attrs = np.array([[1], [1], [1], [2], [2]])
+    result = rank(IDS, IDX, SCORES, rules=RankingRules(k=5, diversity=0.0), attributes=attrs)
+    assert ids(result) == ["b", "d", "c", "e", "a"]
+    assert [s for _, s in result] == pytest.approx([0.9, 0.7, 0.5, 0.3, 0.1])
+
+
+def test_mmr_increases_attribute_diversity_of_the_top_k():
+    # three near-duplicates from brand 1 score highest; brand 2 and 3 items a bit lower
+    cand = [f"x{i}" for i in range(6)]
+    scores = np.array([1.0, 0.99, 0.98, 0.8, 0.79, 0.7])
+    attrs = np.array([[1, 10], [1, 10], [1, 10], [2, 20], [2, 20], [3, 30]])
+    plain = rank(cand, np.arange(1, 7), scores, rules=RankingRules(k=3), attributes=attrs)
+    diverse = rank(cand, np.arange(1, 7), scores, rules=RankingRules(k=3, diversity=0.5), attributes=attrs)
+
+    def n_brands(result):
+        return len({attrs[cand.index(i)][0] for i in ids(result)})
+
+    assert n_brands(plain) == 1
+    assert n_brands(diverse) == 3
+    assert ids(diverse)[0] == "x0"  # the best item still leads
+
+
+def test_mmr_with_lambda_zero_is_score_order_and_respects_k():
+    scores = np.array([0.2, 0.8, 0.5])
+    feats = np.eye(3)
+    assert mmr(scores, feats, 0.0, 2).tolist() == [1, 2]
+    assert mmr(scores, feats, 0.7, 10).tolist() == [1, 2, 0]  # orthogonal items: no penalty, k capped
+    assert mmr(np.zeros(0), np.zeros((0, 3)), 0.5, 3).size == 0
+
+
+def test_attribute_features_ignores_padding():
+    feats = attribute_features(np.array([[5, 0], [5, 7], [0, 0]]))
+    assert feats.tolist() == [[1, 0], [1, 1], [0, 0]]
+
+
+def test_exclusions_of_purchased_and_explicit_items():
+    rules = RankingRules(k=5, exclude_items=["d"])
+    result = rank(IDS, IDX, SCORES, rules=rules, purchased_idx=np.array([2, 99]))
+    assert ids(result) == ["c", "e", "a"]
+    keep_bought = RankingRules(k=5, exclude_purchased=False)
+    assert "b" in ids(rank(IDS, IDX, SCORES, rules=keep_bought, purchased_idx=np.array([2])))
+
+
+def test_unknown_items_are_not_excluded_as_purchased():
+    # idx 0 (unknown) must never match a purchase record
+    result = rank(["new", "a"], np.array([0, 1]), np.array([0.0, 1.0]), rules=RankingRules(k=2),
+                  purchased_idx=np.array([0, 1]))
+    assert ids(result) == ["new"]
+
+
+def test_boost_is_additive():
+    result = rank(IDS, IDX, SCORES, rules=RankingRules(k=2, boost={"a": 1.0, "zzz": 5.0}))
+    assert ids(result) == ["a", "b"]
+    assert result[0][1] == pytest.approx(1.1)
+
+
+def test_k_larger_than_candidates_returns_all():
+    assert len(rank(IDS, IDX, SCORES, rules=RankingRules(k=50))) == 5
+    assert len(rank(IDS, IDX, SCORES, rules=RankingRules(k=50, diversity=0.3), attributes=np.ones((5, 1)))) == 5
+    assert rank([], np.zeros(0), np.zeros(0), rules=RankingRules()) == []
+
+
+def test_ties_keep_input_order_and_repeat_identically():
+    scores = np.array([0.5, 0.5, 0.5, 0.9, 0.5])
+    first = rank(IDS, IDX, scores, rules=RankingRules(k=5))
+    assert ids(first) == ["d", "a", "b", "c", "e"]
+    attrs = np.array([[1], [1], [2], [3], [2]])
+    div = [rank(IDS, IDX, scores, rules=RankingRules(k=5, diversity=0.4), attributes=attrs) for _ in range(3)]
+    assert div[0] == div[1] == div[2]
+
+
+def test_cold_start_places_unknown_items_by_popularity():
+    cand = ["k1", "k2", "k3", "new-popular", "new-unseen"]
+    idx = np.array([1, 2, 3, 0, 0])
+    scores = np.array([3.0, 2.0, 1.0, -np.inf, -np.inf])
+    popularity = np.array([1.0, 1.0, 1.0, 9.0, 0.0])
+    rules = RankingRules(k=5, cold_start_weight=0.5)
+    result = dict(rank(cand, idx, scores, rules=rules, popularity=popularity))
+    assert result["new-popular"] == pytest.approx(2.0)  # the median of known scores
+    assert result["new-unseen"] == pytest.approx(1.0)  # no events: the bottom of the known scores
+    top = rank(cand, idx, scores, rules=RankingRules(k=5, cold_start_weight=1.0), popularity=popularity)
+    assert ids(top)[:2] == ["k1", "new-popular"]  # weight 1: up to the best known score; ties: input order
+    assert top[1][1] == pytest.approx(3.0)
+    assert all(np.isfinite(s) for _, s in top)
+
+
+def test_all_unknown_candidates_rank_by_popularity():
+    result = rank(["p", "q", "r"], np.zeros(3), np.full(3, np.nan), rules=RankingRules(k=3),
+                  popularity=np.array([1.0, 3.0, 2.0]))
+    assert ids(result) == ["q", "r", "p"]
+
+
+def test_popularity_prior_weights_purchases_most():
+    prior = popularity_prior(np.array([[8, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]), 3)
+    assert prior[0] == pytest.approx(prior[1]) and prior[2] == 0.0
+    assert popularity_prior(None, 2).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"k": 0}, "k"), ({"diversity": 1.5}, "diversity"), ({"cold_start_weight": -1}, "cold_start_weight")],
+)
+def test_invalid_rules_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=rf"RankingRules\.{message}"):
+        RankingRules(**kwargs)
+
+
+def test_mismatched_lengths_are_refused():
+    with pytest.raises(ValueError, match="scores has 2 entries for 5 candidate ids"):
+        rank(IDS, IDX, SCORES[:2], rules=RankingRules())
