@@ -56,6 +56,7 @@ class SynthConfig:
     mean_session_views: float = 7.0
     successors_per_item: int = 3
     successor_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
+    successor_popularity_bias: float = 0.5  # successors drawn ~ weight^bias: 0 = uniform, 1 = by popularity
     follow_successor: float = 0.6  # P(next view in a session is a successor of the current item)
     click_rate: float = 0.35  # P(click | view)
     cart_rate: float = 0.3  # P(cart | click)
@@ -118,9 +119,11 @@ def _make_catalogue(cfg: SynthConfig, rng: np.random.Generator):
         same = members[category[i]]
         same = same[same != i]
         complement = members[(category[i] + 1) % n_cat]
-        picks = list(rng.choice(same, size=min(k - 1, len(same)), replace=False)) if len(same) else []
+        p_same = weight[same] ** cfg.successor_popularity_bias
+        picks = list(rng.choice(same, size=min(k - 1, len(same)), replace=False, p=p_same / p_same.sum())) if len(same) else []
+        p_comp = weight[complement] ** cfg.successor_popularity_bias
         while len(picks) < k:  # one complement (more when the category is tiny)
-            picks.append(int(rng.choice(complement)))
+            picks.append(int(rng.choice(complement, p=p_comp / p_comp.sum())))
         successors[i] = picks[:k]
     return category, attributes, weight, successors, members
 
