@@ -224,7 +224,7 @@ class ItemKNN(Recommender):
             rows = np.repeat(np.arange(n), np.diff(self.indptr))
             coo = torch.sparse_coo_tensor(
                 torch.from_numpy(np.stack([self.indices.astype(np.int64), rows])),
-                torch.from_numpy(self.values), (n, n),
+                torch.from_numpy(self.values), (n, n), check_invariants=True,
             ).coalesce()
             with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what we want here
                 warnings.simplefilter("ignore", UserWarning)

@@ -109,11 +109,15 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     head = "model".ljust(width) + "".join(f"{c:>10}" for c in columns)
     lines = [head, "-" * len(head)]
     for name, row in zip(names, rows):
-        cells = "".join(
-            f"{row[c]:>10.4f}" if isinstance(row[c], float) else f"{row[c]:>10}" for c in columns
-        )
+        cells = "".join(_cell(c, row[c]) for c in columns)
         lines.append(name.ljust(width) + cells)
     return "\n".join(lines)
+
+
+def _cell(column: str, value) -> str:
+    if column == "seconds":
+        return f"{value:>10.1f}"
+    return f"{value:>10.4f}" if isinstance(value, float) else f"{value:>10}"
 
 
 def plot_comparison(rows: Sequence[dict], out: str | os.PathLike,

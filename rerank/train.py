@@ -18,8 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from rerank.dataset import leave_one_out, load_dataset
+from rerank.dataset import DatasetError, leave_one_out, load_dataset
 from rerank.recommender import Recommender, TRAIN_LOG_FILE, model_class, save_model
+
+
+class TrainSetupError(ValueError):
+    """Training cannot start: unknown model kind, bad data directory or options the model does not take."""
 
 
 class TrainLog:
@@ -83,16 +87,27 @@ def train(
     """Train a `kind` model on `data_dir` and save it to `out_dir`; returns (model, summary).
 
     The summary holds kind, seed, options, train_seconds and, with `evaluate_valid`, the
-    validation metrics of the final model. Raises KeyError for an unknown kind, ValueError
-    (DatasetError) for a bad data dir, ValueError for options the model does not take.
+    validation metrics of the final model. Raises TrainSetupError for an unknown kind, a bad
+    data dir or options the model does not take.
     """
     from rerank.evaluate import evaluate
 
-    cls = model_class(kind)
-    dataset = load_dataset(data_dir)
+    try:
+        cls = model_class(kind)
+    except KeyError as err:
+        raise TrainSetupError(err.args[0]) from None
+    try:
+        dataset = load_dataset(data_dir)
+    except DatasetError as err:
+        raise TrainSetupError(str(err)) from None
     split = leave_one_out(dataset)
+    if len(split.users) == 0:
+        raise TrainSetupError(f"{data_dir}: no user has 3 or more events; nothing to validate or test on")
     seed_everything(seed)
-    model = cls.create(dataset, seed=seed, **options)
+    try:
+        model = cls.create(dataset, seed=seed, **options)
+    except (TypeError, ValueError) as err:
+        raise TrainSetupError(str(err)) from None
     out = Path(out_dir)
     log_path = out.parent / f".{out.name}.{TRAIN_LOG_FILE}"  # out_dir is replaced atomically on save
     log = TrainLog(log_path, echo=echo)
