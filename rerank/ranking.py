@@ -86,17 +86,22 @@ def mmr(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndar
     span = scores.max() - scores.min()
     relevance = (scores - scores.min()) / span if span > 0 else np.zeros(n)
     feats = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(feats, axis=1, keepdims=True)
-    unit = np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
-    max_sim = np.zeros(n)
-    available = np.ones(n, dtype=bool)
+    norms = np.sqrt(np.einsum("ij,ij->i", feats, feats))
+    inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    # a feature set in only one row adds nothing to the similarity of two different rows;
+    # kept as (F, C) so the similarity to one item sums the few rows of its nonzero features
+    shared = np.count_nonzero(feats, axis=0) > 1
+    columns = feats[:, shared].T * inverse
+    gain = (1.0 - lam) * relevance
+    penalty = np.zeros(n)  # lam * max similarity to the picked items; +inf once picked
     picked = np.empty(k, dtype=np.int64)
     for step in range(k):
-        objective = np.where(available, (1.0 - lam) * relevance - lam * max_sim, -np.inf)
-        best = int(np.argmax(objective))
+        best = int(np.argmax(gain - penalty))
         picked[step] = best
-        available[best] = False
-        np.maximum(max_sim, unit @ unit[best], out=max_sim)
+        nonzero = np.flatnonzero(columns[:, best])
+        if nonzero.size:
+            np.maximum(penalty, lam * (columns[nonzero].T @ columns[nonzero, best]), out=penalty)
+        penalty[best] = np.inf
     return picked
 
 

@@ -1,0 +1,137 @@
+"""Feature store and ranking speed against a real Redis server; prints JSON.
+
+    python benchmarks/feature_store_bench.py [--data artifacts/data/beauty] [--redis-url URL]
+        [--users 32] [--candidates 200] [--events 100] [--repeats 200] [--json]
+
+Loads the dataset into Redis (embedded server unless --redis-url / REDIS_URL), then times
+    fetch        one FeatureStore.fetch of `users` random users x `candidates` random items
+    write_events one FeatureStore.write_events of `events` events (random users and items)
+    rank         rerank.ranking.rank of 500 candidates -> 50, plain and with MMR diversity 0.3
+and reports milliseconds (p50, p90, p99, mean) per call. Without --data it imports Beauty
+from ../shared/data into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def summary(times_s: list[float]) -> dict:
+    ms = np.asarray(times_s) * 1000.0
+    return {
+        "calls": len(ms),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p90_ms": round(float(np.percentile(ms, 90)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+    }
+
+
+def load_data(path: str | None, tmp: Path):
+    from rerank.dataset import load_dataset
+
+    if path:
+        return load_dataset(path)
+    from rerank.importers import import_sasrec
+
+    shared = REPO.parent / "shared" / "data" / "amazon-beauty"
+    if not shared.is_dir():
+        raise SystemExit(f"no --data given and {shared} is absent")
+    import_sasrec(shared / "Beauty.txt", tmp / "beauty", shared / "Beauty_item2attributes.json")
+    return load_dataset(tmp / "beauty")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO / "artifacts" / "data" / "beauty") if (REPO / "artifacts" / "data" / "beauty").is_dir() else None)
+    parser.add_argument("--redis-url", default=None)
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--events", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="JSON only (the default output is JSON too)")
+    args = parser.parse_args(argv)
+
+    from rerank.feature_store import Event, FeatureStore
+    from rerank.ranking import RankingRules, rank
+    from rerank.redis_server import find_redis_server_binary, resolve_redis
+
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory(prefix="fs-bench-") as tmp:
+        dataset = load_data(args.data, Path(tmp))
+        url, server = resolve_redis(args.redis_url, data_dir=Path(tmp) / "redis")
+        try:
+            store = FeatureStore(url, prefix="bench:")
+            load = store.bulk_load(dataset, progress=not args.json)
+            user_ids, item_ids = dataset.user_ids, dataset.item_ids
+
+            fetch_times = []
+            for _ in range(args.repeats):
+                users = rng.integers(1, dataset.n_users + 1, args.users)
+                requests = [
+                    (user_ids[u], item_ids[rng.integers(1, dataset.n_items + 1, args.candidates)].tolist())
+                    for u in users
+                ]
+                t = time.perf_counter()
+                store.fetch(requests)
+                fetch_times.append(time.perf_counter() - t)
+
+            write_times = []
+            for _ in range(args.repeats):
+                events = [
+                    Event(user_ids[u], item_ids[i], t)
+                    for u, i, t in zip(
+                        rng.integers(1, dataset.n_users + 1, args.events),
+                        rng.integers(1, dataset.n_items + 1, args.events),
+                        rng.choice(["view", "click", "cart", "purchase"], args.events),
+                    )
+                ]
+                t = time.perf_counter()
+                store.write_events(events)
+                write_times.append(time.perf_counter() - t)
+
+            rank_times = {"plain": [], "mmr_0.3": []}
+            attrs = dataset.item_attributes
+            for _ in range(args.repeats):
+                idx = rng.choice(np.arange(1, dataset.n_items + 1), 500, replace=False)
+                ids = item_ids[idx].tolist()
+                scores = rng.normal(size=500)
+                for name, diversity in (("plain", 0.0), ("mmr_0.3", 0.3)):
+                    t = time.perf_counter()
+                    rank(ids, idx, scores, rules=RankingRules(k=50, diversity=diversity),
+                         purchased_idx=idx[:5], attributes=attrs[idx], popularity=rng.random(500))
+                    rank_times[name].append(time.perf_counter() - t)
+            store._redis.delete(store.keys.events)
+        finally:
+            if server is not None:
+                server.close()
+
+    report = {
+        "benchmark": "feature_store",
+        "dataset": str(dataset.path.name),
+        "redis": url if server is None else f"embedded ({find_redis_server_binary()})",
+        "bulk_load": load,
+        f"fetch_{args.users}x{args.candidates}": summary(fetch_times),
+        f"write_events_{args.events}": summary(write_times),
+        "write_events_per_s": round(args.events * len(write_times) / sum(write_times)),
+        "rank_500_to_50": {name: summary(t) for name, t in rank_times.items()},
+        "load_average": os.getloadavg(),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
