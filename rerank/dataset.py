@@ -209,6 +209,9 @@ def write_dataset(
     source order for ties. Nothing is left behind if writing fails.
     """
     out = Path(out)
+    if out.exists() and not (out / "dataset.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        # never delete something that is not a dataset directory (`--out .` must not wipe a folder)
+        raise DatasetError(f"{out}: exists and is not a dataset directory; refusing to replace it")
     users = users.cast(USERS_SCHEMA)
     items = items.cast(ITEMS_SCHEMA)
     events = events.cast(EVENTS_SCHEMA)
@@ -232,10 +235,21 @@ def write_dataset(
         pq.write_table(items, tmp / "items.parquet")
         pq.write_table(events, tmp / "events.parquet")
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = None
+    if out.exists():  # move the previous version aside, so a failed rename can put it back
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / "dataset")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "dataset", out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out

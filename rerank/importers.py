@@ -307,14 +307,22 @@ def _read_events_table(path: Path) -> tuple[pa.Table, bool]:
         raise DataImportError(f"{path}: expected a .csv or .parquet event log, got {suffix or 'no extension'}")
     import pyarrow.csv as pacsv
 
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
         header = [h.strip() for h in next(csv.reader([f.readline()]), [])]
     missing = [c for c in EVENT_COLUMNS if c not in header]
     if missing:
         raise DataImportError(f"{path}: line 1: missing column(s) {', '.join(missing)}; expected header {','.join(EVENT_COLUMNS)} (got {','.join(header)})")
+    bad_rows: list[tuple[int | None, int, int, str]] = []
+
+    def on_invalid_row(row) -> str:
+        bad_rows.append((row.number, row.expected_columns, row.actual_columns, row.text))
+        return "error"
+
     try:
         table = pacsv.read_csv(
             path,
+            read_options=pacsv.ReadOptions(use_threads=False),  # single-threaded: rows keep their line numbers
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row, ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(
                 include_columns=list(EVENT_COLUMNS),
                 column_types={c: pa.string() for c in EVENT_COLUMNS},
@@ -322,6 +330,10 @@ def _read_events_table(path: Path) -> tuple[pa.Table, bool]:
             ),
         )
     except pa.ArrowInvalid as err:
+        if bad_rows:
+            number, expected, actual, text = bad_rows[0]
+            where = f"line {number}" if number is not None else "a row"
+            raise DataImportError(f"{path}: {where}: expected {expected} comma-separated fields, got {actual}: {text!r:.80}") from None
         raise DataImportError(f"{path}: {' '.join(str(err).split())}") from None
     return table, True
 
@@ -351,7 +363,14 @@ def _timestamps(column: pa.ChunkedArray, path: Path, text_file: bool) -> np.ndar
     if pa.types.is_integer(kind) and column.null_count == 0:
         return column.to_numpy().astype(np.int64)
     if pa.types.is_timestamp(kind) and column.null_count == 0:
-        return pc.cast(column, pa.timestamp("s", tz=kind.tz)).cast(pa.int64()).to_numpy()
+        return pc.cast(column, pa.timestamp("s", tz=kind.tz), safe=False).cast(pa.int64()).to_numpy()
+    if pa.types.is_string(kind) or pa.types.is_floating(kind):
+        try:  # fast path: all Unix seconds
+            numbers = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+            if np.all(np.isfinite(numbers)):
+                return np.trunc(numbers).astype(np.int64)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass  # ISO-8601 text (or bad values): parse row by row below
     out = np.empty(len(column), dtype=np.int64)
     for row, value in enumerate(column.to_pylist()):
         try:

@@ -115,3 +115,21 @@ def test_leave_one_out_has_no_leakage_on_real_sequences(shared_data, tmp_path):
     hist, _, targets = split.inputs(ds, "test")
     assert all(t not in h[:-1] or list(ds.sequences[u]).count(t) > 1 for u, h, t in zip(split.users, hist, targets))
     assert all(h[-1] == split.valid_target[u] for u, h in zip(split.users, hist))
+
+
+def test_write_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):
+    ds = _tiny(tmp_path, {1: [1, 2, 3]})
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="not a dataset directory; refusing"):
+        write_dataset(precious, ds.users, ds.items, ds.events, "x", "test", False)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_rewrite_replaces_the_previous_version_and_leaves_no_temporaries(tmp_path):
+    ds = _tiny(tmp_path, {1: [1, 2, 3]})
+    events = ds.events.slice(0, 2)
+    again = load_dataset(write_dataset(ds.path, ds.users, ds.items, events, "tiny", "test", False))
+    assert list(again.sequences[1]) == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]

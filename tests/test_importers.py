@@ -303,3 +303,29 @@ def test_failed_reimport_keeps_the_previous_dataset(tmp_path, capsys):
     bad.write_text("1 2\n1 3\n")
     assert _cli(capsys, "data", "import", "--format", "sasrec", bad, "--out", tmp_path / "ds")[0] == 2
     assert list(load_dataset(tmp_path / "ds").sequences[1]) == [1, 2, 3]
+
+
+def test_csv_row_with_missing_fields_names_its_line(tmp_path, capsys):
+    src = tmp_path / "log.csv"
+    src.write_text(HEADER + "1,2,view,5\n1,3,click\n")
+    rc, _, err = _cli(capsys, "data", "import", "--format", "events", src, "--out", tmp_path / "out" / "ds")
+    assert rc == 2 and f"{src}: line 3: expected 4 comma-separated fields, got 3" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_with_byte_order_mark_and_parquet_millisecond_times(tmp_path):
+    src = tmp_path / "log.csv"
+    src.write_bytes(b"\xef\xbb\xbf" + (HEADER + "1,2,view,5\n").encode())
+    assert import_events(src, tmp_path / "a").n_events == 1
+    pq_src = tmp_path / "log.parquet"
+    times = pa.array([1_700_000_000_999, 1_700_000_001_500], pa.timestamp("ms", tz="UTC"))
+    pq.write_table(pa.table({"user_id": ["u", "u"], "item_id": ["a", "b"], "event_type": ["view", "cart"], "timestamp": times}), pq_src)
+    ds = load_dataset(import_events(pq_src, tmp_path / "b").out)
+    assert list(ds.timestamp_sequences[1]) == [1_700_000_000, 1_700_000_001]
+
+
+def test_import_refuses_to_overwrite_a_folder_that_is_not_a_dataset(tmp_path, capsys):
+    src = tmp_path / "seq.txt"
+    src.write_text("1 2 3\n")
+    rc, _, err = _cli(capsys, "data", "import", "--format", "sasrec", src, "--out", tmp_path)
+    assert rc == 2 and "refusing to replace it" in err and src.exists()

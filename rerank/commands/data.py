@@ -53,6 +53,7 @@ def _report(summary: dict, as_json: bool) -> None:
 
 def run_import(args: argparse.Namespace) -> int:
     from rerank import importers
+    from rerank.dataset import DatasetError
 
     if args.item_attributes and args.format != "sasrec":
         raise CommandError("--item-attributes applies to --format sasrec only")
@@ -65,7 +66,7 @@ def run_import(args: argparse.Namespace) -> int:
             summary = importers.import_recbole(args.source, args.out, items=args.items)
         else:
             summary = importers.import_events(args.source, args.out)
-    except importers.DataImportError as err:
+    except (importers.DataImportError, DatasetError) as err:
         raise CommandError(str(err)) from None
     _report(summary.as_dict(), args.json)
     return 0
@@ -73,10 +74,14 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_synth(args: argparse.Namespace) -> int:
     from rerank import synth
+    from rerank.dataset import DatasetError
 
     if args.users < 1 or args.items < 10:
         raise CommandError(f"--users must be >= 1 and --items >= 10, got {args.users} and {args.items}")
     config = synth.SynthConfig(n_users=args.users, n_items=args.items, seed=args.seed)
-    summary = synth.write_synth(args.out, config)
+    try:
+        summary = synth.write_synth(args.out, config)
+    except DatasetError as err:
+        raise CommandError(str(err)) from None
     _report(summary, args.json)
     return 0
