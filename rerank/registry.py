@@ -168,14 +168,8 @@ class ModelRegistry:
             f.write(data)
 
     def _set_pointer(self, ptr: LatestPointer) -> None:
-        data = json.dumps({"version": ptr.version, "pinned": ptr.pinned,
-                           "updated_at": ptr.updated_at, "reason": ptr.reason}).encode()
-        if self.is_local:
-            tmp = self._path(f".{LATEST}.{uuid.uuid4().hex}.tmp")
-            self._write_bytes(tmp, data)
-            self.fs.move(tmp, self._path(LATEST))  # rename(2): atomic
-        else:
-            self._write_bytes(self._path(LATEST), data)  # one PUT: atomic on S3
+        self.write_state(LATEST, {"version": ptr.version, "pinned": ptr.pinned,
+                                  "updated_at": ptr.updated_at, "reason": ptr.reason})
 
     def publish(self, model: "Recommender", meta: dict[str, Any], dataset: "Dataset | None" = None,
                 force: bool = False) -> int:
@@ -241,6 +235,20 @@ class ModelRegistry:
         for path in sorted(local.rglob("*"), key=lambda p: p.name == META):  # meta.json last
             if path.is_file():
                 self._write_bytes(f"{dest}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+    def read_state(self, name: str) -> dict | None:
+        """A small JSON state file at the registry root (e.g. the online trainer's checkpoint)."""
+        return self._read_json(self._path(name))
+
+    def write_state(self, name: str, state: dict) -> None:
+        """Write a JSON state file atomically (rename on a local FS, one PUT on S3)."""
+        data = json.dumps(state).encode()
+        if self.is_local:
+            tmp = self._path(f".{name}.{uuid.uuid4().hex}.tmp")
+            self._write_bytes(tmp, data)
+            self.fs.move(tmp, self._path(name))
+        else:
+            self._write_bytes(self._path(name), data)
 
     def rollback(self, version: int, reason: str = "rollback") -> None:
         """Point LATEST at an existing version and pin it (see the module docstring)."""

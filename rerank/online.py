@@ -1,0 +1,548 @@
+"""Continuous learning from the event stream: incremental SASRec steps, a publish guard, exactly-once.
+
+Three layers, each usable alone:
+- `IncrementalTrainer` (model level, no Redis): next-item examples (pre-event sequence -> item)
+  -> gradient steps in small batches with the offline loss (full-softmax cross-entropy, here at
+  the last position: the only new transition an event brings); items beyond the catalogue get
+  embedding rows on the fly (reserved `item_capacity` rows, or a grown table), initialised from
+  the mean item embedding (their attribute embeddings add on top when attributes are known).
+- `PublishGuard`: every `holdout_every`-th event (by a hash of its event_id, so the choice is
+  stable across restarts) is held out, never trained on, and kept in a rolling window; before
+  publishing, the candidate weights must be finite and their holdout cross-entropy must not
+  exceed the serving version's by more than `guard_margin` (relative). Otherwise the candidate
+  is refused (counted), the serving version stays, and the trainer goes back to its weights.
+- `OnlineLoop` (Redis stream + registry): reads the stream as one consumer of a group,
+  trains, and every `publish_every_s` seconds or `publish_every_events` events publishes.
+
+Exactly-once. A *checkpoint* is the trainer state file `trainer_state.json` in the registry
+(`version` = the weights the trainer stands on, `trained_until` = the last stream id consumed,
+counters), written after a successful publish (with the same numbers in the version's
+meta.json) or after a refusal (the version stays, the refused events are counted as
+`events_refused`). Entries are XACKed only after the checkpoint that covers them is written.
+On (re)start the loop loads the checkpoint and its version's weights, recovers its own and dead
+consumers' pending entries, acks without applying every entry with id <= trained_until (its
+effect is already in the checkpoint), and applies the rest once, in stream order. So every
+stream entry is counted exactly once in `events_applied` (= trained + held out + invalid;
+`events_refused` counts the trained ones whose candidate the guard refused). Rollback: see rerank/registry.py; while LATEST is pinned the loop reads nothing; when
+the pin is released it reloads the pinned version and re-applies the events it had consumed but
+not checkpointed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rerank.dataset import EVENT_CODE
+from rerank.stream import id_key
+
+if TYPE_CHECKING:
+    from rerank.registry import ModelRegistry
+    from rerank.sequential import SequentialRecommender
+    from rerank.stream import EventStream, StreamEntry
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class OnlineConfig:
+    lr: float = 5e-4
+    batch_size: int = 64  # examples per gradient step
+    weight_decay: float = 0.0
+    publish_every_s: float = 0.5
+    publish_every_events: int = 2000
+    holdout_every: int = 10  # 1 in holdout_every events is held out (0 = no holdout, no guard metric)
+    holdout_size: int = 500  # rolling window of held-out examples
+    guard_margin: float = 0.05  # refuse if holdout CE > serving CE * (1 + margin)
+    guard_min_holdout: int = 10  # fewer held-out examples: only the finiteness check
+    read_count: int = 512
+    max_param_abs: float = 1e4  # weights beyond this are treated like NaN by the guard
+
+
+@dataclass
+class Example:
+    """One next-item example from a stream entry: seq (oldest->newest) and its types -> target."""
+
+    seq: np.ndarray  # int64 item_idx
+    types: np.ndarray  # int64 EVENT_CODE
+    target: int
+    target_type: int
+    event_id: str = ""
+    item_id: str = ""
+    entry_id: str = ""
+
+
+def is_holdout(event_id: str, every: int) -> bool:
+    """Stable 1-in-`every` choice by event_id (the same after a restart)."""
+    if every <= 0:
+        return False
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % every == 0
+
+
+def parse_seq(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a stream `seq` field: tokens "idx" or "idx:type" (type a code or a name), oldest first.
+
+    Separators: comma or whitespace. Raises ValueError naming the bad token.
+    """
+    items, types = [], []
+    for tok in text.replace(",", " ").split():
+        idx, _, typ = tok.partition(":")
+        try:
+            items.append(int(idx))
+        except ValueError:
+            raise ValueError(f"seq token {tok!r}: expected item_idx[:type]") from None
+        if not typ:
+            types.append(EVENT_CODE["purchase"])
+        elif typ.isdigit():
+            types.append(int(typ))
+        elif typ in EVENT_CODE:
+            types.append(EVENT_CODE[typ])
+        else:
+            raise ValueError(f"seq token {tok!r}: unknown event type {typ!r}")
+    return np.asarray(items, dtype=np.int64), np.asarray(types, dtype=np.int64)
+
+
+def example_from_entry(entry: "StreamEntry") -> Example:
+    """Example of a stream entry (fields of rerank.feature_store's XADD); ValueError names the field."""
+    f = entry.fields
+    for name in ("item_idx", "type"):
+        if name not in f:
+            raise ValueError(f"stream entry {entry.id}: field {name!r} missing")
+    try:
+        target = int(f["item_idx"])
+    except ValueError:
+        raise ValueError(f"stream entry {entry.id}: field 'item_idx': expected an int, got {f['item_idx']!r}") from None
+    typ = f["type"]
+    if typ not in EVENT_CODE:
+        raise ValueError(f"stream entry {entry.id}: field 'type': unknown event type {typ!r}")
+    seq, types = parse_seq(f.get("seq", ""))
+    return Example(seq, types, target, EVENT_CODE[typ], f.get("event_id", entry.id), f.get("item_id", ""), entry.id)
+
+
+def _left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
+    width = max(1, min(length, max((len(r) for r in rows), default=1)))
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        tail = r[-width:]
+        if len(tail):
+            out[i, width - len(tail):] = tail
+    return out
+
+
+def batch_tensors(examples: list[Example], max_len: int, n_items: int, device) -> tuple[torch.Tensor, ...]:
+    """(seq, types, targets) for the last position; items beyond n_items read as padding."""
+    seq = _left_pad([e.seq for e in examples], max_len)
+    types = _left_pad([e.types for e in examples], max_len)
+    bad = (seq < 0) | (seq > n_items)
+    seq[bad], types[bad] = 0, 0
+    types[seq == 0] = 0
+    targets = np.asarray([e.target for e in examples], dtype=np.int64)
+    to = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return to(seq), to(types), to(targets)
+
+
+def last_position_loss(module, seq: torch.Tensor, types: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's own training loss (full-softmax CE) with a target at the last position only."""
+    y = torch.zeros_like(seq)
+    y[:, -1] = targets
+    return module.loss(seq, types, y)
+
+
+def ensure_capacity(model: "SequentialRecommender", n_items: int) -> bool:
+    """Make room for item_idx up to n_items: reserved rows first, else a bigger table. True if rebuilt."""
+    from rerank.model import SASRec, SASRecConfig
+
+    module = model.module
+    if n_items + 1 <= module.config.item_capacity:
+        return False
+    old_cap = module.config.item_capacity
+    cfg = SASRecConfig.from_dict({**module.config.to_dict(), "item_capacity": max(n_items + 1, old_cap * 2)})
+    new = SASRec(cfg).to(model.device)
+    state = module.state_dict()
+    new_state = new.state_dict()
+    for key, value in state.items():
+        if new_state[key].shape == value.shape:
+            new_state[key] = value
+        else:  # item-indexed rows (embedding, attributes buffer, bias): copy the old rows
+            new_state[key][: value.shape[0]] = value
+    new.load_state_dict(new_state)
+    new.train(module.training)
+    model.module, model.config = new, new.config
+    return True
+
+
+class IncrementalTrainer:
+    """Gradient steps on next-item examples for a SequentialRecommender, growing items as they come."""
+
+    def __init__(self, model: "SequentialRecommender", config: OnlineConfig | None = None):
+        self.model = model
+        self.config = config or OnlineConfig()
+        self._make_optimizer()
+        self.steps = 0
+        self.items_added = 0
+
+    def _make_optimizer(self) -> None:
+        self.opt = torch.optim.AdamW(self.model.module.parameters(), lr=self.config.lr,
+                                     weight_decay=self.config.weight_decay, betas=(0.9, 0.98))
+
+    def reset(self, model: "SequentialRecommender") -> None:
+        """Stand on other weights (after a refusal or a rollback); fresh optimizer state."""
+        self.model = model
+        self._make_optimizer()
+
+    def grow(self, max_idx: int, attributes: np.ndarray | None = None) -> int:
+        """Start scoring items up to max_idx; new rows start at the mean item embedding. Returns #added."""
+        model = self.model
+        old = model.n_items
+        if max_idx <= old:
+            return 0
+        if ensure_capacity(model, max_idx):
+            self._make_optimizer()
+        module = model.module
+        with torch.no_grad():
+            mean = module.item_emb.weight[1 : old + 1].mean(0)
+            module.item_emb.weight[old + 1 : max_idx + 1] = mean
+        module.grow_items(max_idx, None if attributes is None else torch.as_tensor(attributes))
+        self.items_added += max_idx - old
+        return max_idx - old
+
+    def step(self, examples: list[Example]) -> float:
+        """One optimizer step per `batch_size` examples; returns the mean loss (nan when none)."""
+        if not examples:
+            return math.nan
+        self.grow(max(e.target for e in examples))
+        module = self.model.module
+        module.train()
+        total = 0.0
+        bs = self.config.batch_size
+        for lo in range(0, len(examples), bs):
+            chunk = examples[lo : lo + bs]
+            seq, types, targets = batch_tensors(chunk, module.config.max_len, module.n_items, self.model.device)
+            loss = last_position_loss(module, seq, types, targets)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            with torch.no_grad():
+                module.item_emb.weight[0].zero_()
+            total += float(loss) * len(chunk)
+            self.steps += 1
+        module.eval()
+        return total / len(examples)
+
+
+@dataclass
+class GuardResult:
+    ok: bool
+    reason: str
+    candidate_loss: float | None = None
+    serving_loss: float | None = None
+    holdout: int = 0
+
+
+class PublishGuard:
+    """Checks candidate weights against the serving ones on a rolling holdout of recent events."""
+
+    def __init__(self, config: OnlineConfig):
+        self.config = config
+        self.holdout: deque[Example] = deque(maxlen=config.holdout_size)
+        self.refusals = 0
+
+    def add(self, example: Example) -> None:
+        self.holdout.append(example)
+
+    @torch.no_grad()
+    def holdout_loss(self, model: "SequentialRecommender", n_items: int) -> tuple[float, int]:
+        """Mean last-position CE over held-out examples whose items both models know."""
+        rows = [e for e in self.holdout if 0 < e.target <= n_items]
+        if not rows:
+            return math.nan, 0
+        module = model.module
+        module.eval()
+        seq, types, targets = batch_tensors(rows, module.config.max_len, n_items, model.device)
+        return float(last_position_loss(module, seq, types, targets)), len(rows)
+
+    def finite(self, model: "SequentialRecommender") -> bool:
+        limit = self.config.max_param_abs
+        return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) <= limit
+                   for p in model.module.parameters() if p.numel())
+
+    def check(self, candidate: "SequentialRecommender", serving: "SequentialRecommender | None") -> GuardResult:
+        """ok=False (and refusals += 1) for non-finite weights or a holdout loss beyond the margin."""
+        if not self.finite(candidate):
+            self.refusals += 1
+            return GuardResult(False, "non-finite or exploding weights")
+        if serving is None:
+            return GuardResult(True, "no serving version to compare with")
+        n = min(candidate.n_items, serving.n_items)
+        cand, count = self.holdout_loss(candidate, n)
+        if count < self.config.guard_min_holdout:
+            return GuardResult(True, f"holdout too small ({count})", holdout=count)
+        serve, _ = self.holdout_loss(serving, n)
+        if not math.isfinite(cand):
+            self.refusals += 1
+            return GuardResult(False, "non-finite holdout loss", cand, serve, count)
+        if cand > serve * (1.0 + self.config.guard_margin) + 1e-9:
+            self.refusals += 1
+            return GuardResult(False, f"holdout loss {cand:.4f} > serving {serve:.4f} * (1 + {self.config.guard_margin})",
+                               cand, serve, count)
+        return GuardResult(True, "ok", cand, serve, count)
+
+
+@dataclass
+class LoopStats:
+    version: int | None = None
+    trained_until: str | None = None
+    events_applied: int = 0  # every stream entry, counted once: trained + held out + invalid
+    events_trained: int = 0
+    events_heldout: int = 0
+    events_invalid: int = 0
+    events_refused: int = 0  # of events_trained: in a candidate the guard refused
+    events_skipped_duplicate: int = 0  # redelivered entries already in the checkpoint (acked, not applied)
+    versions_published: int = 0
+    guard_refusals: int = 0
+    items_added: int = 0
+    last_publish_at: float | None = None
+    last_guard: dict = field(default_factory=dict)
+    paused: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+COUNTERS = ("events_applied", "events_trained", "events_heldout", "events_invalid", "events_refused",
+            "versions_published", "guard_refusals", "items_added")
+
+
+def stream_time_s(entry_id: str) -> float:
+    """Redis server time (seconds) at which the entry was added: the ms part of its id."""
+    return int(entry_id.partition("-")[0]) / 1000.0
+
+
+class OnlineLoop:
+    """The continuous-learning loop over a Redis stream and a model registry (no Ray; see module doc)."""
+
+    def __init__(self, stream: "EventStream", registry: "ModelRegistry", config: OnlineConfig | None = None,
+                 clock: Callable[[], float] = time.time,
+                 on_publish: Callable[[int, list[float]], None] | None = None):
+        self.stream = stream
+        self.registry = registry
+        self.config = config or OnlineConfig()
+        self.clock = clock
+        self.on_publish = on_publish  # (version, per-event stream->publish delays in s)
+        self.stats = LoopStats()
+        self.guard = PublishGuard(self.config)
+        self.trainer: IncrementalTrainer | None = None
+        self.serving: "SequentialRecommender | None" = None
+        self._uncommitted: list["StreamEntry"] = []  # consumed since the last checkpoint
+        self._window_trained = 0
+        self._last_checkpoint = clock()
+        self._items: dict[int, str] = {}  # new item_idx -> item_id seen in the stream
+
+    # ---------------------------------------------------------------- state
+    def _load_state(self) -> dict:
+        state = self.registry.read_state(STATE_FILE)
+        if state is not None:
+            return state
+        latest = self.registry.latest()
+        if latest is None:
+            raise RuntimeError(f"{self.registry.uri}: empty registry; publish a trained model first "
+                               "(ModelRegistry.publish_dir or `rerank model publish`)")
+        meta = self.registry.meta(latest)
+        return {"version": latest, "trained_until": meta.get("trained_until"),
+                **{k: int(meta.get(k) or 0) for k in COUNTERS}}
+
+    def _stand_on(self, version: int) -> None:
+        model = self.registry.load(version)
+        self.serving = copy.deepcopy(model)
+        if self.trainer is None:
+            self.trainer = IncrementalTrainer(model, self.config)
+        else:
+            self.trainer.reset(model)
+        self.stats.version = version
+        self._items = {}
+
+    def start(self) -> list["StreamEntry"]:
+        """Load the checkpoint, then recover pending entries: ack those already applied, apply the rest."""
+        state = self._load_state()
+        for k in COUNTERS:
+            setattr(self.stats, k, int(state.get(k) or 0))
+        self.stats.trained_until = state.get("trained_until")
+        self._stand_on(int(state["version"]))
+        self.stream.ensure_group()
+        recovered = self.stream.recover()
+        self._consume(recovered)
+        return recovered
+
+    # ---------------------------------------------------------------- consuming
+    def _already_applied(self, entry_id: str) -> bool:
+        done = self.stats.trained_until
+        return done is not None and id_key(entry_id) <= id_key(done)
+
+    def _consume(self, entries: list["StreamEntry"]) -> int:
+        """Apply entries not yet in the checkpoint; returns how many were applied."""
+        fresh, dup_ids = [], []
+        for e in entries:
+            (dup_ids if self._already_applied(e.id) else fresh).append(e)
+        if dup_ids:
+            self.stream.ack([e.id for e in dup_ids])
+            self.stats.events_skipped_duplicate += len(dup_ids)
+        self._apply(fresh)
+        self._uncommitted.extend(fresh)
+        return len(fresh)
+
+    def _apply(self, entries: list["StreamEntry"]) -> None:
+        train: list[Example] = []
+        for e in entries:
+            try:
+                ex = example_from_entry(e)
+            except ValueError as err:
+                log.warning("skipping invalid stream entry: %s", err)
+                self.stats.events_invalid += 1
+                continue
+            if ex.item_id and ex.target > 0:
+                self._items[ex.target] = ex.item_id
+            if ex.target <= 0:
+                self.stats.events_invalid += 1
+            elif is_holdout(ex.event_id, self.config.holdout_every):
+                self.guard.add(ex)
+                self.stats.events_heldout += 1
+            else:
+                train.append(ex)
+        self.stats.events_applied += len(entries)
+        if train:
+            assert self.trainer is not None
+            before = self.trainer.items_added
+            self.trainer.step(train)
+            self.stats.events_trained += len(train)
+            self.stats.items_added += self.trainer.items_added - before
+            self._window_trained += len(train)
+
+    def poll_once(self, block_ms: int | None = None) -> int:
+        """Read one batch (unless paused by a rollback pin), train, publish when due. Returns #entries."""
+        if self._check_pin():
+            time.sleep((block_ms if block_ms is not None else self.stream.config.block_ms) / 1000.0)
+            return 0
+        entries = self.stream.read(count=self.config.read_count, block_ms=block_ms)
+        n = self._consume(entries)
+        if self._due():
+            self.checkpoint()
+        return n
+
+    def _due(self) -> bool:
+        if not self._uncommitted:
+            return False
+        return (len(self._uncommitted) >= self.config.publish_every_events
+                or self.clock() - self._last_checkpoint >= self.config.publish_every_s)
+
+    def _check_pin(self) -> bool:
+        """True while LATEST is pinned; on release (or an outside publish) stand on LATEST again."""
+        ptr = self.registry.pointer()
+        if ptr is None:
+            return False
+        if ptr.pinned:
+            self.stats.paused = True
+            return True
+        if ptr.version != self.stats.version:
+            # rollback released, or someone published a version: continue from it, re-applying
+            # the entries consumed since the last checkpoint (their effect was on the old weights)
+            log.info("registry LATEST moved to v%s (was v%s): reloading", ptr.version, self.stats.version)
+            pending = self._uncommitted
+            self._uncommitted = []
+            self.stats.events_applied -= len(pending)  # re-counted by _apply
+            self._stand_on(ptr.version)
+            self._apply(pending)
+            self._uncommitted = pending
+        self.stats.paused = False
+        return False
+
+    # ---------------------------------------------------------------- publishing
+    def checkpoint(self) -> GuardResult | None:
+        """Guard + publish (or refuse), write the trainer state, then ack what it covers."""
+        if not self._uncommitted:
+            return None
+        assert self.trainer is not None
+        entries, self._uncommitted = self._uncommitted, []
+        until = max(entries, key=lambda e: id_key(e.id)).id
+        if self._window_trained == 0:  # only held-out / invalid entries: nothing new to publish
+            result = GuardResult(True, "nothing trained")
+            self.stats.trained_until = until
+            self._write_state()
+        else:
+            result = self.guard.check(self.trainer.model, self.serving)
+            self.stats.last_guard = asdict(result)
+            if result.ok:
+                from rerank.registry import RegistryPinned
+
+                try:
+                    self._publish(until)
+                except RegistryPinned:  # a rollback pinned LATEST meanwhile: keep them for later
+                    self._uncommitted = entries + self._uncommitted
+                    return None
+                self.serving = copy.deepcopy(self.trainer.model)
+                self.stats.last_publish_at = self.clock()
+                if self.on_publish:
+                    now = self.clock()
+                    self.on_publish(self.stats.version, [now - stream_time_s(e.id) for e in entries])
+            else:
+                log.warning("guard refused the candidate: %s", result.reason)
+                self.stats.guard_refusals += 1
+                self.stats.events_refused += self._window_trained
+                self.stats.trained_until = until
+                self.trainer.reset(copy.deepcopy(self.serving))
+                self._write_state()
+        self._window_trained = 0
+        self.stream.ack([e.id for e in entries])
+        self._last_checkpoint = self.clock()
+        return result
+
+    def _dataset_for_publish(self):
+        """save_model's dataset: the serving version's item table plus items first seen online."""
+        import pyarrow as pa
+
+        from rerank.registry import dataset_shell
+
+        base_dir = self.registry.local_dir(self.stats.version)
+        shell = dataset_shell(base_dir)
+        n_items = self.trainer.model.n_items
+        have = shell.items.num_rows
+        if n_items > have:
+            idx = list(range(have + 1, n_items + 1))
+            extra = pa.table({"item_idx": pa.array(idx, pa.int32()),
+                              "item_id": pa.array([self._items.get(i, f"new-{i}") for i in idx], pa.string()),
+                              "attributes": pa.array([[] for _ in idx], pa.list_(pa.int32()))})
+            shell = dataset_shell(base_dir, pa.concat_tables([shell.items, extra.cast(shell.items.schema)]))
+        return shell
+
+    def _publish(self, until: str) -> int:
+        """Publish the trainer's weights as a version covering entries up to `until`; write the state."""
+        counters = {k: getattr(self.stats, k) for k in COUNTERS}
+        counters["versions_published"] += 1
+        meta = {**counters, "trained_until": until, "trained_until_s": stream_time_s(until),
+                "guard": self.stats.last_guard}
+        version = self.registry.publish(self.trainer.model, meta, dataset=self._dataset_for_publish())
+        self.stats.versions_published += 1
+        self.stats.version = version
+        self.stats.trained_until = until
+        self._write_state()
+        return version
+
+    def _write_state(self) -> None:
+        state = {"version": self.stats.version, "trained_until": self.stats.trained_until,
+                 **{k: getattr(self.stats, k) for k in COUNTERS}, "updated_at": self.clock()}
+        self.registry.write_state(STATE_FILE, state)
+
+    def lag(self) -> int:
+        """Stream entries after the last checkpoint's trained_until."""
+        return self.stream.behind(self.stats.trained_until, limit=10_000)

@@ -1,0 +1,43 @@
+"""Shared helpers of the online-learning tests: a tiny synthetic shop and a quickly trained SASRec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rerank.dataset import load_dataset, leave_one_out
+from rerank.recommender import save_model
+from rerank.synth import SynthConfig, write_synth
+
+TINY_SASREC = dict(d_model=32, n_layers=1, n_heads=1, max_len=20, dropout=0.1, attn_dropout=0.1,
+                   epochs=25, eval_every=25, lr=5e-3, max_minutes=0.5, batch_size=64, progress=False, device="cpu",
+                   spare_items=20)
+
+
+def tiny_model_dir(root: Path) -> tuple[Path, Path]:
+    """(dataset dir, trained model dir) of a 150-user, 60-item synthetic shop (seconds to train)."""
+    from rerank.sequential import SequentialRecommender
+
+    data = root / "data"
+    write_synth(data, SynthConfig(n_users=150, n_items=60, seed=3))
+    dataset = load_dataset(data)
+    torch.manual_seed(0)
+    model = SequentialRecommender.create(dataset, seed=0, **TINY_SASREC)
+    model.fit(dataset, leave_one_out(dataset))
+    out = root / "model"
+    save_model(model, out, dataset)
+    return data, out
+
+
+def synth_events(dataset_dir: Path, limit: int) -> list[tuple[str, str, str, float]]:
+    """(user_id, item_id, type, ts) of the dataset in time order, the first `limit`."""
+    ds = load_dataset(dataset_dir)
+    ev = ds.events
+    order = np.argsort(ev["ts"].to_numpy(), kind="stable")[:limit]
+    users = ds.user_ids[ev["user_idx"].to_numpy()[order]]
+    items = ds.item_ids[ev["item_idx"].to_numpy()[order]]
+    types = ev["event_type"].to_numpy(zero_copy_only=False)[order]
+    ts = ev["ts"].to_numpy()[order]
+    return [(str(u), str(i), str(t), float(s)) for u, i, t, s in zip(users, items, types, ts)]

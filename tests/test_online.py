@@ -1,0 +1,257 @@
+"""Incremental training, the publish guard, and the exactly-once loop over a real Redis stream."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from rerank.online import (Example, IncrementalTrainer, OnlineConfig, OnlineLoop, PublishGuard,
+                           example_from_entry, is_holdout, parse_seq)
+from rerank.dataset import load_dataset
+from rerank.recommender import load_model
+from rerank.registry import ModelRegistry
+from rerank.stream import EventStream, StreamConfig, StreamEntry
+
+from online_helpers import synth_events, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("online"))
+
+
+@pytest.fixture
+def model(tiny):
+    return load_model(tiny[1])
+
+
+def _examples(n: int, rng, n_items: int, pattern=lambda a: a % 10 + 1) -> list[Example]:
+    """seq ending in item a -> target pattern(a): a planted rule the model has not seen."""
+    out = []
+    for i in range(n):
+        seq = rng.integers(1, n_items + 1, size=5)
+        out.append(Example(seq.astype(np.int64), np.full(5, 1, np.int64), int(pattern(seq[-1])), 1, f"e{i}"))
+    return out
+
+
+def test_parse_seq_and_entry():
+    seq, types = parse_seq("12:1 40:4 7:purchase")
+    assert seq.tolist() == [12, 40, 7] and types.tolist() == [1, 4, 4]
+    assert parse_seq("")[0].tolist() == []
+    with pytest.raises(ValueError, match="'x1'"):
+        parse_seq("x1")
+    ex = example_from_entry(StreamEntry("5-0", {"event_id": "a", "item_idx": "3", "type": "cart", "seq": "1:1 2:2"}))
+    assert ex.target == 3 and ex.target_type == 3 and ex.seq.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="field 'type'"):
+        example_from_entry(StreamEntry("5-1", {"item_idx": "3", "type": "like"}))
+    with pytest.raises(ValueError, match="'item_idx' missing"):
+        example_from_entry(StreamEntry("5-2", {"type": "view"}))
+
+
+def test_holdout_choice_is_stable_and_about_one_in_ten():
+    ids = [f"evt-{i}" for i in range(5000)]
+    chosen = [is_holdout(i, 10) for i in ids]
+    assert chosen == [is_holdout(i, 10) for i in ids]
+    assert 0.07 < sum(chosen) / len(ids) < 0.13
+    assert not any(is_holdout(i, 0) for i in ids[:100])
+
+
+def test_incremental_steps_learn_a_new_pattern(model):
+    rng = np.random.default_rng(0)
+    trainer = IncrementalTrainer(model, OnlineConfig(lr=3e-3, batch_size=32))
+    held = _examples(200, np.random.default_rng(1), model.n_items)
+    guard = PublishGuard(OnlineConfig())
+    for e in held:
+        guard.add(e)
+    before, _ = guard.holdout_loss(model, model.n_items)
+    for _ in range(30):
+        trainer.step(_examples(64, rng, model.n_items))
+    after, _ = guard.holdout_loss(model, model.n_items)
+    assert after < before * 0.8, (before, after)
+
+
+def test_new_items_get_rows_from_the_mean_and_can_be_learned(model):
+    trainer = IncrementalTrainer(model, OnlineConfig(lr=3e-3))
+    n0 = model.n_items
+    mean = model.module.item_emb.weight[1 : n0 + 1].mean(0).detach().clone()
+    assert trainer.grow(n0 + 3) == 3
+    assert model.n_items == n0 + 3
+    assert torch.allclose(model.module.item_emb.weight[n0 + 2], mean)
+    assert model.score([np.array([1, 2])]).shape == (1, n0 + 4)
+    # beyond the reserved rows (capacity n0+1+20): the table is rebuilt, old rows kept
+    old_row = model.module.item_emb.weight[5].detach().clone()
+    trainer.grow(n0 + 40)
+    assert model.module.config.item_capacity >= n0 + 41
+    assert torch.equal(model.module.item_emb.weight[5], old_row)
+    new_item = n0 + 40
+    rng = np.random.default_rng(2)
+    ex = [Example(np.array([3, 4], np.int64), np.array([1, 1], np.int64), new_item, 1, f"n{i}") for i in range(64)]
+    rank_before = int((model.score([np.array([3, 4])])[0] > model.score([np.array([3, 4])])[0, new_item]).sum())
+    for _ in range(10):
+        trainer.step(ex + _examples(32, rng, n0))
+    scores = model.score([np.array([3, 4])])[0]
+    assert int((scores > scores[new_item]).sum()) < rank_before
+
+
+def _real_transitions(dataset_dir, n: int, seed: int) -> list[Example]:
+    """Next-item examples from the shop's real sequences (a random cut per user)."""
+    ds = load_dataset(dataset_dir)
+    rng = np.random.default_rng(seed)
+    out = []
+    for u in rng.permutation(np.arange(1, ds.n_users + 1)):
+        seq, types = ds.sequences[u].astype(np.int64), ds.event_type_sequences[u].astype(np.int64)
+        if len(seq) >= 2:
+            cut = int(rng.integers(1, len(seq)))
+            out.append(Example(seq[:cut], types[:cut], int(seq[cut]), int(types[cut]), f"u{u}"))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_guard_refuses_nan_and_sabotaged_weights_and_accepts_a_normal_update(model, tiny):
+    guard = PublishGuard(OnlineConfig(guard_min_holdout=10))
+    for e in _real_transitions(tiny[0], 100, seed=3):
+        guard.add(e)
+    serving = copy.deepcopy(model)
+    candidate = copy.deepcopy(model)
+    IncrementalTrainer(candidate, OnlineConfig(lr=5e-4)).step(_real_transitions(tiny[0], 64, seed=4))
+    assert guard.check(candidate, serving).ok
+
+    nan = copy.deepcopy(model)
+    with torch.no_grad():
+        nan.module.item_emb.weight[3, 0] = math.nan
+    res = guard.check(nan, serving)
+    assert not res.ok and "non-finite" in res.reason
+
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in scaled.module.blocks.parameters():
+            p.mul_(-8.0)
+    res = guard.check(scaled, serving)
+    assert not res.ok and "holdout loss" in res.reason, res
+
+    randomised = copy.deepcopy(model)
+    with torch.no_grad():
+        randomised.module.item_emb.weight.normal_(0, 1.0)
+    assert not guard.check(randomised, serving).ok
+    assert guard.refusals == 3
+
+
+# ------------------------------------------------------------------ the loop over real Redis
+def _write(url: str, tiny_data, limit: int, start: int = 0):
+    from rerank.feature_store import Event, FeatureStore
+
+    store = FeatureStore(url)
+    events = synth_events(tiny_data, start + limit)[start:]
+    accepted = 0
+    for lo in range(0, len(events), 100):
+        chunk = events[lo : lo + 100]
+        accepted += sum(store.write_events([Event(u, i, t, ts=ts, event_id=f"ev-{start + lo + k}")
+                                            for k, (u, i, t, ts) in enumerate(chunk)]))
+    store.close()
+    return accepted
+
+
+def _loop(url: str, registry: ModelRegistry, consumer: str = "t1", **cfg) -> OnlineLoop:
+    stream = EventStream(StreamConfig(url=url, consumer=consumer, block_ms=20, claim_idle_ms=0))
+    config = OnlineConfig(publish_every_s=0.0, publish_every_events=10_000, read_count=64, **cfg)
+    return OnlineLoop(stream, registry, config)
+
+
+def _drain(loop: OnlineLoop, rounds: int = 200) -> None:
+    for _ in range(rounds):
+        if loop.poll_once(block_ms=10) == 0 and not loop._uncommitted:
+            return
+
+
+def test_loop_publishes_versions_and_acks_everything(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    sent = _write(redis_url, tiny[0], 300)
+    loop = _loop(redis_url, registry)
+    loop.start()
+    _drain(loop)
+    st = loop.stats
+    assert st.events_applied == sent == 300
+    assert st.events_trained + st.events_heldout + st.events_invalid == sent
+    assert st.events_trained > 200 and st.events_heldout > 10
+    assert st.versions_published >= 2 and registry.latest() == st.version
+    meta = registry.meta(registry.latest())
+    assert meta["events_applied"] == sent
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert meta["trained_until"] == client.xrevrange("rr:events", count=1)[0][0]
+    assert loop.stream.pending_count() == 0
+    assert np.isfinite(registry.load().score([np.array([1, 2, 3])])).sum() > 0
+
+
+def test_crash_before_and_after_checkpoint_loses_and_duplicates_nothing(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    sent = _write(redis_url, tiny[0], 400)
+    first = _loop(redis_url, registry, consumer="a")
+    first.start()
+    # one checkpointed batch, then a checkpoint whose acks never happen (crash right after publishing),
+    # then consumed entries that never reach a checkpoint (crash before publishing)
+    first.poll_once(block_ms=10)
+    first.stream.ack = lambda ids: 0  # the process dies before XACK from here on
+    first.poll_once(block_ms=10)
+    first.config.publish_every_s = 1e9
+    first.poll_once(block_ms=10)
+    assert first._uncommitted, "the crash must leave consumed, uncheckpointed entries"
+    # a new trainer process (different consumer name: the old one is dead)
+    second = _loop(redis_url, registry, consumer="b")
+    second.start()
+    assert second.stats.events_skipped_duplicate == 64  # the checkpointed-but-unacked batch
+    _drain(second)
+    assert second.stats.events_applied == sent
+    assert registry.meta(registry.latest())["events_applied"] == sent
+    assert registry.read_state("trainer_state.json")["events_applied"] == sent
+    assert second.stream.pending_count() == 0
+
+
+def test_guard_refusal_keeps_serving_version_and_counts_events(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    v1 = registry.publish_dir(tiny[1])
+    _write(redis_url, tiny[0], 300)
+    loop = _loop(redis_url, registry, guard_min_holdout=1, holdout_every=3)
+    loop.start()
+    loop.poll_once(block_ms=10)  # fills part of the holdout, publishes v2
+    with torch.no_grad():  # sabotage the trainer's weights before its next publish
+        loop.trainer.model.module.item_emb.weight.mul_(50.0)
+    before = registry.latest()
+    loop.poll_once(block_ms=10)
+    assert loop.stats.guard_refusals == 1 and registry.latest() == before
+    assert loop.stats.events_refused > 0
+    # the trainer went back to the serving weights: the next publish is sane again
+    _drain(loop)
+    assert registry.latest() > before > v1
+    assert loop.stats.events_applied == 300
+
+
+def test_rollback_restores_scores_exactly_and_pauses_the_trainer(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    v1 = registry.publish_dir(tiny[1])
+    hist = [np.array([1, 2, 3]), np.array([5])]
+    v1_scores = registry.load(v1).score(hist)
+    _write(redis_url, tiny[0], 200)
+    loop = _loop(redis_url, registry)
+    loop.start()
+    _drain(loop)
+    newest = registry.latest()
+    assert newest > v1 and not np.array_equal(registry.load().score(hist)[:, : v1_scores.shape[1]], v1_scores)
+    registry.rollback(v1)
+    assert registry.latest() == v1 and registry.pinned()
+    np.testing.assert_array_equal(registry.load().score(hist), v1_scores)
+    _write(redis_url, tiny[0], 50, start=200)
+    assert loop.poll_once(block_ms=10) == 0 and loop.stats.paused  # pinned: reads nothing
+    assert registry.latest() == v1
+    registry.unpin()
+    _drain(loop)
+    assert registry.latest() > newest
+    assert registry.meta(registry.latest())["parent"] == v1
+    assert loop.stats.events_applied == 250
