@@ -45,3 +45,37 @@ def redis_url(redis_server) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+# --- tiny hand-made datasets (owner: evaluation) --------------------------------------
+
+
+@pytest.fixture
+def make_dataset(tmp_path):
+    """make_dataset(sequences, timestamps=None, attributes=None) -> a loaded rerank Dataset.
+
+    sequences[u] lists the item_idx (1..n_items) of user u+1 in time order; n_items is the
+    largest idx used (or `n_items=`). Written with write_dataset into tmp_path, then loaded.
+    """
+    import pyarrow as pa
+
+    from rerank.dataset import load_dataset, write_dataset
+
+    counter = iter(range(1_000_000))
+
+    def make(sequences, timestamps=None, attributes=None, n_items=None, name="tiny"):
+        n_items = n_items or max(max(s) for s in sequences if len(s))
+        users = pa.table({"user_idx": list(range(1, len(sequences) + 1)),
+                          "user_id": [f"u{i}" for i in range(1, len(sequences) + 1)]})
+        items = pa.table({"item_idx": list(range(1, n_items + 1)),
+                          "item_id": [f"i{i}" for i in range(1, n_items + 1)],
+                          "attributes": [list((attributes or {}).get(i, [])) for i in range(1, n_items + 1)]})
+        rows = [(u + 1, item, (timestamps[u][k] if timestamps else k))
+                for u, seq in enumerate(sequences) for k, item in enumerate(seq)]
+        events = pa.table({"user_idx": [r[0] for r in rows], "item_idx": [r[1] for r in rows],
+                           "event_type": ["purchase"] * len(rows), "ts": [r[2] for r in rows]})
+        out = tmp_path / f"dataset-{next(counter)}"
+        write_dataset(out, users, items, events, name, "test", has_timestamps=timestamps is not None)
+        return load_dataset(out)
+
+    return make
