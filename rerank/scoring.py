@@ -4,7 +4,8 @@ Requests in a batch have different candidate counts; they are right-padded with
 item_idx 0 into one (B, C_max) matrix, scored by `Recommender.score` in one
 forward pass, and cut back to each request's length. Items the model does not
 know yet (idx 0, or idx beyond the model's n_items: items first seen online,
-before the trainer grew the model) are scored as unknown (cold start).
+before the trainer grew the model) get a NaN score: the model knows nothing about
+them, and rerank.ranking places non-finite scores by its popularity prior (cold start).
 """
 
 from __future__ import annotations
@@ -43,5 +44,6 @@ def score_batch(model: Recommender, inputs: Sequence[ScoreInput], history_len: i
     for row, x in enumerate(inputs):
         cands = np.asarray(x.candidates, dtype=np.int64)
         matrix[row, : len(cands)] = np.where((cands > 0) & (cands <= n_items), cands, 0)
-    scores = np.asarray(model.score(histories, matrix, types), dtype=np.float32)
-    return [scores[row, : len(x.candidates)].copy() for row, x in enumerate(inputs)]
+    scores = np.array(model.score(histories, matrix, types), dtype=np.float32)
+    scores[matrix == 0] = np.nan  # unknown to the model: cold start is the ranker's job
+    return [scores[row, : len(x.candidates)] for row, x in enumerate(inputs)]

@@ -1,0 +1,97 @@
+"""`rerank up`: the whole service on this machine (Ray + a real Redis + the Serve app), one command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `up` and `bench` (which can start the same stack)."""
+    parser.add_argument("--data", type=Path, help="dataset directory (default: the demo shop, generated when missing)")
+    parser.add_argument("--model", type=Path, help="model directory (default: artifacts/models/demo-shop, trained when missing)")
+    parser.add_argument("--redis-url", help="use this Redis (default: $REDIS_URL, else start an embedded one)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray (default 8)")
+    parser.add_argument("--registry", help="model registry URI the scorer follows (hot swap)")
+    parser.add_argument("--batch-wait-ms", type=float, help="ingress batch wait (default 10 ms, adaptive)")
+    parser.add_argument("--max-batch", type=int, help="ingress max batch size (default 32)")
+    parser.add_argument("--no-throughput-optimized", action="store_true",
+                        help="do not set RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+
+
+def stack_config(args: argparse.Namespace, with_noop: bool = False):
+    from deployments.local import LocalStackConfig
+
+    for name in ("data", "model"):
+        path = getattr(args, name)
+        if path is not None and not path.is_dir():
+            from rerank.cli import CommandError
+
+            raise CommandError(f"--{name} {path}: not a directory")
+    app_args: dict = {}
+    if args.registry:
+        app_args["registry_uri"] = args.registry
+    if args.batch_wait_ms is not None:
+        app_args["ingress_batch_wait_s"] = args.batch_wait_ms / 1000.0
+    if args.max_batch is not None:
+        app_args["ingress_max_batch_size"] = args.max_batch
+        app_args["scorer_max_batch_size"] = max(64, args.max_batch)
+    return LocalStackConfig(
+        data=args.data, model=args.model, redis_url=args.redis_url, host=args.host, port=args.port,
+        num_cpus=args.num_cpus, throughput_optimized=not args.no_throughput_optimized,
+        with_noop=with_noop, app_args=app_args,
+    )
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="start the service locally (Ray + embedded Redis + Serve app)",
+        description="Start local Ray, a real Redis (embedded unless --redis-url/$REDIS_URL), load the "
+        "features, deploy the app on http://HOST:PORT. Ctrl-C stops everything it started.",
+    )
+    add_stack_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the URL and paths as one JSON line")
+    parser.set_defaults(func=run_up)
+
+
+def _example_ids(data: Path) -> tuple[str, list[str]]:
+    from rerank.dataset import load_dataset
+
+    dataset = load_dataset(data)
+    return str(dataset.user_ids[1]), [str(i) for i in dataset.item_ids[1:6]]
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from deployments.local import LocalStack
+
+    from rerank.cli import CommandError
+
+    try:
+        stack = LocalStack(stack_config(args)).start()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CommandError(str(err)) from err
+    try:
+        user, items = _example_ids(stack.data)
+        if args.json:
+            print(json.dumps({"url": stack.url, "redis_url": stack.redis_url, "data": str(stack.data),
+                              "model": str(stack.model)}), flush=True)
+        else:
+            rank = json.dumps({"user_id": user, "candidates": items, "k": 3})
+            event = json.dumps({"events": [{"user_id": user, "item_id": items[0], "type": "click"}]})
+            print(f"\nrerank is up at {stack.url}  (docs: {stack.url}/docs, Ctrl-C to stop)\n"
+                  f"  curl -s {stack.url}/rank -H 'content-type: application/json' -d '{rank}'\n"
+                  f"  curl -s {stack.url}/events -H 'content-type: application/json' -d '{event}'\n"
+                  f"  curl -s {stack.url}/healthz; curl -s {stack.url}/model\n", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("rerank: stopping ...", file=sys.stderr)
+    finally:
+        stack.stop()
+    return 0
