@@ -1,0 +1,115 @@
+"""ModelRegistry: publish / latest / load / rollback / prune on a local directory, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rerank.recommender import load_model
+from rerank.registry import ModelRegistry, RegistryError, RegistryPinned
+
+from online_helpers import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("registry"))
+
+
+def _perturbed(model_dir, scale: float):
+    model = load_model(model_dir)
+    with torch.no_grad():
+        model.module.item_emb.weight.mul_(scale)
+    return model
+
+
+def test_publish_latest_load_and_meta(tiny, tmp_path):
+    reg = ModelRegistry(str(tmp_path / "reg"))
+    assert reg.latest() is None and reg.versions() == []
+    with pytest.raises(RegistryError, match="empty registry"):
+        reg.load()
+    v1 = reg.publish_dir(tiny[1])
+    model = _perturbed(tiny[1], 1.5)
+    v2 = reg.publish(model, {"trained_until": "5-0", "events_applied": 7})
+    assert (v1, v2) == (1, 2) and reg.latest() == 2 and reg.versions() == [1, 2]
+    assert (tmp_path / "reg" / "v000002" / "meta.json").is_file()
+    meta = reg.meta(2)
+    assert meta["parent"] == 1 and meta["events_applied"] == 7 and meta["trained_until"] == "5-0"
+    hist = [np.array([1, 2, 3])]
+    np.testing.assert_array_equal(reg.load(2).score(hist), model.score(hist))
+    np.testing.assert_array_equal(reg.load(1).score(hist), load_model(tiny[1]).score(hist))
+    # a second registry object on the same URI (a scorer) sees the same thing
+    assert ModelRegistry(f"file://{tmp_path / 'reg'}").latest() == 2
+
+
+def test_incomplete_version_is_invisible(tiny, tmp_path):
+    reg = ModelRegistry(str(tmp_path / "reg"))
+    reg.publish_dir(tiny[1])
+    (tmp_path / "reg" / "v000002").mkdir()  # a crashed upload: no meta.json
+    assert reg.versions() == [1]
+    assert reg.publish_dir(tiny[1]) == 2  # the next publish takes the number over
+    assert reg.versions() == [1, 2]
+
+
+def test_rollback_pins_and_restores_exact_scores(tiny, tmp_path):
+    reg = ModelRegistry(str(tmp_path / "reg"))
+    reg.publish_dir(tiny[1])
+    reg.publish(_perturbed(tiny[1], 2.0), {})
+    hist = [np.array([4, 5]), np.array([7])]
+    v1_scores = reg.load(1).score(hist)
+    assert not np.array_equal(reg.load().score(hist), v1_scores)
+    reg.rollback(1)
+    assert reg.latest() == 1 and reg.pinned()
+    np.testing.assert_array_equal(reg.load().score(hist), v1_scores)
+    with pytest.raises(RegistryPinned):
+        reg.publish(_perturbed(tiny[1], 3.0), {})
+    with pytest.raises(RegistryError, match="cannot roll back to v9"):
+        reg.rollback(9)
+    reg.unpin()
+    assert not reg.pinned() and reg.latest() == 1
+    assert reg.publish(_perturbed(tiny[1], 3.0), {}) == 3
+    assert reg.meta(3)["parent"] == 1
+
+
+def test_prune_keeps_last_k_and_never_the_latest(tiny, tmp_path):
+    reg = ModelRegistry(str(tmp_path / "reg"), keep=2)
+    for _ in range(4):
+        reg.publish_dir(tiny[1])
+    assert reg.versions() == [3, 4]
+    reg.rollback(3)
+    reg.keep = 1
+    assert reg.prune() == []  # v4 is the newest, v3 is what LATEST points to
+    assert reg.versions() == [3, 4] and reg.latest() == 3
+    reg.unpin()
+    reg.publish_dir(tiny[1])
+    assert reg.versions() == [5] and reg.latest() == 5
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rerank", *args], capture_output=True, text=True)
+
+
+def test_model_cli_list_rollback_unpin(tiny, tmp_path):
+    uri = str(tmp_path / "reg")
+    out = _cli("model", "publish", "--registry", uri, "--model", str(tiny[1]), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["version"] == 1
+    _cli("model", "publish", "--registry", uri, "--model", str(tiny[1]))
+    listing = json.loads(_cli("model", "list", "--registry", uri, "--json").stdout)
+    assert [r["version"] for r in listing["versions"]] == [1, 2] and listing["versions"][1]["latest"]
+    rb = _cli("model", "rollback", "--registry", uri, "--version", "1")
+    assert rb.returncode == 0 and "pinned" in rb.stdout
+    assert ModelRegistry(uri).latest() == 1
+    text = _cli("model", "list", "--registry", uri).stdout
+    assert "pinned" in text
+    bad = _cli("model", "rollback", "--registry", uri, "--version", "7")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "v7" in bad.stderr
+    missing = _cli("model", "publish", "--registry", uri, "--model", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "nope" in missing.stderr
+    assert _cli("model", "unpin", "--registry", uri).returncode == 0
+    assert not ModelRegistry(uri).pinned()
