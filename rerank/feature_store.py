@@ -37,6 +37,7 @@ Timestamps are Unix seconds (float). The sequence is in arrival order.
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,6 +62,14 @@ _NO_ITEM = bytes(ITEM_RECORD.itemsize)
 MAX_ID_LENGTH = 512
 
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+# error replies of a server that is up but cannot take this now (out of memory, a read-only
+# replica after failover, loading its data, a long script): retryable, like an outage
+# (inside a script the reply reads "Error running script ...: @user_script: 28: -OOM ...")
+_TRANSIENT_REPLY = re.compile(r"(?:^|: -)(OOM|READONLY|LOADING|BUSY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN)\b")
+
+
+def _is_transient(err: Exception) -> bool:
+    return isinstance(err, redis.ResponseError) and _TRANSIENT_REPLY.search(str(err)) is not None
 
 # KEYS: 1 evt marker, 2 item_idx, 3 item_id, 4 item_stats, 5 next_item_idx, 6 user seq, 7 user bought, 8 stream
 # ARGV: 1 event_id, 2 user_id, 3 item_id, 4 type code, 5 type name, 6 ts, 7 max_history, 8 user_ttl_s,
@@ -299,6 +308,10 @@ class FeatureStore:
             replies = pipe.execute()
         except _UNAVAILABLE as err:
             raise self._unavailable(err, "fetch") from err
+        except redis.ResponseError as err:
+            if _is_transient(err):
+                raise self._unavailable(err, "fetch") from err
+            raise FeatureStoreError(f"fetch: Redis refused the read: {err}") from err
         now = time.time()
         items = np.zeros(0, dtype=ITEM_RECORD)
         if all_candidates:
@@ -415,6 +428,9 @@ class FeatureStore:
                 self._write_sha = None  # the server restarted without its script cache: load and retry
                 continue
             errors = [r for r in replies if isinstance(r, Exception)]
+            transient = [r for r in errors if _is_transient(r)]
+            if transient:
+                raise self._unavailable(transient[0], "write_events")
             if errors:
                 raise FeatureStoreError(f"write_events: Redis refused {len(errors)} event(s): {errors[0]}")
             return [bool(r) for r in replies]

@@ -262,3 +262,18 @@ def test_hung_server_times_out_as_unavailable(redis_server, redis_url):
     finally:
         os.kill(redis_server.pid, signal.SIGCONT)
     assert store.write_events([Event("alice", "i1", "view", event_id="x")]) == [True]
+
+
+def test_server_out_of_memory_is_reported_as_unavailable(redis_url):
+    """OOM (and READONLY, LOADING...) replies are retryable: the event was not stored."""
+    store = FeatureStore(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    old = client.config_get("maxmemory")["maxmemory"]
+    client.config_set("maxmemory", 1)  # below what is used: every write is refused
+    try:
+        with pytest.raises(FeatureStoreUnavailable, match="OOM"):
+            store.write_events([Event("u", "a", "view", event_id="oom")])
+        assert store.fetch([("u", None)])[0].history.size == 0  # reads still work
+    finally:
+        client.config_set("maxmemory", old)
+    assert store.write_events([Event("u", "a", "view", event_id="oom")]) == [True]
