@@ -277,3 +277,54 @@ def test_server_out_of_memory_is_reported_as_unavailable(redis_url):
     finally:
         client.config_set("maxmemory", old)
     assert store.write_events([Event("u", "a", "view", event_id="oom")]) == [True]
+
+
+def test_real_beauty_slice_round_trips_through_the_store(shared_data, tmp_path, redis_url):
+    """Real Amazon Beauty sequences (first 300 users): the store returns each user's newest events."""
+    from rerank.importers import import_sasrec
+
+    beauty = shared_data / "amazon-beauty"
+    lines = (beauty / "Beauty.txt").read_text().splitlines()[:300]
+    (tmp_path / "Beauty.txt").write_text("\n".join(lines) + "\n")
+    import_sasrec(tmp_path / "Beauty.txt", tmp_path / "beauty", beauty / "Beauty_item2attributes.json")
+    dataset = load_dataset(tmp_path / "beauty")
+    store = FeatureStore(redis_url, max_history=20)
+    stats = store.bulk_load(dataset, progress=False)
+    assert stats["users"] == 300 and stats["events"] == sum(len(line.split()) - 1 for line in lines)
+
+    users = [1, 2, 150, 300]
+    requests = [(dataset.user_ids[u], dataset.item_ids[dataset.sequences[u]].tolist()) for u in users]
+    for u, got in zip(users, store.fetch(requests, history_len=20)):
+        seq = dataset.sequences[u]
+        assert got.history.tolist() == seq[-20:].tolist()
+        assert got.candidates.tolist() == seq.tolist()  # the user's own items, in request order
+        assert got.purchased.tolist() == sorted(set(seq.tolist()))  # Beauty reviews import as purchases
+        assert (got.candidate_stats[:, 3] >= 1).all()
+    item_ids, attributes = store.catalogue()
+    assert item_ids.tolist() == dataset.item_ids.tolist()
+    np.testing.assert_array_equal(attributes[:, : dataset.item_attributes.shape[1]], dataset.item_attributes)
+    np.testing.assert_array_equal(store.item_stats()[:, 3], dataset.item_popularity())
+
+
+def test_real_movielens_events_replayed_online_match_the_history(shared_data, tmp_path, redis_url):
+    """MovieLens 100k with real timestamps: load all but each user's last 5 ratings, replay those
+    as events, and the store ends up with the full time-ordered history."""
+    from rerank.importers import import_recbole
+
+    ml = shared_data / "ml-100k"
+    import_recbole(ml / "ml-100k.inter", tmp_path / "ml", ml / "ml-100k.item")
+    dataset = load_dataset(tmp_path / "ml")
+    store = FeatureStore(redis_url, max_history=50)
+    store.bulk_load(dataset, progress=False, drop_last=5)
+    users = range(1, 41)
+    events = [
+        Event(dataset.user_ids[u], dataset.item_ids[i], "purchase", ts=float(t), event_id=f"ml-{u}-{k}")
+        for u in users
+        for k, (i, t) in enumerate(zip(dataset.sequences[u][-5:], dataset.timestamp_sequences[u][-5:]))
+    ]
+    assert all(store.write_events(events))
+    assert not any(store.write_events(events[:7]))  # a replayed batch changes nothing
+    for u, got in zip(users, store.fetch([(dataset.user_ids[u], None) for u in users], history_len=50)):
+        assert got.history.tolist() == dataset.sequences[u][-50:].tolist()
+        assert got.history_ts.tolist() == dataset.timestamp_sequences[u][-50:].astype(float).tolist()
+    assert redis.Redis.from_url(redis_url).xlen(store.keys.events) == len(events)
