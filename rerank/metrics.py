@@ -6,7 +6,7 @@ is ranked ahead of it, so a model that scores everything alike gains nothing fro
 ties (the reference code's argsort/argpartition breaks them arbitrarily instead; with
 float scores from a trained model ties are rare, so the two agree in practice).
 A target whose score is -inf (masked, e.g. it was already in the user's history) is
-a miss: its rank is the number of scored items.
+a miss at every k: its rank is MISS_RANK.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from typing import Iterable
 import numpy as np
 import torch
 
+MISS_RANK = 2**62  # rank of a target that cannot be ranked (masked): a miss at any k, MRR ~ 0
+
 
 def target_ranks(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> np.ndarray:
     """0-based rank of each row's target column: the number of other items scored >= it.
 
     scores (B, N) float, already masked with -inf where items must not be ranked;
-    targets (B,) int column indices. Returns (B,) int64; -inf targets get rank N.
+    targets (B,) int column indices. Returns (B,) int64; -inf targets get MISS_RANK.
     """
     s = torch.as_tensor(scores)
     t = torch.as_tensor(targets, dtype=torch.int64)
@@ -33,7 +35,7 @@ def target_ranks(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.
         raise ValueError("scores contain NaN")
     target_score = s.gather(1, t[:, None])  # (B, 1)
     ahead = (s >= target_score).sum(dim=1) - 1  # the target itself compares equal
-    ranks = torch.where(torch.isneginf(target_score[:, 0]), s.shape[1], ahead)
+    ranks = torch.where(torch.isneginf(target_score[:, 0]), MISS_RANK, ahead)
     return ranks.numpy().astype(np.int64)
 
 
