@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
     try:
         import ctypes
@@ -83,7 +88,9 @@ class EmbeddedRedis:
     stop()/start(), so clients holding the URL reconnect after a restart.
     Without `data_dir` a temporary directory is used and removed by `close()`
     (or leaving the `with` block). The server is stopped at interpreter exit,
-    and (Linux) when the process that started it dies.
+    and (Linux, when started from the main thread) when the process that started
+    it dies. Linux ties that signal to the starting *thread*, so a server started
+    from another thread is not tied (it would die with a short-lived worker thread).
     """
 
     def __init__(
@@ -144,7 +151,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent if os.name == "posix" else None,
+            preexec_fn=_die_with_parent if os.name == "posix" and _in_main_thread() else None,
         )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
         deadline = time.monotonic() + self.startup_timeout_s

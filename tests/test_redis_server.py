@@ -70,3 +70,46 @@ def test_fixture_gives_an_empty_database(redis_url):
     assert client.dbsize() == 0
     client.set("left-behind", 1)  # the next test's flush removes it
     client.close()
+
+
+def test_server_started_in_a_worker_thread_outlives_the_thread(tmp_path):
+    import threading
+
+    server = EmbeddedRedis(data_dir=tmp_path)
+    worker = threading.Thread(target=server.start)
+    worker.start()
+    worker.join()
+    try:
+        assert server.running
+        assert redis.Redis.from_url(server.url).ping()
+    finally:
+        server.close()
+
+
+def test_server_dies_with_the_process_that_started_it(tmp_path):
+    """A killed owner (SIGKILL: no atexit) does not leave an orphan redis-server behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys; from rerank.redis_server import EmbeddedRedis; "
+        f"s = EmbeddedRedis(data_dir={str(tmp_path)!r}).start(); print(s.pid, s.port, flush=True); "
+        "sys.stdin.read()"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid, port = map(int, owner.stdout.readline().split())
+    assert redis.Redis(port=port).ping()
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    for _ in range(100):  # the kernel delivers SIGTERM to the server; it exits shortly after
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("redis-server outlived its owner")
