@@ -19,7 +19,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -47,6 +47,7 @@ class ImportSummary:
     n_events: int
     has_timestamps: bool
     ignored_items: int = 0  # items of a side file (attributes / .item) that never occur in events
+    attribute_columns: list[str] = field(default_factory=list)  # recbole: .item columns used as attributes
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "out": str(self.out)}
@@ -61,6 +62,16 @@ def _check_file(path: Path, what: str) -> Path:
     if path.stat().st_size == 0:
         raise DataImportError(f"{path}: empty file, expected {what}")
     return path
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a decoding error names the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataImportError(f"{path}: line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _dense_ids(ids: Iterable[str]) -> list[str]:
@@ -101,7 +112,7 @@ def _events_table(user_idx: np.ndarray, item_idx: np.ndarray, event_type: Sequen
     )
 
 
-def _write(out, users, items, events, name, fmt, has_ts, ignored_items=0) -> ImportSummary:
+def _write(out, users, items, events, name, fmt, has_ts, ignored_items=0, attribute_columns=()) -> ImportSummary:
     path = write_dataset(out, users, items, events, name=name, source_format=fmt, has_timestamps=has_ts)
     meta = json.loads((path / "dataset.json").read_text())
     return ImportSummary(
@@ -113,6 +124,7 @@ def _write(out, users, items, events, name, fmt, has_ts, ignored_items=0) -> Imp
         n_events=meta["n_events"],
         has_timestamps=has_ts,
         ignored_items=ignored_items,
+        attribute_columns=list(attribute_columns),
     )
 
 
@@ -148,18 +160,17 @@ def import_sasrec(sequences: str | os.PathLike, out: str | os.PathLike, item_att
     users: list[str] = []
     seqs: list[list[str]] = []
     seen: dict[str, int] = {}
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) < 2:
-                raise DataImportError(f"{path}: line {lineno}: expected `user_id item_id [item_id ...]`, got {line.strip()!r}")
-            if tokens[0] in seen:
-                raise DataImportError(f"{path}: line {lineno}: user {tokens[0]!r} already has a sequence on line {seen[tokens[0]]}")
-            seen[tokens[0]] = lineno
-            users.append(tokens[0])
-            seqs.append(tokens[1:])
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) < 2:
+            raise DataImportError(f"{path}: line {lineno}: expected `user_id item_id [item_id ...]`, got {line.strip()!r}")
+        if tokens[0] in seen:
+            raise DataImportError(f"{path}: line {lineno}: user {tokens[0]!r} already has a sequence on line {seen[tokens[0]]}")
+        seen[tokens[0]] = lineno
+        users.append(tokens[0])
+        seqs.append(tokens[1:])
     if not users:
         raise DataImportError(f"{path}: no sequences found, expected `user_id item_id [item_id ...]` lines")
     attrs = read_item_attributes(Path(item_attributes)) if item_attributes is not None else {}
@@ -181,31 +192,31 @@ def import_sasrec(sequences: str | os.PathLike, out: str | os.PathLike, item_att
 # --------------------------------------------------------------------------- recbole
 
 
-def _read_recbole(path: Path, what: str) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Read a RecBole atomic file: ({field: type}, {field: values as text}); header `name:type`."""
+def _read_recbole(path: Path, what: str) -> tuple[dict[str, str], dict[str, list[str]], list[int]]:
+    """Read a RecBole atomic file: ({field: type}, {field: values as text}, line number of each row)."""
     _check_file(path, what)
-    with path.open(encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n").split("\t")
-        types: dict[str, str] = {}
-        for col in header:
-            name, sep, kind = col.partition(":")
-            if not sep or not name or kind not in ("token", "token_seq", "float", "float_seq"):
-                raise DataImportError(
-                    f"{path}: line 1: header field {col!r} is not `name:type` with type token|token_seq|float|float_seq"
-                )
-            types[name] = kind
-        columns: dict[str, list[str]] = {name: [] for name in types}
-        names = list(types)
-        for lineno, line in enumerate(f, start=2):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            values = line.split("\t")
-            if len(values) != len(names):
-                raise DataImportError(f"{path}: line {lineno}: expected {len(names)} tab-separated fields ({', '.join(header)}), got {len(values)}")
-            for name, value in zip(names, values):
-                columns[name].append(value)
-    return types, columns
+    text = _read_lines(path)
+    header = text[0].split("\t")
+    types: dict[str, str] = {}
+    for col in header:
+        name, sep, kind = col.partition(":")
+        if not sep or not name or kind not in ("token", "token_seq", "float", "float_seq"):
+            raise DataImportError(f"{path}: line 1: header field {col!r} is not `name:type` with type token|token_seq|float|float_seq")
+        if name in types:
+            raise DataImportError(f"{path}: line 1: column {name!r} appears twice")
+        types[name] = kind
+    columns: dict[str, list[str]] = {name: [] for name in types}
+    lines: list[int] = []
+    for lineno, line in enumerate(text[1:], start=2):
+        if not line:
+            continue
+        values = line.split("\t")
+        if len(values) != len(types):
+            raise DataImportError(f"{path}: line {lineno}: expected {len(types)} tab-separated fields ({', '.join(header)}), got {len(values)}")
+        for name, value in zip(types, values):
+            columns[name].append(value)
+        lines.append(lineno)
+    return types, columns, lines
 
 
 def _require(path: Path, types: dict[str, str], name: str, kind: str) -> None:
@@ -219,7 +230,7 @@ def _recbole_item_attributes(path: Path, max_distinct_share: float = 0.5) -> tup
     A column with more distinct values than `max_distinct_share` of the items (titles, free
     text, ids) identifies items rather than describing them, so it is not an attribute.
     """
-    types, columns = _read_recbole(path, "RecBole .item file")
+    types, columns, _ = _read_recbole(path, "RecBole .item file")
     _require(path, types, "item_id", "token")
     item_col = columns["item_id"]
     n = max(len(item_col), 1)
@@ -240,7 +251,7 @@ def _recbole_item_attributes(path: Path, max_distinct_share: float = 0.5) -> tup
 def import_recbole(inter: str | os.PathLike, out: str | os.PathLike, items: str | os.PathLike | None = None) -> ImportSummary:
     """Import a RecBole `.inter` file (ts = int(timestamp)) and optional `.item` attributes."""
     path = Path(inter)
-    types, columns = _read_recbole(path, "RecBole .inter file")
+    types, columns, lines = _read_recbole(path, "RecBole .inter file")
     _require(path, types, "user_id", "token")
     _require(path, types, "item_id", "token")
     n = len(columns["user_id"])
@@ -255,18 +266,19 @@ def import_recbole(inter: str | os.PathLike, out: str | os.PathLike, items: str 
                 if not math.isfinite(number):
                     raise ValueError
             except ValueError:
-                raise DataImportError(f"{path}: line {row + 2}: column timestamp: expected a number (Unix seconds), got {value!r}") from None
+                raise DataImportError(f"{path}: line {lines[row]}: column timestamp: expected a number (Unix seconds), got {value!r}") from None
             ts[row] = int(number)
     else:
         ts = np.arange(n, dtype=np.int64)  # file order; write_dataset keeps it per user
     for name in ("user_id", "item_id"):
         for row, value in enumerate(columns[name]):
             if not value.strip():
-                raise DataImportError(f"{path}: line {row + 2}: column {name}: expected an id, got an empty value")
+                raise DataImportError(f"{path}: line {lines[row]}: column {name}: expected an id, got an empty value")
 
     per_item: dict[str, list[tuple[str, str]]] = {}
+    used: list[str] = []
     if items is not None:
-        per_item, _ = _recbole_item_attributes(Path(items))
+        per_item, used = _recbole_item_attributes(Path(items))
     user_ids = _dense_ids(columns["user_id"])
     item_ids = _dense_ids(columns["item_id"])
     uidx, iidx = _index_of(user_ids), _index_of(item_ids)
@@ -280,7 +292,7 @@ def import_recbole(inter: str | os.PathLike, out: str | os.PathLike, items: str 
         ["purchase"] * n,
         ts,
     )
-    return _write(out, _users_table(user_ids), _items_table(item_ids, dense_attrs), events, path.stem, "recbole", has_ts, ignored)
+    return _write(out, _users_table(user_ids), _items_table(item_ids, dense_attrs), events, path.stem, "recbole", has_ts, ignored, used)
 
 
 # --------------------------------------------------------------------------- events (shop log)

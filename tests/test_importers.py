@@ -82,6 +82,7 @@ def test_recbole_slice_orders_by_time_and_reads_item_attributes(shared_data, tmp
     summary = import_recbole(src, tmp_path / "ds", items=ml / "ml-100k.item")
     ds = load_dataset(summary.out)
     assert ds.has_timestamps and summary.n_events == 2000
+    assert summary.attribute_columns == ["release_year", "class"]  # titles identify items: not attributes
     rows = [line.split("\t") for line in src.read_text().splitlines()[1:]]
     by_user: dict[str, list[tuple[int, int, str]]] = {}
     for pos, (user, item, _rating, ts) in enumerate(rows):
@@ -329,3 +330,15 @@ def test_import_refuses_to_overwrite_a_folder_that_is_not_a_dataset(tmp_path, ca
     src.write_text("1 2 3\n")
     rc, _, err = _cli(capsys, "data", "import", "--format", "sasrec", src, "--out", tmp_path)
     assert rc == 2 and "refusing to replace it" in err and src.exists()
+
+
+def test_line_numbers_count_blank_lines_and_bad_encoding_is_named(tmp_path, capsys):
+    src = tmp_path / "x.inter"
+    src.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t5\n\n1\t3\tlater\n")
+    rc, _, err = _cli(capsys, "data", "import", "--format", "recbole", src, "--out", tmp_path / "ds")
+    assert rc == 2 and f"{src}: line 4: column timestamp" in err
+    seq = tmp_path / "seq.txt"
+    seq.write_bytes(b"1 2 3\n2 4 \xff\n")
+    rc, _, err = _cli(capsys, "data", "import", "--format", "sasrec", seq, "--out", tmp_path / "ds")
+    assert rc == 2 and f"{seq}: line 2: not UTF-8 text" in err
+    assert not (tmp_path / "ds").exists()
