@@ -79,3 +79,24 @@ def make_dataset(tmp_path):
         return load_dataset(out)
 
     return make
+
+
+# --- Ray (owner: serving) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray, started ONCE per test session with more logical CPUs than the machine has
+    (Serve replicas reserve fractions of a CPU); shut down at the end with Serve."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=8, include_dashboard=False, namespace="rerank-tests", configure_logging=False,
+                 log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
