@@ -302,8 +302,16 @@ class FeatureStore:
         for user_id, _ in requests:
             pipe.lrange(keys.user_seq(user_id), 0, history_len - 1)
             pipe.smembers(keys.user_bought(user_id))
-        if all_candidates:
-            pipe.hmget(keys.item_stats, all_candidates)
+        # the same items in several requests of a batch (popular items, whole-catalogue lists)
+        # are asked for once
+        lookup, positions = all_candidates, None
+        unique = dict.fromkeys(all_candidates)
+        if len(unique) < 0.8 * len(all_candidates):
+            lookup = list(unique)
+            where = {item_id: i for i, item_id in enumerate(lookup)}
+            positions = np.fromiter(map(where.__getitem__, all_candidates), dtype=np.int64, count=len(all_candidates))
+        if lookup:
+            pipe.hmget(keys.item_stats, lookup)
         try:
             replies = pipe.execute()
         except _UNAVAILABLE as err:
@@ -317,6 +325,8 @@ class FeatureStore:
         if all_candidates:
             records = replies[-1]
             items = np.frombuffer(b"".join([r if r is not None else _NO_ITEM for r in records]), dtype=ITEM_RECORD)
+            if positions is not None:
+                items = items[positions]
         out, offset = [], 0
         for i, (user_id, candidates) in enumerate(requests):
             seq = decode_seq(replies[2 * i])

@@ -328,3 +328,12 @@ def test_real_movielens_events_replayed_online_match_the_history(shared_data, tm
         assert got.history.tolist() == dataset.sequences[u][-50:].tolist()
         assert got.history_ts.tolist() == dataset.timestamp_sequences[u][-50:].astype(float).tolist()
     assert redis.Redis.from_url(redis_url).xlen(store.keys.events) == len(events)
+
+
+def test_fetch_with_shared_candidates_maps_each_request(loaded):
+    shared = ["i1", "i2", "i3", "i4", "i5"]
+    features = loaded.fetch([("alice", shared), ("bob", shared[::-1]), ("carol", ["i5", "x", "i5"])])
+    assert features[0].candidates.tolist() == [1, 2, 3, 4, 5]
+    assert features[1].candidates.tolist() == [5, 4, 3, 2, 1]
+    assert features[1].candidate_stats[1].tolist() == [0, 0, 1, 1]  # i4: bob's cart + purchase
+    assert features[2].candidates.tolist() == [5, 0, 5]
