@@ -2,8 +2,8 @@
 
 `rank` turns one request's scored candidates into the answer, in this order:
 
-1. cold start: candidates the model cannot score (item_idx 0 = unknown to the store, or a
-   non-finite score) get a score placed among the known candidates' scores by popularity:
+1. cold start: candidates the model cannot score (item_idx 0 = unknown to the store, idx
+   above the model's `known_items`, or a non-finite score) get a score placed among the known candidates' scores by popularity:
    the quantile `cold_start_weight * popularity percentile` of the known scores. So with
    weight 0.5, the most popular unknown item lands at the median, one without any events
    at the bottom; with no known candidate at all, the popularity prior itself is the score;
@@ -132,11 +132,13 @@ def rank(
     purchased_idx: np.ndarray | None = None,
     attributes: np.ndarray | None = None,
     popularity: np.ndarray | None = None,
+    known_items: int | None = None,
 ) -> list[tuple[str, float]]:
     """The top `rules.k` (item_id, score) of one request's candidates (see the module docstring).
 
     candidate_idx: (C,) item_idx, 0 = unknown; scores: (C,) model scores; purchased_idx: the
-    user's bought item_idx; attributes: (C, A) attribute ids, 0-padded; popularity: (C,) prior.
+    user's bought item_idx; attributes: (C, A) attribute ids, 0-padded; popularity: (C,) prior;
+    known_items: the model's n_items, when given items above it (new since training) are cold too.
     """
     n = len(candidate_ids)
     candidate_idx = np.asarray(candidate_idx, dtype=np.int64).reshape(-1)
@@ -155,6 +157,8 @@ def rank(
         return []
 
     cold = (candidate_idx == 0) | ~np.isfinite(scores)
+    if known_items is not None:
+        cold |= candidate_idx > known_items
     final = cold_start_scores(scores, cold, popularity, rules.cold_start_weight)
     if rules.boost:
         final += np.fromiter((rules.boost.get(i, 0.0) for i in candidate_ids), dtype=np.float64, count=n)

@@ -127,3 +127,12 @@ def test_invalid_rules_name_the_field(kwargs, message):
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="scores has 2 entries for 5 candidate ids"):
         rank(IDS, IDX, SCORES[:2], rules=RankingRules())
+
+
+def test_items_newer_than_the_model_are_cold():
+    cand = ["old1", "old2", "newer"]
+    idx = np.array([1, 2, 3])
+    scores = np.array([1.0, 0.0, 5.0])  # the model's row for idx 3 is untrained noise
+    result = dict(rank(cand, idx, scores, rules=RankingRules(k=3, cold_start_weight=0.0), known_items=2))
+    assert result["newer"] == pytest.approx(0.0)  # bottom of the known scores, not 5.0
+    assert dict(rank(cand, idx, scores, rules=RankingRules(k=3)))["newer"] == 5.0
