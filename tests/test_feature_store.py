@@ -337,3 +337,20 @@ def test_fetch_with_shared_candidates_maps_each_request(loaded):
     assert features[1].candidates.tolist() == [5, 4, 3, 2, 1]
     assert features[1].candidate_stats[1].tolist() == [0, 0, 1, 1]  # i4: bob's cart + purchase
     assert features[2].candidates.tolist() == [5, 0, 5]
+
+
+def test_keys_expire_and_the_stream_is_capped(redis_url):
+    store = FeatureStore(redis_url, user_ttl_s=3600, event_ttl_s=600, stream_maxlen=10)
+    store.write_events([Event("u", f"x{i % 7}", "purchase", event_id=f"e{i}") for i in range(500)])
+    client = redis.Redis.from_url(redis_url)
+    assert 0 < client.ttl(store.keys.user_seq("u")) <= 3600
+    assert 0 < client.ttl(store.keys.user_bought("u")) <= 3600
+    assert 0 < client.ttl(store.keys.event("e0")) <= 600
+    assert client.xlen(store.keys.events) < 500  # MAXLEN ~ trims in whole macro nodes (~100 entries)
+    assert client.llen(store.keys.user_seq("u")) == 200  # max_history
+
+
+@pytest.mark.parametrize("bad", [{"max_history": 0}, {"user_ttl_s": -1}, {"item_capacity": 0}])
+def test_bad_config_names_the_field(redis_url, bad):
+    with pytest.raises(ValueError, match=f"FeatureStoreConfig.{next(iter(bad))}"):
+        FeatureStore(redis_url, **bad)
