@@ -149,7 +149,8 @@ def generate_shop(cfg: SynthConfig = SynthConfig()) -> SynthShop:
     ts_col: list[int] = []
     session_col: list[int] = []
     session_no = 0
-    bar = tqdm(total=cfg.n_users, desc="synth users", unit="user", disable=cfg.n_users < cfg.progress_min_users)
+    bar = tqdm(total=cfg.n_users, desc="synth users", unit="user", mininterval=1.0,
+               disable=cfg.n_users < cfg.progress_min_users)
     for user in range(1, cfg.n_users + 1):
         interests = rng.dirichlet(np.full(n_cat, cfg.interest_concentration))
         activity = rng.lognormal(-0.28, 0.75)  # mean ~1: some users come back far more often
