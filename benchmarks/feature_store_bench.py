@@ -1,7 +1,7 @@
 """Feature store and ranking speed against a real Redis server; prints JSON.
 
     python benchmarks/feature_store_bench.py [--data artifacts/data/beauty] [--redis-url URL]
-        [--users 32] [--candidates 200] [--events 100] [--repeats 200] [--json]
+        [--users 32] [--candidates 200] [--events 100] [--repeats 200] [--json] [--out FILE]
 
 Loads the dataset into Redis (embedded server unless --redis-url / REDIS_URL), then times
     fetch        one FeatureStore.fetch of `users` random users x `candidates` random items
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="JSON only (the default output is JSON too)")
+    parser.add_argument("--json", action="store_true", help="JSON only: no progress bar (the output is JSON anyway)")
+    parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
 
     from rerank.feature_store import Event, FeatureStore
@@ -129,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         "rank_500_to_50": {name: summary(t) for name, t in rank_times.items()},
         "load_average": os.getloadavg(),
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
     return 0
 
 
