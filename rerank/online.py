@@ -15,12 +15,12 @@ Three layers, each usable alone:
   trains, and every `publish_every_s` seconds or `publish_every_events` events publishes.
 
 Exactly-once. A *checkpoint* is the trainer state file `trainer_state.json` in the registry
-(`version` = the weights the trainer stands on, `trained_until` = the last stream id consumed,
-counters), written after a successful publish (with the same numbers in the version's
+(`version` = the weights the trainer stands on, `trained_until_id` = the last stream id
+consumed, counters), written after a successful publish (with the same numbers in the version's
 meta.json) or after a refusal (the version stays, the refused events are counted as
 `events_refused`). Entries are XACKed only after the checkpoint that covers them is written.
 On (re)start the loop loads the checkpoint and its version's weights, recovers its own and dead
-consumers' pending entries, acks without applying every entry with id <= trained_until (its
+consumers' pending entries, acks without applying every entry with id <= trained_until_id (its
 effect is already in the checkpoint), and applies the rest once, in stream order. So every
 stream entry is counted exactly once in `events_applied` (= trained + held out + invalid;
 `events_refused` counts the trained ones whose candidate the guard refused). Rollback: see rerank/registry.py; while LATEST is pinned the loop reads nothing; when
@@ -303,7 +303,7 @@ class PublishGuard:
 @dataclass
 class LoopStats:
     version: int | None = None
-    trained_until: str | None = None
+    trained_until_id: str | None = None  # stream id of the last entry in the checkpoint
     events_applied: int = 0  # every stream entry, counted once: trained + held out + invalid
     events_trained: int = 0
     events_heldout: int = 0
@@ -360,7 +360,7 @@ class OnlineLoop:
             raise RuntimeError(f"{self.registry.uri}: empty registry; publish a trained model first "
                                "(ModelRegistry.publish_dir or `rerank model publish`)")
         meta = self.registry.meta(latest)
-        return {"version": latest, "trained_until": meta.get("trained_until"),
+        return {"version": latest, "trained_until_id": meta.get("trained_until_id"),
                 **{k: int(meta.get(k) or 0) for k in COUNTERS}}
 
     def _stand_on(self, version: int) -> None:
@@ -378,7 +378,7 @@ class OnlineLoop:
         state = self._load_state()
         for k in COUNTERS:
             setattr(self.stats, k, int(state.get(k) or 0))
-        self.stats.trained_until = state.get("trained_until")
+        self.stats.trained_until_id = state.get("trained_until_id")
         self._stand_on(int(state["version"]))
         self.stream.ensure_group()
         recovered = self.stream.recover()
@@ -387,7 +387,7 @@ class OnlineLoop:
 
     # ---------------------------------------------------------------- consuming
     def _already_applied(self, entry_id: str) -> bool:
-        done = self.stats.trained_until
+        done = self.stats.trained_until_id
         return done is not None and id_key(entry_id) <= id_key(done)
 
     def _consume(self, entries: list["StreamEntry"]) -> int:
@@ -477,7 +477,7 @@ class OnlineLoop:
         until = max(entries, key=lambda e: id_key(e.id)).id
         if self._window_trained == 0:  # only held-out / invalid entries: nothing new to publish
             result = GuardResult(True, "nothing trained")
-            self.stats.trained_until = until
+            self.stats.trained_until_id = until
             self._write_state()
         else:
             result = self.guard.check(self.trainer.model, self.serving)
@@ -499,7 +499,7 @@ class OnlineLoop:
                 log.warning("guard refused the candidate: %s", result.reason)
                 self.stats.guard_refusals += 1
                 self.stats.events_refused += self._window_trained
-                self.stats.trained_until = until
+                self.stats.trained_until_id = until
                 self.trainer.reset(copy.deepcopy(self.serving))
                 self._write_state()
         self._window_trained = 0
@@ -529,20 +529,20 @@ class OnlineLoop:
         """Publish the trainer's weights as a version covering entries up to `until`; write the state."""
         counters = {k: getattr(self.stats, k) for k in COUNTERS}
         counters["versions_published"] += 1
-        meta = {**counters, "trained_until": until, "trained_until_s": stream_time_s(until),
+        meta = {**counters, "trained_until_id": until, "trained_until": stream_time_s(until),
                 "guard": self.stats.last_guard}
         version = self.registry.publish(self.trainer.model, meta, dataset=self._dataset_for_publish())
         self.stats.versions_published += 1
         self.stats.version = version
-        self.stats.trained_until = until
+        self.stats.trained_until_id = until
         self._write_state()
         return version
 
     def _write_state(self) -> None:
-        state = {"version": self.stats.version, "trained_until": self.stats.trained_until,
+        state = {"version": self.stats.version, "trained_until_id": self.stats.trained_until_id,
                  **{k: getattr(self.stats, k) for k in COUNTERS}, "updated_at": self.clock()}
         self.registry.write_state(STATE_FILE, state)
 
     def lag(self) -> int:
-        """Stream entries after the last checkpoint's trained_until."""
-        return self.stream.behind(self.stats.trained_until, limit=10_000)
+        """Stream entries after the last checkpoint's trained_until_id."""
+        return self.stream.behind(self.stats.trained_until_id, limit=10_000)

@@ -4,7 +4,8 @@ Layout under the registry root (a local directory, `file:///...`, or `s3://bucke
 
     v000001/            a model directory (the `save_model` format of rerank/recommender.py)
         config.json, weights.pt, items.parquet, ...
-        meta.json       {"version", "parent", "created_at", "trained_until", "events_applied", ...}
+        meta.json       {"version", "parent", "created_at", "trained_until" (Unix s of the newest event
+                        in it), "trained_until_id" (its stream id), "events_applied", ...}
                         written LAST inside the version: a version without it is incomplete
     v000002/ ...
     LATEST              {"version": N, "pinned": bool, "updated_at": ..., "reason": ...}
@@ -281,7 +282,8 @@ class ModelRegistry:
             rows.append({"version": v, "latest": bool(ptr and ptr.version == v),
                          "pinned": bool(ptr and ptr.version == v and ptr.pinned),
                          "created_at": m.get("created_at"), "parent": m.get("parent"),
-                         "trained_until": m.get("trained_until"), "events_applied": m.get("events_applied")})
+                         "trained_until": m.get("trained_until"), "trained_until_id": m.get("trained_until_id"),
+                         "events_applied": m.get("events_applied")})
         return rows
 
 

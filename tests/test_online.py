@@ -184,7 +184,8 @@ def test_loop_publishes_versions_and_acks_everything(redis_url, tiny, tmp_path):
     meta = registry.meta(registry.latest())
     assert meta["events_applied"] == sent
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    assert meta["trained_until"] == client.xrevrange("rr:events", count=1)[0][0]
+    head = client.xrevrange("rr:events", count=1)[0][0]
+    assert meta["trained_until_id"] == head and meta["trained_until"] == int(head.split("-")[0]) / 1000
     assert loop.stream.pending_count() == 0
     assert np.isfinite(registry.load().score([np.array([1, 2, 3])])).sum() > 0
 

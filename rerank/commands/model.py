@@ -70,7 +70,7 @@ def run_list(args) -> int:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])) if r["created_at"] else "-"
         mark = "pinned" if r["pinned"] else ("yes" if r["latest"] else "")
         print(f"{r['version']:>8}  {mark:6}  {created:19}  {str(r['parent'] or '-'):>6}  "
-              f"{str(r['events_applied'] if r['events_applied'] is not None else '-'):>8}  {r['trained_until'] or '-'}")
+              f"{str(r['events_applied'] if r['events_applied'] is not None else '-'):>8}  {r['trained_until_id'] or r['trained_until'] or '-'}")
     return 0
 
 
