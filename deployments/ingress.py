@@ -199,4 +199,10 @@ class Ingress:
     @app.get("/model", response_model=ModelInfo)
     async def model(self) -> ModelInfo:
         """The weights a scorer replica serves: version, source, loaded_at, trained_until, meta."""
-        return ModelInfo(**await self.scorer.current_version.remote())
+        from rerank.online import model_freshness
+
+        info = await self.scorer.current_version.remote()
+        info["freshness"] = await asyncio.to_thread(
+            model_freshness, info.get("meta") or {}, info.get("loaded_at"), self.settings.redis_url,
+            f"{self.settings.prefix}events")
+        return ModelInfo(**info)

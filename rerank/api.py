@@ -149,3 +149,7 @@ class ModelInfo(BaseModel):
     loaded_at: float = Field(description="Unix time the scorer swapped these weights in")
     trained_until: float | None = Field(None, description="timestamp of the last event the weights saw")
     meta: dict[str, Any] = Field(default_factory=dict, description="registry metadata (online trainer)")
+    freshness: dict[str, Any] = Field(
+        default_factory=dict,
+        description="version_age_s, serving_for_s, newest_event_to_serving_s, events_behind_head (rerank.online.model_freshness)",
+    )

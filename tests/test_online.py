@@ -256,3 +256,18 @@ def test_rollback_restores_scores_exactly_and_pauses_the_trainer(redis_url, tiny
     assert registry.latest() > newest
     assert registry.meta(registry.latest())["parent"] == v1
     assert loop.stats.events_applied == 250
+
+
+def test_model_freshness_counts_events_behind_the_served_version(redis_url):
+    from rerank.online import model_freshness
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    ids = [client.xadd("rr:events", {"event_id": str(i)}) for i in range(5)]
+    client.close()
+    meta = {"created_at": 100.0, "trained_until": 90.0, "trained_until_id": ids[1]}
+    f = model_freshness(meta, loaded_at=95.0, redis_url_or_client=redis_url, now=110.0)
+    assert f["events_behind_head"] == 3 and f["stream_head_id"] == ids[-1]
+    assert (f["version_age_s"], f["serving_for_s"], f["newest_event_to_serving_s"]) == (10.0, 15.0, 5.0)
+    assert model_freshness({}, None, redis_url)["events_behind_head"] == 5  # an offline version saw none
+    down = model_freshness(meta, 95.0, "redis://127.0.0.1:1/0", now=110.0)  # nothing listens there
+    assert down["events_behind_head"] is None and down["version_age_s"] == 10.0
