@@ -146,6 +146,7 @@ class EmbeddedRedis:
         """Start the server (no-op when running) and wait until it answers PING."""
         if self.running:
             return self
+        self.stop()  # reap a server that died on its own
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             self._command(),

@@ -354,3 +354,20 @@ def test_keys_expire_and_the_stream_is_capped(redis_url):
 def test_bad_config_names_the_field(redis_url, bad):
     with pytest.raises(ValueError, match=f"FeatureStoreConfig.{next(iter(bad))}"):
         FeatureStore(redis_url, **bad)
+
+
+def test_acknowledged_events_survive_a_killed_server(redis_server, redis_url):
+    """SIGKILL (no shutdown, no final fsync): the append-only file already holds acknowledged events."""
+    import os
+    import signal
+
+    store = FeatureStore(redis_url)
+    events = [Event("u", f"item{i}", "cart", ts=float(i), event_id=f"k{i}") for i in range(50)]
+    assert all(store.write_events(events))
+    os.kill(redis_server.pid, signal.SIGKILL)
+    while redis_server.running:  # until the kernel has taken it down
+        time.sleep(0.01)
+    redis_server.start()
+    (u,) = store.fetch([("u", None)])
+    assert u.history.tolist() == list(range(1, 51))
+    assert store.write_events(events[:3]) == [False] * 3  # the idempotency markers survived too
