@@ -6,7 +6,7 @@
 Loads the dataset into Redis (embedded server unless --redis-url / REDIS_URL), then times
     fetch        one FeatureStore.fetch of `users` random users x `candidates` random items
     write_events one FeatureStore.write_events of `events` events (random users and items)
-    rank         rerank.ranking.rank of 500 candidates -> 50, plain and with MMR diversity 0.3
+    rank         rerank.ranking.rank of 500 candidates -> 50: plain, MMR and DPP at diversity 0.3
 and reports milliseconds (p50, p90, p99, mean) per call. Without --data it imports Beauty
 from ../shared/data into a temporary directory.
 """
@@ -103,15 +103,17 @@ def main(argv: list[str] | None = None) -> int:
                 store.write_events(events)
                 write_times.append(time.perf_counter() - t)
 
-            rank_times = {"plain": [], "mmr_0.3": []}
+            variants = {"plain": (0.0, "mmr"), "mmr_0.3": (0.3, "mmr"), "dpp_0.3": (0.3, "dpp")}
+            rank_times = {name: [] for name in variants}
             attrs = dataset.item_attributes
             for _ in range(args.repeats):
                 idx = rng.choice(np.arange(1, dataset.n_items + 1), 500, replace=False)
                 ids = item_ids[idx].tolist()
                 scores = rng.normal(size=500)
-                for name, diversity in (("plain", 0.0), ("mmr_0.3", 0.3)):
+                for name, (diversity, method) in variants.items():
+                    rules = RankingRules(k=50, diversity=diversity, diversity_method=method)
                     t = time.perf_counter()
-                    rank(ids, idx, scores, rules=RankingRules(k=50, diversity=diversity),
+                    rank(ids, idx, scores, rules=rules,
                          purchased_idx=idx[:5], attributes=attrs[idx], popularity=rng.random(500))
                     rank_times[name].append(time.perf_counter() - t)
             store._redis.delete(store.keys.events)

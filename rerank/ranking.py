@@ -9,8 +9,9 @@
    at the bottom; with no known candidate at all, the popularity prior itself is the score;
 2. additive boosts by item id;
 3. exclusions: the user's purchased items (when `exclude_purchased`) and explicit ids;
-4. top-k: pure score order when `diversity` is 0, else greedy MMR over the candidates'
-   attributes (cosine similarity of their multi-hot attribute vectors).
+4. top-k: pure score order when `diversity` is 0, else greedy MMR (or, with
+   `diversity_method="dpp"`, a greedy DPP) over the candidates' attributes (cosine
+   similarity of their multi-hot attribute vectors).
 
 Ties keep the candidates' input order, so the result is deterministic.
 """
@@ -22,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+DIVERSITY_METHODS = ("mmr", "dpp")
 # weights of the (views, clicks, carts, purchases) counters in the popularity prior
 EVENT_WEIGHTS = np.array([1.0, 2.0, 4.0, 8.0])
 
@@ -31,7 +33,8 @@ class RankingRules:
     """Per-request list rules (the HTTP body's `k` and `rules`)."""
 
     k: int = 20
-    diversity: float = 0.0  # MMR trade-off: 0 = pure score order, 1 = only novelty of attributes
+    diversity: float = 0.0  # trade-off: 0 = pure score order, 1 = only novelty of attributes
+    diversity_method: str = "mmr"  # "mmr" (greedy max marginal relevance) or "dpp" (greedy DPP MAP)
     exclude_purchased: bool = True
     exclude_items: list[str] = field(default_factory=list)
     boost: dict[str, float] = field(default_factory=dict)  # item_id -> added to its score
@@ -42,6 +45,11 @@ class RankingRules:
             raise ValueError(f"RankingRules.k: expected >= 1, got {self.k}")
         if not 0.0 <= self.diversity <= 1.0:
             raise ValueError(f"RankingRules.diversity: expected 0..1, got {self.diversity}")
+        if self.diversity_method not in DIVERSITY_METHODS:
+            raise ValueError(
+                f"RankingRules.diversity_method: expected one of {'|'.join(DIVERSITY_METHODS)}, "
+                f"got {self.diversity_method!r}"
+            )
         if not 0.0 <= self.cold_start_weight <= 1.0:
             raise ValueError(f"RankingRules.cold_start_weight: expected 0..1, got {self.cold_start_weight}")
 
@@ -69,6 +77,34 @@ def attribute_features(attributes: np.ndarray) -> np.ndarray:
     return out
 
 
+def _relevance(scores: np.ndarray) -> np.ndarray:
+    """Scores min-max scaled to [0, 1] (zeros when all are equal)."""
+    span = scores.max() - scores.min()
+    return (scores - scores.min()) / span if span > 0 else np.zeros(len(scores))
+
+
+class _Similarity:
+    """Cosine similarity of one row of `features` to all rows, from its few nonzero features.
+
+    A feature set in only one row adds nothing to the similarity of two different rows, so
+    those columns are dropped; the rest is kept as (F, C) rows scaled by 1/norm.
+    """
+
+    def __init__(self, features: np.ndarray) -> None:
+        feats = np.asarray(features, dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", feats, feats))
+        inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        self.columns = feats[:, np.count_nonzero(feats, axis=0) > 1].T * inverse
+        self.n = feats.shape[0]
+
+    def to(self, item: int) -> np.ndarray:
+        """(C,) cosine similarity of every row to row `item` (its own entry is not meaningful)."""
+        nonzero = np.flatnonzero(self.columns[:, item])
+        if nonzero.size == 0:
+            return np.zeros(self.n)
+        return (self.columns[nonzero].T @ self.columns[nonzero, item]).astype(np.float64)
+
+
 def mmr(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndarray:
     """Greedy maximal marginal relevance: up to k indices into `scores`, in pick order.
 
@@ -83,26 +119,58 @@ def mmr(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndar
         return np.zeros(0, dtype=np.int64)
     if lam == 0.0:
         return np.argsort(-scores, kind="stable")[:k]
-    span = scores.max() - scores.min()
-    relevance = (scores - scores.min()) / span if span > 0 else np.zeros(n)
-    feats = np.asarray(features, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", feats, feats))
-    inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    # a feature set in only one row adds nothing to the similarity of two different rows;
-    # kept as (F, C) so the similarity to one item sums the few rows of its nonzero features
-    shared = np.count_nonzero(feats, axis=0) > 1
-    columns = feats[:, shared].T * inverse
-    gain = (1.0 - lam) * relevance
+    similarity = _Similarity(features)
+    gain = (1.0 - lam) * _relevance(scores)
     penalty = np.zeros(n)  # lam * max similarity to the picked items; +inf once picked
     picked = np.empty(k, dtype=np.int64)
     for step in range(k):
         best = int(np.argmax(gain - penalty))
         picked[step] = best
-        nonzero = np.flatnonzero(columns[:, best])
-        if nonzero.size:
-            np.maximum(penalty, lam * (columns[nonzero].T @ columns[nonzero, best]), out=penalty)
+        np.maximum(penalty, lam * similarity.to(best), out=penalty)
         penalty[best] = np.inf
     return picked
+
+
+def dpp(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndarray:
+    """Greedy MAP of a determinantal point process: up to k indices into `scores`, in pick order.
+
+    Kernel L = diag(q) S diag(q) with S the cosine similarity of `features` (diagonal 1) and
+    quality q = exp(alpha * (relevance - 1)), alpha = (1 - lam) / (2 lam) (Chen et al., NeurIPS
+    2018, fast greedy MAP with incremental Cholesky). lam -> 0 is score order, lam = 1 ignores
+    the scores. When no pick adds volume any more (duplicates), the rest follow score order.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if lam == 0.0:
+        return np.argsort(-scores, kind="stable")[:k]
+    similarity = _Similarity(features)
+    alpha = min((1.0 - lam) / (2.0 * lam), 200.0)
+    quality = np.exp(alpha * (_relevance(scores) - 1.0))
+    gain = quality**2  # d_i^2: the squared volume item i would add
+    cholesky = np.zeros((k, n))
+    available = np.ones(n, dtype=bool)
+    picked: list[int] = []
+    best = int(np.argmax(gain))
+    for step in range(k):
+        picked.append(best)
+        available[best] = False
+        if step == k - 1:
+            break
+        row = quality[best] * quality * similarity.to(best)  # L[best, :]
+        row[best] = quality[best] ** 2
+        e = (row - cholesky[:step, best] @ cholesky[:step]) / np.sqrt(gain[best])
+        cholesky[step] = e
+        gain = gain - e**2
+        remaining = np.where(available, gain, -np.inf)
+        best = int(np.argmax(remaining))
+        if remaining[best] <= 1e-12 * quality.max() ** 2:
+            rest = [i for i in np.argsort(-scores, kind="stable") if available[i]]
+            picked.extend(rest[: k - len(picked)])
+            break
+    return np.asarray(picked, dtype=np.int64)
 
 
 def cold_start_scores(scores: np.ndarray, cold: np.ndarray, popularity: np.ndarray, weight: float) -> np.ndarray:
@@ -175,7 +243,8 @@ def rank(
 
     if rules.diversity > 0.0 and attributes is not None:
         features = attribute_features(np.asarray(attributes)[pool])
-        order = pool[mmr(final[pool], features, rules.diversity, rules.k)]
+        select = mmr if rules.diversity_method == "mmr" else dpp
+        order = pool[select(final[pool], features, rules.diversity, rules.k)]
     else:
         order = pool[np.argsort(-final[pool], kind="stable")[: rules.k]]
     return [(candidate_ids[i], float(final[i])) for i in order]

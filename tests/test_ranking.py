@@ -136,3 +136,34 @@ def test_items_newer_than_the_model_are_cold():
     result = dict(rank(cand, idx, scores, rules=RankingRules(k=3, cold_start_weight=0.0), known_items=2))
     assert result["newer"] == pytest.approx(0.0)  # bottom of the known scores, not 5.0
     assert dict(rank(cand, idx, scores, rules=RankingRules(k=3)))["newer"] == 5.0
+
+
+def _brand_case():
+    cand = [f"x{i}" for i in range(6)]
+    scores = np.array([1.0, 0.99, 0.98, 0.8, 0.79, 0.7])
+    attrs = np.array([[1, 10], [1, 10], [1, 10], [2, 20], [2, 20], [3, 30]])
+    return cand, scores, attrs
+
+
+def test_dpp_increases_attribute_diversity_of_the_top_k():
+    cand, scores, attrs = _brand_case()
+    rules = RankingRules(k=3, diversity=0.5, diversity_method="dpp")
+    result = rank(cand, np.arange(1, 7), scores, rules=rules, attributes=attrs)
+    assert ids(result)[0] == "x0"
+    assert len({attrs[cand.index(i)][0] for i in ids(result)}) == 3
+
+
+def test_dpp_tends_to_score_order_and_fills_up_after_duplicates():
+    from rerank.ranking import dpp
+
+    scores = np.array([0.3, 0.9, 0.5, 0.7])
+    feats = np.eye(4)
+    assert dpp(scores, feats, 1e-4, 4).tolist() == [1, 3, 2, 0]
+    same = np.ones((4, 1))  # identical items: after the first, nothing adds volume
+    assert dpp(scores, same, 0.5, 3).tolist() == [1, 3, 2]
+    assert dpp(scores, feats, 0.5, 10).tolist()[0] == 1 and len(dpp(scores, feats, 0.5, 10)) == 4
+
+
+def test_unknown_diversity_method_is_refused():
+    with pytest.raises(ValueError, match=r"RankingRules\.diversity_method: expected one of mmr\|dpp, got 'xyz'"):
+        RankingRules(diversity_method="xyz")
