@@ -3,8 +3,9 @@
 `rank` turns one request's scored candidates into the answer, in this order:
 
 1. cold start: candidates the model cannot score (item_idx 0 = unknown to the store, idx
-   above the model's `known_items`, or a non-finite score) get a score placed among the known candidates' scores by popularity:
-   the quantile `cold_start_weight * popularity percentile` of the known scores. So with
+   above the model's `known_items`, or a non-finite score) get a score placed among the
+   known candidates' scores by popularity: the quantile `cold_start_weight * popularity
+   percentile` of the known scores. So with
    weight 0.5, the most popular unknown item lands at the median, one without any events
    at the bottom; with no known candidate at all, the popularity prior itself is the score;
 2. additive boosts by item id;
