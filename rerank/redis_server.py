@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 ENV_URL = "REDIS_URL"
 ENV_BINARY = "REDIS_SERVER_BIN"
@@ -36,6 +38,10 @@ ENV_BINARY = "REDIS_SERVER_BIN"
 
 class RedisServerError(RuntimeError):
     """The embedded Redis server could not be found or started."""
+
+
+class _PortInUse(RedisServerError):
+    """redis-server could not bind its port."""
 
 
 def find_redis_server_binary() -> str:
@@ -102,7 +108,9 @@ class EmbeddedRedis:
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
     ) -> None:
+        self._auto_port = port == 0
         self.port = port or free_port()
+        self._started_once = False
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="rerank-redis-"))
         self.persist = persist
@@ -143,9 +151,24 @@ class EmbeddedRedis:
         return cmd
 
     def start(self) -> "EmbeddedRedis":
-        """Start the server (no-op when running) and wait until it answers PING."""
+        """Start the server (no-op when running) and wait until it answers PING.
+
+        A port picked automatically that someone else took in the meantime is replaced by
+        another free one on the first start (later restarts keep the port clients know)."""
         if self.running:
             return self
+        for attempt in range(3):
+            try:
+                self._start_once()
+                self._started_once = True
+                return self
+            except _PortInUse:
+                if not self._auto_port or self._started_once or attempt == 2:
+                    raise
+                self.port = free_port()
+        return self
+
+    def _start_once(self) -> None:
         self.stop()  # reap a server that died on its own
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
@@ -155,19 +178,25 @@ class EmbeddedRedis:
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent if os.name == "posix" and _in_main_thread() else None,
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),  # this loop is the retry
+        )  # fmt: skip
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             while True:
                 if self._proc.poll() is not None:
-                    raise RedisServerError(f"redis-server exited with code {self._proc.returncode}: {self._log_tail()}")
+                    log = self._log_tail()
+                    error = _PortInUse if "Address already in use" in log else RedisServerError
+                    raise error(f"redis-server on port {self.port} exited with code {self._proc.returncode}: {log}")
                 try:
-                    if client.ping():
-                        return self
+                    # the answer must come from our process, not from another server on the port
+                    if client.ping() and int(client.info("server")["process_id"]) == self._proc.pid:
+                        return
                 except redis.BusyLoadingError:
                     pass  # replaying the append-only file
-                except redis.ConnectionError:
-                    pass
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # not up yet (or something else holds the port: our process exits soon)
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RedisServerError(

@@ -113,3 +113,31 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("redis-server outlived its owner")
+
+
+def test_auto_port_taken_before_start_moves_to_another(tmp_path):
+    import socket
+
+    server = EmbeddedRedis(data_dir=tmp_path / "a")
+    taken = server.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            server.start()
+            assert server.port != taken and redis.Redis.from_url(server.url).ping()
+        finally:
+            server.close()
+
+
+def test_explicit_port_in_use_is_a_clear_error(tmp_path, redis_server):
+    import pytest
+
+    from rerank.redis_server import RedisServerError
+
+    redis_server.start()
+    other = EmbeddedRedis(port=redis_server.port, data_dir=tmp_path)
+    with pytest.raises(RedisServerError, match="Address already in use"):
+        other.start()  # another redis answers on that port: it must not be mistaken for ours
+    other.close()
+    assert redis_server.running
