@@ -54,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from rerank.dataset import leave_one_out, load_dataset
+    from rerank.dataset import DatasetError, leave_one_out, load_dataset
     from rerank.ranking import RankingRules, rank
 
-    dataset = load_dataset(args.data)
+    try:
+        dataset = load_dataset(args.data)
+    except DatasetError as err:
+        raise SystemExit(f"diversity_tradeoff: {err}") from None
     split = leave_one_out(dataset)
     t0 = time.perf_counter()
     if args.model:

@@ -39,10 +39,13 @@ def summary(times_s: list[float]) -> dict:
 
 
 def load_data(path: str | None, tmp: Path):
-    from rerank.dataset import load_dataset
+    from rerank.dataset import DatasetError, load_dataset
 
     if path:
-        return load_dataset(path)
+        try:
+            return load_dataset(path)
+        except DatasetError as err:
+            raise SystemExit(f"feature_store_bench: {err}") from None
     from rerank.importers import import_sasrec
 
     shared = REPO.parent / "shared" / "data" / "amazon-beauty"
