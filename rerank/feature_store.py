@@ -31,6 +31,14 @@ several keys, so on Redis Cluster all of them must share one hash slot (use a
 prefix with a hash tag, e.g. "{rr}:", which puts the store on one node); the
 store is meant for a single Redis node (with a replica for failover).
 
+Failures: socket timeouts are small (0.2 s by default) and a dead pooled connection is
+retried once. An unreachable or timed-out server, or a transient error reply (OOM,
+READONLY, LOADING, BUSY, ...), raises FeatureStoreUnavailable: serving degrades, the
+event API answers with a retryable status. A write batch that failed that way may be
+partly applied; retrying it with the same event_ids applies each event exactly once
+(for event_ttl_s). Scripts do all reads before the first write, so an event is never
+half-applied.
+
 Timestamps are Unix seconds (float). The sequence is in arrival order.
 """
 
