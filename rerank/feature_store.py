@@ -36,8 +36,9 @@ retried once. An unreachable or timed-out server, or a transient error reply (OO
 READONLY, LOADING, BUSY, ...), raises FeatureStoreUnavailable: serving degrades, the
 event API answers with a retryable status. A write batch that failed that way may be
 partly applied; retrying it with the same event_ids applies each event exactly once
-(for event_ttl_s). Scripts do all reads before the first write, so an event is never
-half-applied.
+(for event_ttl_s). Scripts do all reads before the first write, and Redis refuses a
+script's first write (not later ones) when out of memory, so an event is applied whole or
+not at all (short of a key of the wrong type, which Redis cannot roll back).
 
 Timestamps are Unix seconds (float). The sequence is in arrival order.
 """
