@@ -1,0 +1,157 @@
+"""The online trainer as a real Ray actor over a real Redis stream, and hot swaps under /rank load."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from online_helpers import synth_events, tiny_model_dir
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_until(check, what: str, timeout_s: float = 90.0, every_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("online-e2e"))
+
+
+def _write_events(url: str, events, prefix: str = "rr:", every_s: float = 0.0, batch: int = 20) -> int:
+    from rerank.feature_store import Event, FeatureStore
+
+    store = FeatureStore(url, prefix=prefix)
+    accepted = 0
+    for lo in range(0, len(events), batch):
+        chunk = events[lo : lo + batch]
+        accepted += sum(store.write_events([Event(u, i, t, ts=ts, event_id=f"e2e-{lo + k}")
+                                            for k, (u, i, t, ts) in enumerate(chunk)]))
+        if every_s:
+            time.sleep(every_s)
+    store.close()
+    return accepted
+
+
+def test_killing_the_trainer_actor_mid_stream_loses_and_duplicates_no_event(ray_session, redis_url, tiny, tmp_path):
+    import ray
+
+    from deployments.online_trainer import OnlineTrainer
+    from rerank.registry import ModelRegistry
+
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    events = synth_events(tiny[0], 600)
+    options = {"publish_every_s": 0.3, "read_count": 32}
+    actor = OnlineTrainer.options(name=None).remote(redis_url, registry.uri, "trainer-1", options,
+                                                    claim_idle_ms=500)
+    ray.get(actor.stats.remote())  # constructed: checkpoint loaded, group created
+    writer = threading.Thread(target=_write_events, args=(redis_url, events), kwargs={"every_s": 0.05})
+    writer.start()
+    wait_until(lambda: ray.get(actor.stats.remote())["versions_published"] >= 2, "two published versions")
+    ray.kill(actor, no_restart=False)  # dies mid-stream; Ray restarts it, it resumes from the checkpoint
+    killed_at = registry.read_state("trainer_state.json")["events_applied"]
+    writer.join()
+    assert 0 < killed_at < len(events)
+
+    def caught_up():
+        try:
+            return ray.get(actor.stats.remote(), timeout=10)["events_applied"] >= len(events)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False  # still restarting
+
+    wait_until(caught_up, "the restarted trainer to apply every event")
+    stats = ray.get(actor.flush.remote())
+    assert stats["events_applied"] == len(events)  # none lost, none applied twice
+    state = registry.read_state("trainer_state.json")
+    assert state["events_applied"] == len(events)
+    head = redis.Redis.from_url(redis_url, decode_responses=True).xrevrange("rr:events", count=1)[0][0]
+    assert state["trained_until_id"] == head
+    meta = registry.meta(registry.latest())
+    assert meta["events_applied"] == len(events)
+    assert stats["events_trained"] + stats["events_heldout"] + stats["events_invalid"] == len(events)
+    pending = redis.Redis.from_url(redis_url).xpending("rr:events", "online-trainer")["pending"]
+    assert pending == 0
+    ray.get(actor.stop.remote())
+    ray.kill(actor, no_restart=True)
+
+
+def test_weight_swaps_under_concurrent_rank_load_fail_no_request(ray_session, redis_server, tiny, tmp_path):
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app, ensure_loaded
+    from deployments.online_trainer import OnlineTrainer
+    from rerank.dataset import load_dataset
+    from rerank.redis_server import free_port
+    from rerank.registry import ModelRegistry
+
+    prefix = "swap:"
+    redis_server.start()
+    redis.Redis.from_url(redis_server.url).flushall()
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    ensure_loaded(redis_server.url, str(tiny[0]), prefix)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"model": str(tiny[1]), "registry_uri": registry.uri, "registry_poll_s": 0.1,
+                     "redis_url": redis_server.url, "redis_prefix": prefix, "ingress_batch_wait_s": 0.01,
+                     "catalogue_refresh_s": 0})
+    serve.run(app, name="online-swap", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    actor = OnlineTrainer.options(name=None).remote(redis_server.url, registry.uri, "swap-trainer",
+                                                    {"publish_every_s": 0.3, "read_count": 64},
+                                                    stream=f"{prefix}events")
+    ray.get(actor.stats.remote())
+    dataset = load_dataset(tiny[0])
+    items = [str(i) for i in dataset.item_ids[1:21]]
+    events = synth_events(tiny[0], 400)
+    statuses: list[int] = []
+    versions: set[str] = set()
+
+    async def load(stop: threading.Event) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async def one(i: int) -> None:
+                r = await client.post("/rank", json={"user_id": f"u{i % 50}", "candidates": items, "k": 5})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    versions.add(r.json()["model_version"])
+
+            while not stop.is_set():
+                await asyncio.gather(*(one(i) for i in range(8)))
+
+    stop = threading.Event()
+    loader = threading.Thread(target=lambda: asyncio.run(load(stop)))
+    loader.start()
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for lo in range(0, len(events), 20):  # through the real POST /events
+                body = {"events": [{"event_id": f"swap-{lo + k}", "user_id": u, "item_id": i, "type": t}
+                                   for k, (u, i, t, _) in enumerate(events[lo : lo + 20])]}
+                assert client.post("/events", json=body).status_code == 200
+                time.sleep(0.05)
+            wait_until(lambda: len(versions) >= 3, "the scorer to serve three versions during the load")
+            info = client.get("/model").json()
+    finally:
+        stop.set()
+        loader.join()
+        ray.get(actor.stop.remote())
+        ray.kill(actor, no_restart=True)
+        serve.delete("online-swap")
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert len(versions) >= 3
+    assert info["meta"].get("events_applied", 0) > 0
+    assert info["freshness"]["events_behind_head"] is not None
