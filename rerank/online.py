@@ -64,6 +64,7 @@ class OnlineConfig:
     publish_every_events: int = 2000
     holdout_every: int = 10  # 1 in holdout_every events is held out (0 = no holdout, no guard metric)
     holdout_size: int = 500  # rolling window of held-out examples
+    guard_eval_size: int = 256  # the guard scores the newest this many held-out examples (cost per publish)
     guard_margin: float = 0.05  # refuse if holdout CE > serving CE * (1 + margin)
     guard_min_holdout: int = 10  # fewer held-out examples: only the finiteness check
     read_count: int = 512
@@ -265,7 +266,7 @@ class PublishGuard:
     @torch.no_grad()
     def holdout_loss(self, model: "SequentialRecommender", n_items: int) -> tuple[float, int]:
         """Mean last-position CE over held-out examples whose items both models know."""
-        rows = [e for e in self.holdout if 0 < e.target <= n_items]
+        rows = [e for e in list(self.holdout)[-self.config.guard_eval_size:] if 0 < e.target <= n_items]
         if not rows:
             return math.nan, 0
         module = model.module
