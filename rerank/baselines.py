@@ -75,10 +75,12 @@ def _load_npz(path: Path, *names: str) -> dict[str, np.ndarray]:
 
 @dataclass
 class PopularityConfig:
-    """half_life: seconds when the dataset has timestamps, else positions from the end of each
-    user's training sequence; 0 = plain counts."""
+    """Exponentially decayed counts. With timestamps: weight 0.5 ** (age / half_life_days), age
+    from the latest training event; without: 0.5 ** (position from the end of the user's
+    training sequence / half_life). 0 = plain counts."""
 
-    half_life: float = 0.0
+    half_life: float = 2.0  # events (datasets without timestamps)
+    half_life_days: float = 30.0  # days (datasets with timestamps)
 
 
 @register_model("pop")
@@ -96,7 +98,7 @@ class Popularity(Recommender):
 
     def fit(self, dataset: Dataset, split: LeaveOneOut, log: TrainLog | None = None) -> None:
         items = np.concatenate(split.train) if split.train else np.zeros(0, dtype=np.int32)
-        hl = self.config.half_life
+        hl = self.config.half_life_days * 86400.0 if dataset.has_timestamps else self.config.half_life
         if hl <= 0:
             weights = np.ones(len(items), dtype=np.float64)
         elif dataset.has_timestamps:
@@ -145,11 +147,12 @@ class ItemKNNConfig:
     """
 
     neighbours: int = 100
-    shrink: float = 10.0
-    alpha: float = 0.5  # asymmetric cosine: n_i ** alpha * n_j ** (1 - alpha); 0.5 = cosine
+    shrink: float = 30.0
+    alpha: float = 0.75  # asymmetric cosine: n_i ** alpha * n_j ** (1 - alpha); 0.5 = cosine
     window: int = 0
-    distance_decay: float = 0.0
-    recent_half_life: float = 0.0
+    distance_decay: float = 1.0
+    recent_half_life: float = 1.5
+    backward_weight: float = 0.25  # weight of a neighbour that came BEFORE the item (1 = symmetric)
     max_history: int = 200  # most recent training items per user used for co-occurrence
 
 
@@ -191,8 +194,8 @@ class ItemKNN(Recommender):
             a, b = s[i].astype(np.int64), s[j].astype(np.int64)
             w = dist ** -cfg.distance_decay if cfg.distance_decay else np.ones(len(i))
             same = a != b
-            pair_keys += [a[same] * n + b[same], b[same] * n + a[same]]
-            pair_weights += [w[same], w[same]]
+            pair_keys += [a[same] * n + b[same], b[same] * n + a[same]]  # b after a; a before b
+            pair_weights += [w[same], cfg.backward_weight * w[same]]
         if pair_keys:
             keys = np.concatenate(pair_keys)
             weights = np.concatenate(pair_weights)

@@ -73,7 +73,7 @@ def test_popularity_counts_training_events_only_and_decays(make_dataset):
     # item 9 is every user's test target: a model trained on test targets would rank it first
     seqs = [[1, 2, 3, 9], [1, 2, 4, 9], [1, 5, 3, 9], [2, 1, 6, 9]]
     ds = make_dataset(seqs, n_items=9)
-    plain, _ = fitted("pop", ds)
+    plain, _ = fitted("pop", ds, half_life=0)
     s = plain.score([np.array([1])])[0]
     assert s[9] == 0 and s[1] == 4 and s[2] == 3  # counts over training prefixes only (valid/test dropped)
     decayed, _ = fitted("pop", ds, half_life=1.0)
@@ -86,10 +86,12 @@ def test_popularity_decays_by_time_when_the_data_has_timestamps(make_dataset):
     seqs = [[1, 2, 7, 8], [1, 3, 7, 8]]
     ts = [[0, 1000, 1001, 1002], [0, 1000, 1001, 1002]]
     ds = make_dataset(seqs, timestamps=ts, n_items=8)
-    model, _ = fitted("pop", ds, half_life=100.0)
+    model, _ = fitted("pop", ds, half_life_days=100 / 86400)
     s = model.score([np.array([], dtype=np.int32)])[0]
     # item 1 twice at t=0, items 2 and 3 once at t=1000 (the latest training time): 2 * 0.5**10 < 1
     assert s[2] == pytest.approx(1.0) and s[1] == pytest.approx(2 * 0.5 ** 10, rel=1e-5)
+    plain, _ = fitted("pop", ds, half_life_days=0)  # the positional half_life does not apply here
+    assert plain.score([np.array([1])])[0][1] == 2
 
 
 def test_itemknn_keeps_at_most_k_neighbours(make_dataset):
