@@ -237,7 +237,7 @@ class IncrementalTrainer:
             self.opt.step()
             with torch.no_grad():
                 module.item_emb.weight[0].zero_()
-            total += float(loss) * len(chunk)
+            total += float(loss.detach()) * len(chunk)
             self.steps += 1
         module.eval()
         return total / len(examples)

@@ -12,6 +12,10 @@ already had are masked, the event's item is the target), then revealed. Three sy
                does it (1 in `holdout_every` held out for the publish guard, never trained on;
                the guard checks each candidate before it replaces the serving weights).
 
+Diagnostic `static_live_mask`: (a)'s scores ranked with (b)'s mask (items revealed since the
+split excluded), which separates the two things real-time features give (b): knowing what the
+user already has (masking) and conditioning the model on the latest context.
+
 Replay is in chunks of `chunk` events (the model is fixed within a chunk, as serving weights
 lag the stream by one publish interval); within a chunk each event still sees every event
 revealed before it in its history. Metrics: HR@10 / NDCG@10 over all replayed events, and per
@@ -36,6 +40,8 @@ from rerank.dataset import EVENT_CODE, Dataset
 from rerank.online import Example, IncrementalTrainer, OnlineConfig, PublishGuard, is_holdout
 
 SYSTEMS = ("static", "features", "online")
+# diagnostic: (a)'s scores with (b)'s mask, to separate "knows what to exclude" from "knows the context"
+DIAGNOSTICS = ("static_live_mask",)
 
 
 @dataclass
@@ -117,7 +123,7 @@ def run_prequential(dataset: Dataset, model, config: PrequentialConfig) -> dict:
     trainer = IncrementalTrainer(online_model, config.online)
     guard = PublishGuard(config.online)
     serving_online = copy.deepcopy(online_model)  # what (c) predicts with: the last published weights
-    results = {name: SystemResult() for name in SYSTEMS}
+    results = {name: SystemResult() for name in SYSTEMS + DIAGNOSTICS}
     stats = {"published": 0, "refused": 0, "trained": 0, "heldout": 0}
     L = config.max_len
     start = time.monotonic()
@@ -147,7 +153,7 @@ def run_prequential(dataset: Dataset, model, config: PrequentialConfig) -> dict:
         s_feat = model.score(short_live, event_types=short_types)
         s_online = serving_online.score(short_live, event_types=short_types)
         for name, scores, masks in (("static", s_static, masks_frozen), ("features", s_feat, masks_live),
-                                    ("online", s_online, masks_live)):
+                                    ("online", s_online, masks_live), ("static_live_mask", s_static, masks_live)):
             results[name].ranks.append(_rank_of_targets(scores, targets, masks))
             results[name].ts.append(ts[rows])
         # reveal: the online system learns from the chunk, then publishes through the guard
@@ -190,6 +196,7 @@ def run_prequential(dataset: Dataset, model, config: PrequentialConfig) -> dict:
         "replayed_events": int(len(test_rows)),
         "config": {**{k_: v for k_, v in asdict(config).items() if k_ != "online"}, "online": asdict(config.online)},
         "systems": {name: results[name].metrics(k) for name in SYSTEMS},
+        "diagnostics": {name: results[name].metrics(k) for name in DIAGNOSTICS},
         "online_stats": stats,
         "windows": window_rows,
         "seconds": round(time.monotonic() - start, 1),

@@ -98,6 +98,7 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(ray_session, re
     from rerank.dataset import load_dataset
     from rerank.redis_server import free_port
     from rerank.registry import ModelRegistry
+    from rerank.replay import ReplayConfig, replay
 
     prefix = "swap:"
     redis_server.start()
@@ -118,7 +119,6 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(ray_session, re
     ray.get(actor.stats.remote())
     dataset = load_dataset(tiny[0])
     items = [str(i) for i in dataset.item_ids[1:21]]
-    events = synth_events(tiny[0], 400)
     statuses: list[int] = []
     versions: set[str] = set()
 
@@ -137,12 +137,8 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(ray_session, re
     loader = threading.Thread(target=lambda: asyncio.run(load(stop)))
     loader.start()
     try:
+        replayed = replay(dataset, ReplayConfig(url=url, rate=100, limit=400, batch=20, progress=False))
         with httpx.Client(base_url=url, timeout=30) as client:
-            for lo in range(0, len(events), 20):  # through the real POST /events
-                body = {"events": [{"event_id": f"swap-{lo + k}", "user_id": u, "item_id": i, "type": t}
-                                   for k, (u, i, t, _) in enumerate(events[lo : lo + 20])]}
-                assert client.post("/events", json=body).status_code == 200
-                time.sleep(0.05)
             wait_until(lambda: len(versions) >= 3, "the scorer to serve three versions during the load")
             info = client.get("/model").json()
     finally:
@@ -151,6 +147,7 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(ray_session, re
         ray.get(actor.stop.remote())
         ray.kill(actor, no_restart=True)
         serve.delete("online-swap")
+    assert (replayed.sent, replayed.accepted, replayed.errors) == (400, 400, 0)
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     assert len(versions) >= 3
     assert info["meta"].get("events_applied", 0) > 0
