@@ -59,6 +59,7 @@ class AppArgs(BaseModel):
     history_len: int = Field(50, ge=1)
     ingress_max_batch_size: int = Field(32, ge=1)
     ingress_batch_wait_s: float = Field(0.01, ge=0)
+    ingress_max_concurrent_batches: int = Field(4, ge=1)
     adaptive_wait: bool = True
     scorer_max_batch_size: int = Field(64, ge=1)
     scorer_batch_wait_s: float = Field(0.002, ge=0)
@@ -149,6 +150,7 @@ def build_app(raw_args: dict) -> serve.Application:
         max_candidates=args.max_candidates,
         max_batch_size=args.ingress_max_batch_size,
         batch_wait_s=args.ingress_batch_wait_s,
+        max_concurrent_batches=args.ingress_max_concurrent_batches,
         adaptive_wait=args.adaptive_wait,
         variants=[Variant(name, v.weight, v.diversity) for name, v in args.variants.items()],
     )

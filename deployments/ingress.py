@@ -1,8 +1,9 @@
 """Ingress: the FastAPI HTTP surface of the graph (POST /rank, POST /events, GET /healthz, /model).
 
-/rank requests are collected by @serve.batch on `_rank_batch`, and each batch
+/rank requests are collected by a serve.batch queue (`_rank_batch`), and each batch
 crosses every hop with ONE handle call: FeatureFetch.fetch(list) ->
-Scorer.score(list) -> Ranker.rank(list). The batch wait adapts to load: a
+Scorer.score_features(list) -> Ranker.rank(list); the calls are chained (each
+takes the previous DeploymentResponse), so results go replica to replica. The batch wait adapts to load: a
 request that arrives alone goes at once (wait 0), under concurrency the
 configured wait lets batches form.
 """
@@ -19,23 +20,20 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import ServingMetrics
-from deployments.ranker import RankJob
+from deployments.ranker import RankedBatch
 from rerank.api import (
     EventsRequest,
     EventsResponse,
     HealthResponse,
     ModelInfo,
-    RankedItem,
     RankRequest,
     RankResponse,
     RequestLimitError,
-    Timings,
     check_rank_limits,
 )
 from rerank.experiments import Variant, assign_variant
 from rerank.feature_store import Event, FeatureStore, FeatureStoreUnavailable
 from rerank.ranking import RankingRules
-from rerank.scoring import ScoreInput
 
 app = FastAPI(
     title="rerank",
@@ -51,6 +49,7 @@ class IngressSettings:
     max_candidates: int = 1000
     max_batch_size: int = 32
     batch_wait_s: float = 0.01
+    max_concurrent_batches: int = 4
     adaptive_wait: bool = True
     retry_after_s: int = 1
     variants: list[Variant] = field(default_factory=lambda: [Variant("default")])
@@ -80,12 +79,16 @@ class Ingress:
         self.store = FeatureStore(settings.redis_url, prefix=settings.prefix)
         self.metrics = ServingMetrics()
         self._in_flight = 0
-        self._rank_batch.set_max_batch_size(settings.max_batch_size)
-        self._rank_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
+        # the batch queue is built per replica so that every knob comes from the app's args
+        self._rank_batch = serve.batch(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=settings.batch_wait_s,
+            max_concurrent_batches=settings.max_concurrent_batches,
+        )(self._rank_many)
 
     # ------------------------------------------------------------------ /rank
     @app.post("/rank", response_model=RankResponse)
-    async def rank(self, body: RankRequest) -> RankResponse:
+    async def rank(self, body: RankRequest) -> JSONResponse:
         """Re-rank `candidates` (or the whole catalogue) for `user_id`."""
         try:
             check_rank_limits(body, self.settings.max_candidates)
@@ -113,43 +116,36 @@ class Ingress:
         self.metrics.requests.inc(tags={"route": "/rank", "status": "200"})
         return response
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=4)
-    async def _rank_batch(self, batch: list[_Pending]) -> list[RankResponse]:
-        t0 = time.perf_counter()
-        fetched = await self.feature_fetch.fetch.remote([(p.request.user_id, p.request.candidates) for p in batch])
-        t1 = time.perf_counter()
-        inputs = [ScoreInput(f.features.history, f.features.history_types, f.features.candidates) for f in fetched]
-        scored = await self.scorer.score.remote(inputs)
-        t2 = time.perf_counter()
-        jobs = [
-            RankJob(f.candidate_ids, f.features.candidates, s, p.rules, f.features.purchased,
-                    f.features.candidate_stats)
-            for p, f, s in zip(batch, fetched, scored.scores)
-        ]
-        ranked = await self.ranker.rank.remote(jobs)
-        t3 = time.perf_counter()
-        ms = lambda a, b: round((b - a) * 1000.0, 3)  # noqa: E731
+    async def _rank_many(self, batch: list[_Pending]) -> list[JSONResponse]:
+        """One batch of /rank requests (called through the serve.batch queue `_rank_batch`)."""
+        # Chained handle calls: each result travels replica -> replica by object ref; the
+        # ingress only awaits the Ranker's answer (one await per batch, not three).
+        fetched = self.feature_fetch.fetch.remote([(p.request.user_id, p.request.candidates) for p in batch])
+        scored = self.scorer.score_features.remote(fetched)
+        done: RankedBatch = await self.ranker.rank.remote(fetched, scored, [p.rules for p in batch])
+        end = time.perf_counter()
         self.metrics.batch_size.observe(len(batch), tags={"hop": "ingress"})
-        self.metrics.batch_size.observe(scored.batch_size, tags={"hop": "scorer"})
-        for stage, (a, b) in {"features": (t0, t1), "score": (t1, t2), "rank": (t2, t3)}.items():
-            self.metrics.stage_ms.observe((b - a) * 1000.0, tags={"stage": stage})
+        self.metrics.batch_size.observe(done.scorer_batch_size, tags={"hop": "scorer"})
+        for stage, value in done.timings_ms.items():
+            self.metrics.stage_ms.observe(value, tags={"stage": stage})
+        stages = {k: round(v, 3) for k, v in done.timings_ms.items()}
         out = []
-        for p, f, items in zip(batch, fetched, ranked):
-            if f.degraded:
+        for p, items, degraded, age in zip(batch, done.items, done.degraded, done.feature_age_ms):
+            if degraded:
                 self.metrics.degraded.inc()
-            self.metrics.stage_ms.observe((t3 - p.arrived) * 1000.0, tags={"stage": "total"})
-            out.append(
-                RankResponse(
-                    items=[RankedItem(item_id=i, score=s) for i, s in items],
-                    model_version=scored.model_version,
-                    feature_age_ms=f.features.feature_age_ms,
-                    degraded=f.degraded,
-                    timings_ms=Timings(features=ms(t0, t1), score=ms(t1, t2), rank=ms(t2, t3), total=ms(p.arrived, t3)),
-                    request_id=uuid.uuid4().hex,
-                    variant=p.variant,
-                    scorer_batch_size=scored.batch_size,
-                )
-            )
+            total = (end - p.arrived) * 1000.0
+            self.metrics.stage_ms.observe(total, tags={"stage": "total"})
+            # built as plain JSON (the RankResponse shape): skips re-validating our own output
+            out.append(JSONResponse({
+                "items": [{"item_id": i, "score": s} for i, s in items],
+                "model_version": done.model_version,
+                "feature_age_ms": age,
+                "degraded": degraded,
+                "timings_ms": {**stages, "total": round(total, 3)},
+                "request_id": uuid.uuid4().hex,
+                "variant": p.variant,
+                "scorer_batch_size": done.scorer_batch_size,
+            }))
         return out
 
     # ------------------------------------------------------------------ /events

@@ -17,12 +17,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ray import serve
 
 from rerank.recommender import Recommender, load_model, read_config
 from rerank.scoring import ScoreInput, score_batch
+
+if TYPE_CHECKING:
+    from deployments.feature_fetch import FetchedBatch
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,6 +45,7 @@ class ScoredBatch:
     scores: list[np.ndarray]
     model_version: str
     batch_size: int  # requests in the forward pass these scores came from
+    elapsed_ms: float  # the forward pass (incl. padding), not the wait for a batch
 
 
 def _request_count(calls: list) -> int:
@@ -53,6 +58,7 @@ def _request_count(calls: list) -> int:
     ray_actor_options={"num_cpus": 0.5},
     max_ongoing_requests=32,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    logging_config={"enable_access_log": False},  # internal hop: the ingress logs requests
 )
 class Scorer:
     def __init__(self, model_dir: str | None, registry_uri: str | None = None, poll_s: float = 0.2,
@@ -116,15 +122,23 @@ class Scorer:
         """Scores for one ingress batch (possibly merged with others into one forward pass)."""
         return await self._score_batched(inputs)
 
+    async def score_features(self, fetched: "FetchedBatch") -> ScoredBatch:
+        """score() for FeatureFetch's output, so the ingress can chain the two calls."""
+        return await self._score_batched(
+            [ScoreInput(f.features.history, f.features.history_types, f.features.candidates) for f in fetched.items]
+        )
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=1,
                  batch_size_fn=_request_count)
     async def _score_batched(self, calls: list[list[ScoreInput]]) -> list[ScoredBatch]:
         loaded = self.current  # one model for the whole forward pass
         flat = [x for call in calls for x in call]
+        began = time.perf_counter()
         scores = await asyncio.to_thread(score_batch, loaded.model, flat, self.history_len)
+        elapsed = (time.perf_counter() - began) * 1000.0
         out, start = [], 0
         for call in calls:
-            out.append(ScoredBatch(scores[start : start + len(call)], loaded.version, len(flat)))
+            out.append(ScoredBatch(scores[start : start + len(call)], loaded.version, len(flat), elapsed))
             start += len(call)
         return out
 

@@ -93,7 +93,9 @@ class RankedItem(BaseModel):
 
 
 class Timings(BaseModel):
-    """Milliseconds spent per stage, measured in the ingress around each batched hop."""
+    """Milliseconds: time inside each stage for this request's batch (Redis fetch, forward
+    pass, ranking), and `total` from arrival at the ingress to the answer; total minus the
+    stages is the batch wait and the handle hops."""
 
     features: float
     score: float

@@ -6,6 +6,10 @@ errors and the mean scorer batch size seen in /rank responses. `compare`
 runs the same load against the pipeline and a no-op endpoint, concurrency by
 concurrency, and reports the throughput ratio. Bodies are serialised once up
 front so the generator spends its CPU on HTTP, not JSON.
+
+On a shared machine req/s moves with everyone else's load; `CpuMeter` adds a
+steadier number when the server runs as child processes of this one (the local
+stack): server CPU milliseconds per request, summed over those processes.
 """
 
 from __future__ import annotations
@@ -45,7 +49,41 @@ class LoadResult:
     p99_ms: float | None
     mean_ms: float | None
     mean_scorer_batch_size: float | None
+    server_cpu_ms_per_request: float | None = None  # with a CpuMeter (local stack) only
     error_samples: list[str] = field(default_factory=list)
+
+
+class CpuMeter:
+    """CPU time used by the descendants of a process (default: this one), i.e. a local stack
+    started from here: Ray's workers, Serve's proxy and replicas, Redis. The load generator
+    itself (this process) is not counted."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._root = psutil.Process(pid)
+
+    def snapshot(self) -> dict[int, tuple[object, float]]:
+        out = {}
+        for proc in self._root.children(recursive=True):
+            try:
+                times = proc.cpu_times()
+                out[proc.pid] = (proc, times.user + times.system)
+            except self._psutil.Error:
+                continue
+        return out
+
+    def used_since(self, before: dict[int, tuple[object, float]]) -> float:
+        """CPU seconds used since `before` by the processes alive then (new ones from 0)."""
+        total = 0.0
+        for pid, (proc, start) in before.items():
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system - start
+            except self._psutil.Error:
+                continue
+        return total
 
 
 def make_rank_bodies(
@@ -148,6 +186,7 @@ def compare(
     concurrencies: Sequence[int],
     config: LoadConfig,
     progress: bool = True,
+    cpu_meter: CpuMeter | None = None,
 ) -> dict:
     """Run the same load on the pipeline and on the no-op endpoint at each concurrency.
 
@@ -161,15 +200,23 @@ def compare(
         for name, url in (("pipeline", pipeline_url), ("noop", noop_url)):
             if progress:
                 print(f"bench: {name} at concurrency {concurrency} for {cfg.duration_s:g} s ...", file=sys.stderr)
+            before = cpu_meter.snapshot() if cpu_meter else None
             results[name] = asyncio.run(run_load(url, bodies, cfg))
+            if cpu_meter is not None and results[name].requests:
+                used = cpu_meter.used_since(before)  # includes the warm-up requests
+                per = used * 1000.0 / (results[name].requests + cfg.warmup_requests)
+                results[name].server_cpu_ms_per_request = round(per, 2)
         noop_rps = results["noop"].requests_per_s
         ratio = results["pipeline"].requests_per_s / noop_rps if noop_rps else None
+        cpu = [results[n].server_cpu_ms_per_request for n in ("noop", "pipeline")]
         runs.append(
             {
                 "concurrency": int(concurrency),
                 "pipeline": asdict(results["pipeline"]),
                 "noop": asdict(results["noop"]),
                 "throughput_ratio": round(ratio, 3) if ratio is not None else None,
+                # no-op CPU per request / pipeline CPU per request: the ratio a quiet machine would show
+                "cpu_ratio": round(cpu[0] / cpu[1], 3) if None not in cpu and cpu[1] else None,
             }
         )
     return {"runs": runs}

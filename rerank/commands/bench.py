@@ -46,14 +46,16 @@ def _concurrencies(text: str) -> list[int]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    import os
     import platform
     import time
 
-    from rerank.bench import LoadConfig, compare, make_rank_bodies
+    from rerank.bench import CpuMeter, LoadConfig, compare, make_rank_bodies
     from rerank.cli import CommandError
     from rerank.dataset import load_dataset
 
     concurrencies = _concurrencies(args.concurrency)
+    load_before = os.getloadavg()  # other users of the machine move the numbers
     if args.candidates < 1:
         raise CommandError(f"--candidates {args.candidates}: expected >= 1")
     stack = None
@@ -70,14 +72,16 @@ def run_bench(args: argparse.Namespace) -> int:
         dataset = load_dataset(data)
         bodies = make_rank_bodies(list(dataset.user_ids[1:]), list(dataset.item_ids[1:]), args.candidates, args.k)
         config = LoadConfig(duration_s=args.duration, max_requests=args.requests)
-        result = compare(f"{base}/rank", f"{base}/noop", bodies, concurrencies, config)
+        meter = CpuMeter() if stack is not None else None  # the stack runs as our child processes
+        result = compare(f"{base}/rank", f"{base}/noop", bodies, concurrencies, config, cpu_meter=meter)
     finally:
         if stack is not None:
             stack.stop()
     result = {
         "bench": "serving",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_before": [round(x, 2) for x in load_before]},
         "settings": {"candidates": args.candidates, "k": args.k, "duration_s": args.duration,
                      "concurrencies": concurrencies, "data": str(data),
                      "throughput_optimized": not args.no_throughput_optimized,
@@ -91,12 +95,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{'conc':>5} {'pipe req/s':>10} {'noop req/s':>10} {'ratio':>6} {'p50':>7} {'p99':>7} {'batch':>6} {'err':>4}")
+        print(f"{'conc':>5} {'pipe req/s':>10} {'noop req/s':>10} {'ratio':>6} {'p50':>7} {'p99':>7} "
+              f"{'batch':>6} {'err':>4} {'cpu ms/req pipe/noop':>21}")
         for run in result["runs"]:
             p, n = run["pipeline"], run["noop"]
+            cpu = f"{p['server_cpu_ms_per_request']}/{n['server_cpu_ms_per_request']}"
             print(f"{run['concurrency']:>5} {p['requests_per_s']:>10} {n['requests_per_s']:>10} "
                   f"{run['throughput_ratio']!s:>6} {p['p50_ms']!s:>7} {p['p99_ms']!s:>7} "
-                  f"{p['mean_scorer_batch_size']!s:>6} {p['errors']:>4}")
+                  f"{p['mean_scorer_batch_size']!s:>6} {p['errors']:>4} {cpu:>21}")
         print(f"written to {args.out}", file=sys.stderr)
     return 0
 
