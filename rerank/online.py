@@ -64,7 +64,7 @@ class OnlineConfig:
     publish_every_events: int = 2000
     holdout_every: int = 10  # 1 in holdout_every events is held out (0 = no holdout, no guard metric)
     holdout_size: int = 500  # rolling window of held-out examples
-    guard_eval_size: int = 256  # the guard scores the newest this many held-out examples (cost per publish)
+    guard_eval_size: int = 200  # the guard scores the newest this many held-out examples (cost per publish)
     guard_margin: float = 0.05  # refuse if holdout CE > serving CE * (1 + margin)
     guard_min_holdout: int = 10  # fewer held-out examples: only the finiteness check
     read_count: int = 512
@@ -253,20 +253,41 @@ class GuardResult:
 
 
 class PublishGuard:
-    """Checks candidate weights against the serving ones on a rolling holdout of recent events."""
+    """Checks candidate weights against the serving ones on a rolling holdout of recent events.
+
+    The comparison runs on a snapshot of the newest `guard_eval_size` held-out examples, renewed
+    once a quarter of it is stale; while the snapshot stands, the serving weights' loss on it is
+    cached (after a publish the accepted candidate's loss is the new serving loss), so a check
+    usually costs one forward pass over the snapshot, not two.
+    """
 
     def __init__(self, config: OnlineConfig):
         self.config = config
         self.holdout: deque[Example] = deque(maxlen=config.holdout_size)
         self.refusals = 0
+        self._added = 0  # examples added since the snapshot was taken
+        self._snapshot: list[Example] = []
+        self._cache: tuple[int, int, float] | None = None  # (id(serving model), n_items, loss)
+        self._last: tuple[int, float] | None = None  # (n_items, loss) of the last accepted candidate
 
     def add(self, example: Example) -> None:
         self.holdout.append(example)
+        self._added += 1
+
+    def _rows(self, n_items: int) -> list[Example]:
+        stale = self._added >= max(self.config.guard_min_holdout, len(self._snapshot) // 4)
+        if not self._snapshot or stale:
+            self._snapshot = list(self.holdout)[-self.config.guard_eval_size:]
+            self._added = 0
+            self._cache = None
+        return [e for e in self._snapshot if 0 < e.target <= n_items]
 
     @torch.no_grad()
-    def holdout_loss(self, model: "SequentialRecommender", n_items: int) -> tuple[float, int]:
+    def holdout_loss(self, model: "SequentialRecommender", n_items: int,
+                     rows: list[Example] | None = None) -> tuple[float, int]:
         """Mean last-position CE over held-out examples whose items both models know."""
-        rows = [e for e in list(self.holdout)[-self.config.guard_eval_size:] if 0 < e.target <= n_items]
+        if rows is None:
+            rows = [e for e in list(self.holdout)[-self.config.guard_eval_size:] if 0 < e.target <= n_items]
         if not rows:
             return math.nan, 0
         module = model.module
@@ -276,21 +297,34 @@ class PublishGuard:
 
     def finite(self, model: "SequentialRecommender") -> bool:
         limit = self.config.max_param_abs
-        return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) <= limit
-                   for p in model.module.parameters() if p.numel())
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) <= limit
+                       for p in model.module.parameters() if p.numel())
+
+    def accepted(self, serving: "SequentialRecommender") -> None:
+        """The last checked candidate is now `serving`: reuse its holdout loss."""
+        if self._last is not None:
+            self._cache = (id(serving), *self._last)
+        self._last = None
 
     def check(self, candidate: "SequentialRecommender", serving: "SequentialRecommender | None") -> GuardResult:
         """ok=False (and refusals += 1) for non-finite weights or a holdout loss beyond the margin."""
+        self._last = None
         if not self.finite(candidate):
             self.refusals += 1
             return GuardResult(False, "non-finite or exploding weights")
         if serving is None:
             return GuardResult(True, "no serving version to compare with")
         n = min(candidate.n_items, serving.n_items)
-        cand, count = self.holdout_loss(candidate, n)
-        if count < self.config.guard_min_holdout:
-            return GuardResult(True, f"holdout too small ({count})", holdout=count)
-        serve, _ = self.holdout_loss(serving, n)
+        rows = self._rows(n)
+        if len(rows) < self.config.guard_min_holdout:
+            return GuardResult(True, f"holdout too small ({len(rows)})", holdout=len(rows))
+        cand, count = self.holdout_loss(candidate, n, rows)
+        if self._cache is not None and self._cache[:2] == (id(serving), n):
+            serve = self._cache[2]
+        else:
+            serve, _ = self.holdout_loss(serving, n, rows)
+            self._cache = (id(serving), n, serve)
         if not math.isfinite(cand):
             self.refusals += 1
             return GuardResult(False, "non-finite holdout loss", cand, serve, count)
@@ -298,6 +332,7 @@ class PublishGuard:
             self.refusals += 1
             return GuardResult(False, f"holdout loss {cand:.4f} > serving {serve:.4f} * (1 + {self.config.guard_margin})",
                                cand, serve, count)
+        self._last = (n, cand)
         return GuardResult(True, "ok", cand, serve, count)
 
 
@@ -492,6 +527,7 @@ class OnlineLoop:
                     self._uncommitted = entries + self._uncommitted
                     return None
                 self.serving = copy.deepcopy(self.trainer.model)
+                self.guard.accepted(self.serving)
                 self.stats.last_publish_at = self.clock()
                 if self.on_publish:
                     now = self.clock()

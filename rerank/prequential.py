@@ -170,6 +170,7 @@ def run_prequential(dataset: Dataset, model, config: PrequentialConfig) -> dict:
             verdict = guard.check(trainer.model, serving_online)
             if verdict.ok:
                 serving_online = copy.deepcopy(trainer.model)
+                guard.accepted(serving_online)
                 stats["published"] += 1
             else:
                 stats["refused"] += 1

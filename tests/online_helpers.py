@@ -12,7 +12,7 @@ from rerank.recommender import save_model
 from rerank.synth import SynthConfig, write_synth
 
 TINY_SASREC = dict(d_model=32, n_layers=1, n_heads=1, max_len=20, dropout=0.1, attn_dropout=0.1,
-                   epochs=25, eval_every=25, lr=5e-3, max_minutes=0.5, batch_size=64, progress=False, device="cpu",
+                   epochs=25, eval_every=25, lr=5e-3, max_minutes=0, batch_size=64, progress=False, device="cpu",
                    spare_items=20)
 
 
