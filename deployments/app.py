@@ -153,5 +153,7 @@ def build_app(raw_args: dict) -> serve.Application:
         max_concurrent_batches=args.ingress_max_concurrent_batches,
         adaptive_wait=args.adaptive_wait,
         variants=[Variant(name, v.weight, v.diversity) for name, v in args.variants.items()],
+        registry_uri=_absolute(args.registry_uri) if args.registry_uri and "://" not in args.registry_uri
+        else args.registry_uri,
     )
     return Ingress.bind(features, scorer, ranker, settings)

@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.metrics import ServingMetrics
 from deployments.ranker import RankedBatch
 from rerank.api import (
+    RollbackRequest,
     EventsRequest,
     EventsResponse,
     HealthResponse,
@@ -53,6 +54,7 @@ class IngressSettings:
     adaptive_wait: bool = True
     retry_after_s: int = 1
     variants: list[Variant] = field(default_factory=lambda: [Variant("default")])
+    registry_uri: str | None = None  # for POST /admin/rollback (the scorer follows the same registry)
 
 
 @dataclass
@@ -202,3 +204,26 @@ class Ingress:
             model_freshness, info.get("meta") or {}, info.get("loaded_at"), self.settings.redis_url,
             f"{self.settings.prefix}events")
         return ModelInfo(**info)
+
+    # ------------------------------------------------------------------ admin (online learning)
+    @app.post("/admin/rollback")
+    async def admin_rollback(self, body: RollbackRequest) -> dict:
+        """Point the registry's LATEST at `version` and pin it (or `unpin: true` to release the pin);
+        the scorers follow within a poll interval. Unauthenticated: expose it on an internal network only."""
+        from rerank.registry import ModelRegistry, RegistryError
+
+        if not self.settings.registry_uri:
+            raise HTTPException(409, detail="the app has no registry_uri; nothing to roll back")
+        registry = ModelRegistry(self.settings.registry_uri)
+        try:
+            if body.unpin:
+                await asyncio.to_thread(registry.unpin)
+            else:
+                if body.version is None:
+                    raise HTTPException(422, detail=[{"loc": ["body", "version"], "msg": "give version or unpin",
+                                                      "type": "value_error"}])
+                await asyncio.to_thread(registry.rollback, body.version, body.reason or "admin rollback")
+        except RegistryError as err:
+            raise HTTPException(404, detail=str(err)) from None
+        ptr = registry.pointer()
+        return {"latest": ptr.version if ptr else None, "pinned": bool(ptr and ptr.pinned)}

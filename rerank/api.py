@@ -155,3 +155,13 @@ class ModelInfo(BaseModel):
         default_factory=dict,
         description="version_age_s, serving_for_s, newest_event_to_serving_s, events_behind_head (rerank.online.model_freshness)",
     )
+
+
+class RollbackRequest(BaseModel):
+    """POST /admin/rollback: serve (and pin) an earlier registry version, or release the pin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(None, ge=1, description="registry version to serve and pin")
+    unpin: bool = Field(False, description="release a rollback pin instead (the trainer continues from it)")
+    reason: str | None = Field(None, max_length=200)
