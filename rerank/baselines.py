@@ -301,6 +301,7 @@ class MatrixFactorization(Recommender):
             item_factors = (rng.standard_normal((n_items + 1, config.factors)) * config.init_std).astype(np.float32)
             item_factors[0] = 0.0
         self.item_factors = torch.from_numpy(np.ascontiguousarray(item_factors, dtype=np.float32))
+        self._gram: torch.Tensor | None = None  # reg * I + Y^T Y of the current item factors, for fold-in
 
     @classmethod
     def create(cls, dataset: Dataset, seed: int = 0, **options: Any) -> Self:
@@ -310,14 +311,15 @@ class MatrixFactorization(Recommender):
 
     @staticmethod
     def _solve(fixed: torch.Tensor, lists: Sequence[np.ndarray], conf: Sequence[np.ndarray],
-               reg: float, chunk: int = 2048) -> torch.Tensor:
+               reg: float, chunk: int = 2048, gram: torch.Tensor | None = None) -> torch.Tensor:
         """For each row r: argmin_x sum_i c_ri (p_ri - x.f_i)^2 + reg |x|^2 over all i (p = 1 on `lists[r]`).
 
         fixed: (M, f) factors of the other side; lists[r] indices into it, conf[r] their confidences c > 1
         (all other entries have confidence 1 and preference 0). Returns (len(lists), f).
         """
         f = fixed.shape[1]
-        gram = fixed.T @ fixed + reg * torch.eye(f)
+        if gram is None:
+            gram = fixed.T @ fixed + reg * torch.eye(f)
         out = torch.zeros(len(lists), f)
         lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
         order = np.argsort(lengths, kind="stable")
@@ -354,7 +356,9 @@ class MatrixFactorization(Recommender):
             items, c = self._confidence(h)
             lists.append(items)
             conf.append(c)
-        return self._solve(self.item_factors, lists, conf, self.config.reg)
+        if self._gram is None:
+            self._gram = self.item_factors.T @ self.item_factors + self.config.reg * torch.eye(self.config.factors)
+        return self._solve(self.item_factors, lists, conf, self.config.reg, gram=self._gram)
 
     def fit(self, dataset: Dataset, split: LeaveOneOut, log: TrainLog | None = None) -> None:
         from tqdm import tqdm
@@ -386,6 +390,7 @@ class MatrixFactorization(Recommender):
             users = self._solve(self.item_factors, user_items, user_conf, cfg.reg)
             self.item_factors = self._solve(users, item_users, item_conf, cfg.reg)
             self.item_factors[0] = 0.0
+            self._gram = None
             valid = evaluate(self, dataset, split, which="valid", users=eval_users, ks=(10,))
             if log is not None:
                 log.log(epoch=epoch, valid_ndcg10=valid["ndcg@10"], valid_hr10=valid["hr@10"],
@@ -399,6 +404,7 @@ class MatrixFactorization(Recommender):
             if cfg.max_minutes and time.monotonic() - start > 60 * cfg.max_minutes:
                 break
         self.item_factors = best_factors
+        self._gram = None
 
     def score(self, histories: Sequence[np.ndarray], candidates: np.ndarray | None = None,
               event_types: Sequence[np.ndarray] | None = None) -> np.ndarray:
