@@ -85,3 +85,21 @@ def test_cluster_launcher_has_cpu_and_gpu_node_types():
     assert "GPU" not in types["cpu_workers"]["resources"]
     assert config["head_node_type"] in types
     assert all(t["min_workers"] <= t["max_workers"] for t in types.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"redis_url": "embedded"}, "give `model`"),
+        ({"model": "m", "ingress_max_batch_size": 64, "scorer_max_batch_size": 32}, "scorer_max_batch_size"),
+        ({"model": "m", "max_candidate": 10}, "max_candidate"),
+        ({"model": "m", "scorer_num_gpus": -1}, "scorer_num_gpus"),
+        ({"model": "m", "variants": {}}, "variants"),
+    ],
+)
+def test_app_args_refuse_bad_config_naming_it(args, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        AppArgs.model_validate(args)
+    assert message in str(info.value)

@@ -75,7 +75,7 @@ def service(ray_session, redis_server, shop):
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     yield {"client": client, "url": f"http://127.0.0.1:{port}", "redis": redis_server, **shop}
     client.close()
-    serve.delete(APP)
+    serve.delete(APP, _blocking=False)  # replicas drain in the background; Ray stops at session end
 
 
 def user_with_history(dataset, min_events: int = 8) -> str:
@@ -139,6 +139,24 @@ def test_an_event_changes_the_next_ranking(service):
     first_scores = {i["item_id"]: i["score"] for i in first["items"]}
     second_scores = {i["item_id"]: i["score"] for i in second["items"]}
     assert any(abs(first_scores[i] - second_scores[i]) > 1e-6 for i in second_scores), "history did not matter"
+
+
+def test_whole_catalogue_and_rules(service):
+    dataset, client = service["dataset"], service["client"]
+    user = user_with_history(dataset)
+    full = client.post("/rank", json={"user_id": user, "k": 15, "rules": {"exclude_purchased": False}}).json()
+    ids = [i["item_id"] for i in full["items"]]
+    assert len(ids) == 15 and set(ids) <= set(dataset.item_ids[1:].tolist())  # ranked from the catalogue
+
+    cands = candidate_ids(dataset, 20, seed=4)
+    plain = client.post("/rank", json={"user_id": user, "candidates": cands, "k": 20,
+                                       "rules": {"exclude_purchased": False}}).json()
+    order = [i["item_id"] for i in plain["items"]]
+    last, first = order[-1], order[0]
+    ruled = client.post("/rank", json={"user_id": user, "candidates": cands, "k": 5, "rules": {
+        "exclude_purchased": False, "exclude": [first], "boost": {last: 1000.0}}}).json()
+    ruled_ids = [i["item_id"] for i in ruled["items"]]
+    assert ruled_ids[0] == last and first not in ruled_ids and len(ruled_ids) == 5
 
 
 @pytest.mark.parametrize(
