@@ -65,6 +65,11 @@ class _Pending:
     arrived: float
 
 
+async def _resolve(response):
+    """Await a DeploymentResponse inside a coroutine (so asyncio.wait_for can bound it)."""
+    return await response
+
+
 def _limit_error(err: RequestLimitError) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", err.field], "msg": err.message, "type": "value_error"}])
 
@@ -181,8 +186,8 @@ class Ingress:
     async def healthz(self):
         """Is Redis reachable, is a model loaded? 200 (ok or degraded), 503 without a model."""
         redis_ok = await asyncio.to_thread(self.store.ping)
-        try:
-            info = await self.scorer.current_version.remote()
+        try:  # a stuck scorer must not hang the health check
+            info = await asyncio.wait_for(_resolve(self.scorer.current_version.remote()), timeout=2.0)
             version = info["version"]
         except Exception:
             version = None
