@@ -52,7 +52,9 @@ class RankRequest(_Strict):
     user_id: ShopId
     candidates: list[ShopId] | None = Field(None, description="item ids to re-rank; omitted = whole catalogue")
     k: int = Field(20, ge=1, le=MAX_K, description="number of items to return")
-    context: dict[str, Any] | None = Field(None, description="free-form request context, echoed to logs")
+    context: dict[str, Any] | None = Field(
+        None, description="free-form request context (page, device, ...); accepted, not used by the ranking yet"
+    )
     rules: RankRules = Field(default_factory=RankRules)
 
     @field_validator("candidates")
