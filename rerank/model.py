@@ -39,6 +39,9 @@ class SASRecConfig:
     dropout: float = 0.5  # on embeddings, attention output and feed-forward output
     attn_dropout: float = 0.5  # on attention weights
     use_event_types: bool = True
+    position: str = "end"  # "end": embedding of the distance from the last event, added to the input;
+    # "relative": a learned per-head attention bias for the distance between query and key (no
+    # input position embedding), so every position is trained exactly as the last one is used
     item_bias: bool = False  # a learned per-item bias added to the logits
 
     def __post_init__(self) -> None:
@@ -46,6 +49,8 @@ class SASRecConfig:
             self.item_capacity = self.n_items + 1
         if self.item_capacity < self.n_items + 1:
             raise ValueError(f"item_capacity {self.item_capacity} < n_items+1 = {self.n_items + 1}")
+        if self.position not in ("end", "relative"):
+            raise ValueError(f"position must be 'end' or 'relative', got {self.position!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 
@@ -112,7 +117,12 @@ class SASRec(nn.Module):
         self.config = config
         C, D = config.item_capacity, config.d_model
         self.item_emb = nn.Embedding(C, D, padding_idx=0)
-        self.pos_emb = nn.Embedding(config.max_len, D)  # index = distance from the last position
+        if config.position == "relative":
+            self.pos_emb = None
+            self.rel_bias = nn.Parameter(torch.zeros(config.n_heads, config.max_len))  # (H, distance)
+        else:
+            self.pos_emb = nn.Embedding(config.max_len, D)  # index = distance from the last position
+            self.rel_bias = None
         self.type_emb = nn.Embedding(N_EVENT_TYPES, D, padding_idx=0) if config.use_event_types else None
         if config.n_attributes > 0:
             self.attr_emb = nn.Embedding(config.n_attributes + 1, D, padding_idx=0)
@@ -176,9 +186,10 @@ class SASRec(nn.Module):
             types = types[:, -self.config.max_len :] if types is not None else None
             L = self.config.max_len
         real = seq > 0  # (B, L)
-        pos = torch.arange(L - 1, -1, -1, device=seq.device)  # (L,) distance from the end
         table = self.item_table() if table is None else table  # (C, D)
-        x = F.embedding(seq, table) + self.pos_emb(pos)  # (B, L, D)
+        x = F.embedding(seq, table)  # (B, L, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(L - 1, -1, -1, device=seq.device))  # distance from the end
         if self.type_emb is not None and types is not None:
             x = x + self.type_emb(types.masked_fill(~real, 0))
         x = self.emb_dropout(x * real.unsqueeze(-1))
@@ -187,6 +198,10 @@ class SASRec(nn.Module):
         # a real position attends to earlier real positions; a pad position only to itself (no NaN rows)
         mask = (causal & real[:, None, :]) | eye  # (B, L, L)
         mask = mask.unsqueeze(1)  # (B, 1, L, L)
+        if self.rel_bias is not None:  # float mask: bias by query-key distance, -inf where not allowed
+            idx = torch.arange(L, device=seq.device)
+            dist = (idx[:, None] - idx[None, :]).clamp(0, self.config.max_len - 1)  # (L, L)
+            mask = self.rel_bias[:, dist].unsqueeze(0).masked_fill(~mask, float("-inf"))  # (B, H, L, L)
         for block in self.blocks:
             x = block(x, mask)
         return self.ln_f(x)  # (B, L, D)

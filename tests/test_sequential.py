@@ -16,6 +16,11 @@ from rerank.sequential import SequentialRecommender, left_pad
 N_ITEMS = 30
 
 
+@pytest.fixture(params=["end", "relative"])
+def position(request) -> str:
+    return request.param
+
+
 def tiny_module(**overrides) -> SASRec:
     torch.manual_seed(0)
     config = SASRecConfig(n_items=N_ITEMS, item_capacity=N_ITEMS + 6, n_attributes=5, max_attributes=2,
@@ -36,8 +41,8 @@ def chain_sequences(n_users: int, length: int, rng: np.random.Generator) -> list
             for start in rng.integers(0, N_ITEMS, size=n_users)]
 
 
-def test_score_shapes_and_masked_padding_column():
-    module = tiny_module()
+def test_score_shapes_and_masked_padding_column(position):
+    module = tiny_module(position=position)
     seq = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])
     types = (seq > 0).long() * 4
     cands = torch.tensor([[5, 6, 7], [1, 2, 0]])
@@ -59,8 +64,8 @@ def test_unknown_candidate_gets_the_lowest_finite_score():
     assert out[0, 1] < known.min()
 
 
-def test_causal_masking_later_items_do_not_change_earlier_states():
-    module = tiny_module()
+def test_causal_masking_later_items_do_not_change_earlier_states(position):
+    module = tiny_module(position=position)
     seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8]])
     changed = seq.clone()
     changed[0, 6:] = torch.tensor([20, 21])
@@ -69,8 +74,8 @@ def test_causal_masking_later_items_do_not_change_earlier_states():
     assert not torch.allclose(h1[:, 6:], h2[:, 6:])
 
 
-def test_left_padding_does_not_change_scores():
-    module = tiny_module()
+def test_left_padding_does_not_change_scores(position):
+    module = tiny_module(position=position)
     short = torch.tensor([[3, 4, 5]])
     padded = torch.tensor([[0, 0, 0, 0, 3, 4, 5]])
     torch.testing.assert_close(module.score_all(short), module.score_all(padded))
@@ -78,8 +83,8 @@ def test_left_padding_does_not_change_scores():
     assert torch.isfinite(module(padded)).all()
 
 
-def test_history_longer_than_max_len_reads_the_last_max_len():
-    module = tiny_module()
+def test_history_longer_than_max_len_reads_the_last_max_len(position):
+    module = tiny_module(position=position)
     long = torch.arange(1, 13).unsqueeze(0)  # 12 items, max_len 8
     torch.testing.assert_close(module.score_all(long), module.score_all(long[:, -8:]))
 
@@ -205,3 +210,18 @@ def test_load_refuses_weights_that_do_not_match_the_config(chain_dataset, tmp_pa
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="bogus"):
         load_model(path)
+
+
+def test_batches_cover_every_user_once_with_balanced_positions(chain_dataset):
+    from rerank.dataset import leave_one_out
+
+    model = SequentialRecommender.create(chain_dataset, seed=0, **{**SMALL, "batch_size": 16})
+    inputs, types, targets, lengths = model._training_arrays(leave_one_out(chain_dataset))
+    assert ((targets > 0).sum(1) == lengths).all() and ((inputs > 0).sum(1) == lengths).all()
+    # the target at each position is the next input item
+    real = inputs[:, :-1] > 0
+    np.testing.assert_array_equal(targets[:, :-1][real], inputs[:, 1:][real])
+    batches = model._batches(lengths, np.random.default_rng(0))
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(len(lengths)))
+    budget = 16 * lengths.mean()
+    assert all(lengths[b].sum() <= budget + lengths.max() for b in batches)
