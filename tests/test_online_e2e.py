@@ -144,10 +144,13 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(ray_session, re
             # the admin endpoint rolls the scorers back to v1 and pins it (the trainer pauses)
             assert client.post("/admin/rollback", json={"version": 99}).status_code == 404
             assert client.post("/admin/rollback", json={}).status_code == 422
-            rb = client.post("/admin/rollback", json={"version": 1})
-            assert rb.status_code == 200 and rb.json() == {"latest": 1, "pinned": True}
-            wait_until(lambda: client.get("/model").json()["version"] == "v1", "the scorer to serve v1 again")
-            assert client.post("/admin/rollback", json={"unpin": True}).json() == {"latest": 1, "pinned": False}
+            previous = registry.versions()[-2]  # (v1 may be pruned already: the registry keeps 10)
+            rb = client.post("/admin/rollback", json={"version": previous})
+            assert rb.status_code == 200 and rb.json() == {"latest": previous, "pinned": True}
+            wait_until(lambda: client.get("/model").json()["version"] == f"v{previous}",
+                       f"the scorer to serve v{previous} again")
+            assert client.post("/admin/rollback", json={"unpin": True}).json() == {"latest": previous,
+                                                                                  "pinned": False}
     finally:
         stop.set()
         loader.join()
