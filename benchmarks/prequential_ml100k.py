@@ -31,7 +31,8 @@ def main() -> int:
     p.add_argument("--data", default=str(ROOT / "artifacts" / "data" / "ml100k"))
     p.add_argument("--minutes", type=float, default=4.0, help="offline training budget (default 4)")
     p.add_argument("--batch-size", type=int, default=32, help="offline batch size (default 32: ML-100k has 943 users)")
-    p.add_argument("--lr", type=float, default=1e-4, help="online learning rate (default 1e-4)")
+    p.add_argument("--lr", default="1e-4", help="online learning rate(s), comma-separated: the first is the "
+                   "main result, the others are replayed against the SAME offline model (default 1e-4)")
     p.add_argument("--online-batch", type=int, default=64)
     p.add_argument("--chunk", type=int, default=64, help="events per replay step (default 64)")
     p.add_argument("--holdout-every", type=int, default=10)
@@ -63,10 +64,18 @@ def main() -> int:
                                          spare_items=0, batch_size=args.batch_size, eval_every=2, patience=5)
     model.fit(train, leave_one_out(train))
     train_s = time.monotonic() - t0
-    config = PrequentialConfig(chunk=args.chunk, seed=args.seed, progress=not args.json,
-                               online=OnlineConfig(lr=args.lr, batch_size=args.online_batch,
-                                                   holdout_every=args.holdout_every))
-    summary = run_prequential(dataset, model, config)
+    lrs = [float(x) for x in str(args.lr).split(",") if x.strip()]
+    summary = None
+    sweep = {}
+    for lr in lrs:
+        config = PrequentialConfig(chunk=args.chunk, seed=args.seed, progress=not args.json,
+                                   online=OnlineConfig(lr=lr, batch_size=args.online_batch,
+                                                       holdout_every=args.holdout_every))
+        result = run_prequential(dataset, model, config)
+        sweep[str(lr)] = {"online": result["systems"]["online"], "gaps": result["gaps"],
+                          "online_stats": result["online_stats"]}
+        summary = summary or result
+    summary["online_lr_sweep"] = sweep
     summary["offline_train_seconds"] = round(train_s, 1)
     summary["command"] = " ".join(["python", *sys.argv])
     out = Path(args.out)
@@ -77,6 +86,7 @@ def main() -> int:
         print(json.dumps(summary))
     else:
         print(json.dumps({"systems": summary["systems"], "diagnostics": summary["diagnostics"], "gaps": summary["gaps"],
+                          "online_lr_sweep": summary["online_lr_sweep"],
                           "online_stats": summary["online_stats"]}, indent=2))
         print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}", file=sys.stderr)
     return 0
