@@ -75,14 +75,17 @@ def version_name(version: int) -> str:
 class ModelRegistry:
     """Versioned model directories under a `pyarrow.fs` URI (see the module docstring)."""
 
-    def __init__(self, uri: str, keep: int = 10):
+    def __init__(self, uri: str, keep: int = 10, create: bool = True):
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())
         self.uri = uri
         self.keep = int(keep)
         self.fs, self.root = pafs.FileSystem.from_uri(uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.fs.create_dir(self.root, recursive=True)
+        if create:
+            self.fs.create_dir(self.root, recursive=True)
+        elif self.fs.get_file_info(self.root).type == pafs.FileType.NotFound:
+            raise RegistryError(f"{uri}: no registry there (nothing was ever published)")
 
     # ---------------------------------------------------------------- reading
     def _path(self, *parts: str) -> str:

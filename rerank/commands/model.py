@@ -37,11 +37,11 @@ def register(subparsers) -> None:
     un.set_defaults(func=run_unpin)
 
 
-def _registry(args):
+def _registry(args, create: bool = False):
     from rerank.registry import ModelRegistry, RegistryError
 
     try:
-        return ModelRegistry(args.registry)
+        return ModelRegistry(args.registry, create=create)
     except (OSError, ValueError, RegistryError) as err:
         raise CommandError(f"--registry {args.registry}: {err}") from None
 
@@ -82,7 +82,7 @@ def run_publish(args) -> int:
         read_config(args.model)
     except ModelLoadError as err:
         raise CommandError(str(err)) from None
-    reg = _registry(args)
+    reg = _registry(args, create=True)
     try:
         version = reg.publish_dir(args.model)
     except RegistryError as err:
