@@ -105,15 +105,29 @@ def resolve_redis_url(args: AppArgs) -> str:
 
 
 def ensure_loaded(redis_url: str, data_dir: str, prefix: str) -> dict | None:
-    """Bulk-load `data_dir` into the feature store when it holds no catalogue yet."""
+    """Bulk-load `data_dir` into the feature store when it holds no catalogue yet.
+
+    A store that is already loaded is kept as it is (it holds online events since), after
+    checking that its item ids map to the same item_idx as in `data_dir` (a sample of 100).
+    """
+    import numpy as np
+
     from rerank.dataset import load_dataset
     from rerank.feature_store import FeatureStore
 
     store = FeatureStore(redis_url, prefix=prefix)
-    item_ids, _ = store.catalogue()
-    if len(item_ids) > 1:
-        return None
-    return store.bulk_load(load_dataset(data_dir), progress=False)
+    dataset = load_dataset(data_dir)
+    stored_ids, _ = store.catalogue()
+    if len(stored_ids) <= 1:
+        return store.bulk_load(dataset, progress=False)
+    sample = np.unique(np.linspace(1, dataset.n_items, num=min(100, dataset.n_items)).astype(int))
+    found = store.item_index([str(i) for i in dataset.item_ids[sample]])
+    if not np.array_equal(found, sample):
+        raise ValueError(
+            f"the feature store at {redis_url} (prefix {prefix!r}) holds another catalogue than {data_dir}: "
+            f"flush it, or use another prefix / redis_data_dir"
+        )
+    return None
 
 
 def model_dir_for_catalogue(args: AppArgs) -> str:
