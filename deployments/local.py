@@ -100,7 +100,7 @@ class LocalStack:
         if summary is not None:
             print(f"rerank: feature store loaded from {self.data}", file=sys.stderr)
         if not ray.is_initialized():
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, namespace="rerank",
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, namespace="rerank",
                      configure_logging=False, log_to_driver=False)
             self._ray_started = True
         serve.start(http_options={"host": cfg.host, "port": cfg.port})

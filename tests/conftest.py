@@ -95,8 +95,9 @@ def ray_session():
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=8, include_dashboard=False, namespace="rerank-tests", configure_logging=False,
-                 log_to_driver=False)
+        # address="local": always a fresh cluster, never one that `ray start` left running
+        ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="rerank-tests",
+                 configure_logging=False, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()
