@@ -272,7 +272,9 @@ class SequentialRecommender(Recommender):
                     bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
             bar.close()
             record: dict[str, Any] = {"epoch": epoch, "loss": round(total / count, 5), "lr": lr}
-            out_of_time = time.monotonic() - start >= budget
+            # the last epoch (by count, or because another would not fit the budget) is always validated
+            shortest = min(epoch_seconds + [time.monotonic() - t0])
+            out_of_time = time.monotonic() - start + shortest > budget
             validate = epoch % tc.eval_every == 0 or epoch == tc.epochs or out_of_time
             if validate:
                 module.eval()
@@ -293,7 +295,7 @@ class SequentialRecommender(Recommender):
             if validate and bad >= tc.patience:
                 stop_reason = "early_stopping"
                 break
-            if time.monotonic() - start + min(epoch_seconds) > budget:
+            if out_of_time:
                 stop_reason = "max_minutes"
                 break
         module.load_state_dict(best_state)

@@ -225,3 +225,17 @@ def test_batches_cover_every_user_once_with_balanced_positions(chain_dataset):
     np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(len(lengths)))
     budget = 16 * lengths.mean()
     assert all(lengths[b].sum() <= budget + lengths.max() for b in batches)
+
+
+def test_time_budget_stops_after_a_validated_epoch_and_keeps_the_best_weights(chain_dataset):
+    from rerank.dataset import leave_one_out
+    from rerank.train import TrainLog
+
+    options = {**SMALL, "max_minutes": 1e-6, "eval_every": 5}
+    model = SequentialRecommender.create(chain_dataset, seed=0, epochs=50, **options)
+    log = TrainLog()
+    model.fit(chain_dataset, leave_one_out(chain_dataset), log)
+    epochs = [r for r in log.records if "epoch" in r]
+    done = log.records[-1]
+    assert len(epochs) == 1 and "valid_ndcg@10" in epochs[0]  # the last epoch is validated
+    assert done["stop"] == "max_minutes" and done["best_epoch"] == 1
