@@ -276,14 +276,14 @@ class MFConfig:
     """
 
     factors: int = 64
-    reg: float = 0.1
-    alpha: float = 10.0
+    reg: float = 5.0
+    alpha: float = 20.0
     epochs: int = 15
     patience: int = 3
-    recent_half_life: float = 0.0
+    recent_half_life: float = 2.0
     max_history: int = 200
     init_std: float = 0.01
-    eval_users: int = 0  # 0 = all validation users for early stopping, else a fixed random subset
+    eval_users: int = 5000  # validation users for early stopping (a fixed random subset; 0 = all)
     max_minutes: float = 0.0  # wall-clock budget for fit (0 = none)
 
 
