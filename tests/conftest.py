@@ -101,3 +101,17 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session) -> str:
+    """Serve's HTTP proxy, started ONCE per session on a free port (a second serve.start with
+    other options is ignored by Serve, so every e2e module must share this one)."""
+    from ray import serve
+
+    from rerank.redis_server import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+

@@ -89,14 +89,13 @@ def test_killing_the_trainer_actor_mid_stream_loses_and_duplicates_no_event(ray_
     ray.kill(actor, no_restart=True)
 
 
-def test_weight_swaps_under_concurrent_rank_load_fail_no_request(ray_session, redis_server, tiny, tmp_path):
+def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redis_server, tiny, tmp_path):
     import ray
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
     from deployments.online_trainer import OnlineTrainer
     from rerank.dataset import load_dataset
-    from rerank.redis_server import free_port
     from rerank.registry import ModelRegistry
     from rerank.replay import ReplayConfig, replay
 
@@ -106,13 +105,11 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(ray_session, re
     registry = ModelRegistry(str(tmp_path / "reg"))
     registry.publish_dir(tiny[1])
     ensure_loaded(redis_server.url, str(tiny[0]), prefix)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": str(tiny[1]), "registry_uri": registry.uri, "registry_poll_s": 0.1,
                      "redis_url": redis_server.url, "redis_prefix": prefix, "ingress_batch_wait_s": 0.01,
                      "catalogue_refresh_s": 0})
     serve.run(app, name="online-swap", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    url = serve_url
     actor = OnlineTrainer.options(name=None).remote(redis_server.url, registry.uri, "swap-trainer",
                                                     {"publish_every_s": 0.3, "read_count": 64},
                                                     stream=f"{prefix}events")

@@ -55,25 +55,22 @@ def shop(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, redis_server, shop):
+def service(serve_url, redis_server, shop):
     """The app deployed on Serve (HTTP on a free port), features bulk-loaded into the real Redis."""
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
-    from rerank.redis_server import free_port
 
     redis_server.start()
     ensure_loaded(redis_server.url, str(shop["data"]), PREFIX)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({
         "model": str(shop["model"]), "registry_uri": shop["registry"].uri, "registry_poll_s": 0.2,
         "redis_url": redis_server.url, "redis_prefix": PREFIX, "max_candidates": MAX_CANDIDATES,
         "ingress_batch_wait_s": 0.02, "catalogue_refresh_s": 0,
     })  # fmt: skip
     serve.run(app, name=APP, route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    yield {"client": client, "url": f"http://127.0.0.1:{port}", "redis": redis_server, **shop}
+    client = httpx.Client(base_url=serve_url, timeout=30)
+    yield {"client": client, "url": serve_url, "redis": redis_server, **shop}
     client.close()
     serve.delete(APP, _blocking=False)  # replicas drain in the background; Ray stops at session end
 
