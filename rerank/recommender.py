@@ -45,6 +45,7 @@ KIND_MODULES: dict[str, str] = {
     "itemknn": "rerank.baselines",
     "mf": "rerank.baselines",
     "sasrec": "rerank.sequential",
+    "hybrid": "rerank.hybrid",
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from rerank.cli import CommandError
 
-MODEL_CHOICES = ("sasrec", "mf", "itemknn", "pop")
+MODEL_CHOICES = ("sasrec", "hybrid", "mf", "itemknn", "pop")
 
 # convenience flags -> option names passed to Recommender.create (None = not given)
 CONVENIENCE_FLAGS = ("epochs", "max_minutes", "device", "batch_size", "lr")
