@@ -52,7 +52,8 @@ def test_run_load_counts_requests_and_reads_batch_sizes(server):
                                                                         warmup_requests=2)))
     assert result.requests == 30 and result.errors == 0
     assert result.mean_scorer_batch_size == 3.0
-    assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms
+    percentiles = [result.p50_ms, result.p90_ms, result.p99_ms]
+    assert percentiles == sorted(percentiles) and percentiles[0] > 0  # computed in order, not a speed check
 
 
 def test_run_load_reports_errors_with_samples(server):

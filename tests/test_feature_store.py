@@ -63,7 +63,7 @@ def test_bulk_load_then_fetch_returns_histories_and_candidates(loaded):
     assert alice.history_types.tolist() == [1, 2, 4]
     assert alice.history_ts.tolist() == [100.0, 110.0, 120.0]
     assert alice.purchased.tolist() == [3]
-    assert alice.last_event_ts == 120.0 and alice.feature_age_ms > 0
+    assert alice.last_event_ts == 120.0 and 0 < alice.feature_age_ms
     assert alice.candidates.tolist() == [3, 1, 0]  # 0 = unknown item
     # i3: one purchase (alice); i1: views by alice and bob; unknown: zeros
     assert alice.candidate_stats.tolist() == [[0, 0, 0, 1], [2, 0, 0, 0], [0, 0, 0, 0]]
