@@ -55,6 +55,12 @@ class LocalStackConfig:
     with_noop: bool = False  # also deploy the no-op baseline at /noop
     train_minutes: float = 1.0
     app_args: dict = field(default_factory=dict)  # extra AppArgs (batch sizes, registry_uri, ...)
+    # Continuous learning: publish the model as v1 of a registry the scorers follow and start the
+    # OnlineTrainer actor on the event stream. Without app_args["registry_uri"] the registry is a
+    # temporary directory of this run (its stream lives in this run's Redis, so a checkpoint must
+    # not outlive it); pass a registry together with a persistent REDIS_URL to keep learning across runs.
+    online: bool = False
+    online_options: dict = field(default_factory=dict)  # OnlineConfig fields
 
 
 class LocalStack:
@@ -64,6 +70,8 @@ class LocalStack:
         self.config = config
         self._redis = None
         self._ray_started = False
+        self._temp_registry: str | None = None
+        self.trainer = None  # the OnlineTrainer actor handle when config.online
         self.redis_url: str | None = None
         self.data: Path | None = None
         self.model: Path | None = None
@@ -105,16 +113,45 @@ class LocalStack:
             self._ray_started = True
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         args = {"model": str(self.model), "redis_url": self.redis_url, **cfg.app_args}
+        if cfg.online:
+            args["registry_uri"] = self._prepare_registry(args.get("registry_uri"))
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        if cfg.online:
+            from deployments.online_trainer import start_online_trainer
+
+            self.trainer = start_online_trainer(self.redis_url, args["registry_uri"], options=cfg.online_options)
+            ray.get(self.trainer.stats.remote())  # ready: checkpoint loaded, pending entries recovered
+            print(f"rerank: online trainer following the event stream, publishing to {args['registry_uri']}",
+                  file=sys.stderr)
         if cfg.with_noop:
             from deployments.noop import build_noop_app
 
             serve.run(build_noop_app(), name=NOOP_APP_NAME, route_prefix="/noop")
 
+    def _prepare_registry(self, uri: str | None) -> str:
+        """The registry the scorers follow: `uri`, or a temporary one; holds the model as v1 when empty."""
+        from rerank.registry import ModelRegistry
+
+        if uri is None:
+            import tempfile
+
+            uri = self._temp_registry = tempfile.mkdtemp(prefix="rerank-registry-")
+        registry = ModelRegistry(uri)
+        if registry.latest() is None:
+            registry.publish_dir(self.model, {"note": f"offline model {self.model}"})
+        return registry.uri
+
     def stop(self) -> None:
-        """Stop Serve and Ray (when this stack started Ray) and the embedded Redis."""
+        """Stop the trainer, Serve and Ray (when this stack started Ray) and the embedded Redis."""
         try:
             import ray
+
+            if self.trainer is not None and ray.is_initialized():
+                try:  # a last checkpoint, so nothing consumed is left unacknowledged
+                    ray.get(self.trainer.stop.remote(), timeout=60)
+                except Exception as err:  # stopping anyway; pending entries stay in the stream
+                    print(f"rerank: online trainer did not stop cleanly: {err}", file=sys.stderr)
+                self.trainer = None
 
             if self._ray_started and ray.is_initialized():
                 ray.shutdown()  # takes Serve's controller, proxy and replicas with it
@@ -123,6 +160,11 @@ class LocalStack:
             if self._redis is not None:
                 self._redis.close()
                 self._redis = None
+            if self._temp_registry is not None:
+                import shutil
+
+                shutil.rmtree(self._temp_registry, ignore_errors=True)
+                self._temp_registry = None
 
     def __enter__(self) -> "LocalStack":
         return self.start()

@@ -56,6 +56,9 @@ def register(subparsers) -> None:
         "features, deploy the app on http://HOST:PORT. Ctrl-C stops everything it started.",
     )
     add_stack_arguments(parser)
+    parser.add_argument("--no-online", dest="online", action="store_false",
+                        help="do not start the online trainer (by default events keep training the model and "
+                        "the scorers hot-swap the new versions)")
     parser.add_argument("--json", action="store_true", help="print the URL and paths as one JSON line")
     parser.set_defaults(func=run_up)
 
@@ -73,7 +76,9 @@ def run_up(args: argparse.Namespace) -> int:
     from rerank.cli import CommandError
 
     try:
-        stack = LocalStack(stack_config(args)).start()
+        config = stack_config(args)
+        config.online = args.online
+        stack = LocalStack(config).start()
     except (OSError, ValueError, RuntimeError) as err:
         raise CommandError(str(err)) from err
     try:
