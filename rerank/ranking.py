@@ -106,6 +106,18 @@ class _Similarity:
         return (self.columns[nonzero].T @ self.columns[nonzero, item]).astype(np.float64)
 
 
+def _greedy_start(scores: np.ndarray, lam: float, k: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """Common start of the greedy diversifiers: float scores, k capped at n, and the answer
+    when there is nothing to diversify (k <= 0: empty; lam == 0: plain score order)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    k = min(k, len(scores))
+    if k <= 0:
+        return scores, k, np.zeros(0, dtype=np.int64)
+    if lam == 0.0:
+        return scores, k, np.argsort(-scores, kind="stable")[:k]
+    return scores, k, None
+
+
 def mmr(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndarray:
     """Greedy maximal marginal relevance: up to k indices into `scores`, in pick order.
 
@@ -113,13 +125,10 @@ def mmr(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndar
     items, with relevance = scores min-max scaled to [0, 1] (so lam does not depend on the
     score scale). lam = 0 is score order. Ties go to the lower index.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores, k, trivial = _greedy_start(scores, lam, k)
+    if trivial is not None:
+        return trivial
     n = len(scores)
-    k = min(k, n)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if lam == 0.0:
-        return np.argsort(-scores, kind="stable")[:k]
     similarity = _Similarity(features)
     gain = (1.0 - lam) * _relevance(scores)
     penalty = np.zeros(n)  # lam * max similarity to the picked items; +inf once picked
@@ -140,13 +149,10 @@ def dpp(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndar
     2018, fast greedy MAP with incremental Cholesky). lam -> 0 is score order, lam = 1 ignores
     the scores. When no pick adds volume any more (duplicates), the rest follow score order.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores, k, trivial = _greedy_start(scores, lam, k)
+    if trivial is not None:
+        return trivial
     n = len(scores)
-    k = min(k, n)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if lam == 0.0:
-        return np.argsort(-scores, kind="stable")[:k]
     similarity = _Similarity(features)
     alpha = min((1.0 - lam) / (2.0 * lam), 200.0)
     quality = np.exp(alpha * (_relevance(scores) - 1.0))
