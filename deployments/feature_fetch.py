@@ -15,6 +15,8 @@ from ray import serve
 from deployments.catalogue_refresh import RefreshingCatalogue
 from rerank.feature_store import FeatureStore, FeatureStoreUnavailable, UserFeatures
 
+STATS_TTL_S = 1.0  # item counters of whole-catalogue requests may be this old (per-item requests: fresh)
+
 
 @dataclass
 class FetchedFeatures:
@@ -53,6 +55,18 @@ class FeatureFetch:
         self.store = FeatureStore(redis_url, prefix=prefix)
         self.history_len = history_len
         self.catalogue = RefreshingCatalogue(model_dir, self.store, catalogue_refresh_s)
+        self._stats: tuple[float, np.ndarray] | None = None  # (read at, item_stats()) for whole-catalogue requests
+
+    def _catalogue_stats(self, idx: np.ndarray) -> np.ndarray:
+        """(C, 4) counters of `idx` from one HVALS of all items, reused for STATS_TTL_S."""
+        now = time.monotonic()
+        if self._stats is None or now - self._stats[0] > STATS_TTL_S:
+            self._stats = (now, self.store.item_stats())
+        stats = self._stats[1]
+        out = np.zeros((len(idx), 4), dtype=np.int64)
+        known = idx < len(stats)
+        out[known] = stats[idx[known]]
+        return out
 
     async def fetch(self, requests: list[tuple[str, list[str] | None]]) -> FetchedBatch:
         """Features for each (user_id, candidate ids | None = whole catalogue), in order.
@@ -61,12 +75,15 @@ class FeatureFetch:
         than a hand-off to Serve's thread pool for sync methods."""
         start = time.perf_counter()
         catalogue = self.catalogue.current
-        resolved = []
-        for user_id, candidates in requests:
-            ids = candidates if candidates is not None else catalogue.all_items()[0]
-            resolved.append((user_id, ids))
+        all_ids, all_idx = catalogue.all_items() if any(c is None for _, c in requests) else ([], None)
+        resolved = [(user_id, candidates if candidates is not None else all_ids) for user_id, candidates in requests]
         try:
-            features = self.store.fetch(resolved, history_len=self.history_len)
+            # whole-catalogue requests ask Redis for histories only (None): looking up every item
+            # id per batch cost 56 ms for Beauty's 12k items against 0.9 ms without
+            features = self.store.fetch(requests, history_len=self.history_len)
+            for f, (_, candidates) in zip(features, requests):
+                if candidates is None:
+                    f.candidates, f.candidate_stats = all_idx, self._catalogue_stats(all_idx)
             degraded = False
         except FeatureStoreUnavailable:
             features = [_empty_features(user, catalogue.index(ids)) for user, ids in resolved]
