@@ -15,6 +15,11 @@
    similarity of their multi-hot attribute vectors).
 
 Ties keep the candidates' input order, so the result is deterministic.
+
+Whatever the inputs (NaN/inf model scores, popularity or boosts, boosts near 1e308), the
+returned scores are finite floats within +-SCORE_LIMIT (so they always render as JSON) and
+no item is returned twice: model scores and boosts are clamped before any arithmetic, and
+the greedy diversifiers only ever pick items not picked yet.
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ import numpy as np
 DIVERSITY_METHODS = ("mmr", "dpp")
 # weights of the (views, clicks, carts, purchases) counters in the popularity prior
 EVENT_WEIGHTS = np.array([1.0, 2.0, 4.0, 8.0])
+# Every score is clamped into [-SCORE_LIMIT, SCORE_LIMIT]: far beyond any model score (O(1..10))
+# or boost the API allows (1e3), and small enough that differences of scores never overflow.
+SCORE_LIMIT = 1e12
+
+
+def _finite(values: np.ndarray, nan: float = 0.0) -> np.ndarray:
+    """float64 copy of `values` with NaN -> `nan` and everything clamped to +-SCORE_LIMIT."""
+    out = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=nan, posinf=SCORE_LIMIT, neginf=-SCORE_LIMIT)
+    return np.clip(out, -SCORE_LIMIT, SCORE_LIMIT, out=out)
 
 
 @dataclass
@@ -108,8 +122,9 @@ class _Similarity:
 
 def _greedy_start(scores: np.ndarray, lam: float, k: int) -> tuple[np.ndarray, int, np.ndarray | None]:
     """Common start of the greedy diversifiers: float scores, k capped at n, and the answer
-    when there is nothing to diversify (k <= 0: empty; lam == 0: plain score order)."""
-    scores = np.asarray(scores, dtype=np.float64)
+    when there is nothing to diversify (k <= 0: empty; lam == 0: plain score order).
+    Non-finite scores are made finite first (NaN = the bottom), so no step sees NaN or inf."""
+    scores = _finite(scores, nan=-SCORE_LIMIT)
     k = min(k, len(scores))
     if k <= 0:
         return scores, k, np.zeros(0, dtype=np.int64)
@@ -131,13 +146,18 @@ def mmr(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndar
     n = len(scores)
     similarity = _Similarity(features)
     gain = (1.0 - lam) * _relevance(scores)
-    penalty = np.zeros(n)  # lam * max similarity to the picked items; +inf once picked
+    penalty = np.zeros(n)  # lam * max similarity to the picked items
+    is_picked = np.zeros(n, dtype=bool)
     picked = np.empty(k, dtype=np.int64)
     for step in range(k):
-        best = int(np.argmax(gain - penalty))
+        value = gain - penalty
+        value[is_picked] = -np.inf
+        best = int(np.argmax(value))
+        if is_picked[best]:  # defensive (all values -inf/NaN): never return an item twice
+            best = int(np.flatnonzero(~is_picked)[0])
         picked[step] = best
-        np.maximum(penalty, lam * similarity.to(best), out=penalty)
-        penalty[best] = np.inf
+        is_picked[best] = True
+        np.maximum(penalty, lam * np.nan_to_num(similarity.to(best)), out=penalty)
     return picked
 
 
@@ -166,12 +186,12 @@ def dpp(scores: np.ndarray, features: np.ndarray, lam: float, k: int) -> np.ndar
         available[best] = False
         if step == k - 1:
             break
-        row = quality[best] * quality * similarity.to(best)  # L[best, :]
+        row = quality[best] * quality * np.nan_to_num(similarity.to(best))  # L[best, :]
         row[best] = quality[best] ** 2
         e = (row - cholesky[:step, best] @ cholesky[:step]) / np.sqrt(gain[best])
         cholesky[step] = e
         gain = gain - e**2
-        remaining = np.where(available, gain, -np.inf)
+        remaining = np.where(available & ~np.isnan(gain), gain, -np.inf)  # taken or NaN: no volume
         best = int(np.argmax(remaining))
         if remaining[best] <= 1e-12 * quality.max() ** 2:
             rest = [i for i in np.argsort(-scores, kind="stable") if available[i]]
@@ -234,9 +254,12 @@ def rank(
     cold = (candidate_idx == 0) | ~np.isfinite(scores)
     if known_items is not None:
         cold |= candidate_idx > known_items
-    final = cold_start_scores(scores, cold, popularity, rules.cold_start_weight)
-    if rules.boost:
-        final += np.fromiter((rules.boost.get(i, 0.0) for i in candidate_ids), dtype=np.float64, count=n)
+    popularity = _finite(popularity)
+    final = cold_start_scores(_finite(scores), cold, popularity, rules.cold_start_weight)
+    if rules.boost:  # a NaN boost counts as none; +-inf and huge ones are clamped with the sum
+        boost = np.fromiter((rules.boost.get(i, 0.0) for i in candidate_ids), dtype=np.float64, count=n)
+        final = final + _finite(boost)
+    final = _finite(final, nan=-SCORE_LIMIT)
 
     keep = np.ones(n, dtype=bool)
     if rules.exclude_purchased and purchased_idx is not None and len(purchased_idx):

@@ -8,7 +8,21 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from rerank.api import EventsRequest, RankRequest, RequestLimitError, check_rank_limits
+from rerank.api import (
+    DEFAULT_MAX_CATALOGUE_ITEMS,
+    MAX_ABS_BOOST,
+    MAX_BODY_BYTES,
+    MAX_BOOST_ENTRIES,
+    MAX_CONTEXT_BYTES,
+    MAX_CONTEXT_KEYS,
+    MAX_EXCLUDE,
+    EventsRequest,
+    RankRequest,
+    RequestLimitError,
+    RollbackRequest,
+    check_body_size,
+    check_rank_limits,
+)
 from rerank.bench import make_rank_bodies
 from rerank.catalogue import Catalogue
 from rerank.experiments import Variant, assign_variant
@@ -40,6 +54,10 @@ def test_rank_request_defaults_and_id_normalisation():
         ({"user_id": "u", "rules": {"diversity": -0.1}}, "diversity"),
         ({"user_id": "u", "rules": {"boost": {"a": "lots"}}}, "boost"),
         ({"user_id": "u", "rules": {"unknown_rule": 1}}, "unknown_rule"),
+        ({"user_id": "u", "rules": {"boost": {"a": float("nan")}}}, "boost"),
+        ({"user_id": "u", "rules": {"diversity": float("nan")}}, "diversity"),
+        ({"user_id": "u", "context": {"x": float("inf")}}, "context"),
+        ({"user_id": "u", "context": {"x": [1]}}, "context"),
     ],
 )
 def test_rank_request_rejects_bad_input_naming_the_field(body, field):
@@ -108,3 +126,131 @@ def test_catalogue_maps_ids_and_attributes():
     assert cat.attributes_of(np.array([1, 0, 9])).tolist() == [[1, 2], [0, 0], [0, 0]]
     all_ids, all_idx = cat.all_items()
     assert all_ids == ["a", "b", "c"] and all_idx.tolist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- non-finite numbers and bounds
+def _errors(err: ValidationError) -> list[tuple[tuple, str]]:
+    return [(tuple(str(p) for p in e["loc"]), e["msg"]) for e in err.errors()]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e309", "-1e309"])
+@pytest.mark.parametrize(
+    ("template", "loc"),
+    [
+        ('{"user_id": "u", "rules": {"boost": {"a": %s}}}', ("rules", "boost", "a")),
+        ('{"user_id": "u", "rules": {"diversity": %s}}', ("rules", "diversity")),
+        ('{"user_id": "u", "context": {"x": %s}}', ("context", "x")),
+    ],
+)
+@pytest.mark.parametrize("parse", ["python-json", "pydantic-json"])
+def test_non_finite_numbers_in_rank_requests_are_refused_naming_the_field(literal, template, loc, parse):
+    body = template % literal
+    with pytest.raises(ValidationError) as info:
+        if parse == "python-json":  # what FastAPI does: json.loads accepts NaN and turns 1e309 into inf
+            RankRequest.model_validate(json.loads(body))
+        else:
+            RankRequest.model_validate_json(body)
+    errors = _errors(info.value)
+    assert len(errors) == 1 and errors[0][0] == loc, errors
+    assert "finite" in errors[0][1]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "1e309"])
+def test_non_finite_event_ts_is_refused(literal):
+    body = '{"events": [{"user_id": "u", "item_id": "i", "type": "view", "ts": %s}]}' % literal
+    with pytest.raises(ValidationError) as info:
+        EventsRequest.model_validate(json.loads(body))
+    assert _errors(info.value) == [(("events", "0", "ts"), "Input should be a finite number")]
+
+
+def test_every_request_model_refuses_non_finite_numbers():
+    for model in (RankRequest, EventsRequest, RollbackRequest):
+        assert model.model_config.get("allow_inf_nan") is False, model.__name__
+
+
+def test_boost_bounds():
+    ok = RankRequest.model_validate({"user_id": "u", "rules": {"boost": {"a": MAX_ABS_BOOST, "b": -MAX_ABS_BOOST}}})
+    assert ok.rules.boost == {"a": 1000.0, "b": -1000.0}
+    for value in (MAX_ABS_BOOST * 1.001, -1e308):
+        with pytest.raises(ValidationError) as info:
+            RankRequest.model_validate({"user_id": "u", "rules": {"boost": {"a": value}}})
+        [(loc, msg)] = _errors(info.value)
+        assert loc == ("rules", "boost", "a") and "between -1000 and 1000" in msg and "pins" in msg
+    many = {f"i{n}": 1.0 for n in range(MAX_BOOST_ENTRIES + 1)}
+    with pytest.raises(ValidationError) as info:
+        RankRequest.model_validate({"user_id": "u", "rules": {"boost": many}})
+    [(loc, msg)] = _errors(info.value)
+    assert loc == ("rules", "boost") and f"at most {MAX_BOOST_ENTRIES}" in msg
+    many.popitem()
+    assert len(RankRequest.model_validate({"user_id": "u", "rules": {"boost": many}}).rules.boost) == MAX_BOOST_ENTRIES
+
+
+def test_exclude_bound():
+    ids = [f"i{n}" for n in range(MAX_EXCLUDE)]
+    assert len(RankRequest.model_validate({"user_id": "u", "rules": {"exclude": ids}}).rules.exclude) == MAX_EXCLUDE
+    with pytest.raises(ValidationError) as info:
+        RankRequest.model_validate({"user_id": "u", "rules": {"exclude": ids + ["one-more"]}})
+    [(loc, msg)] = _errors(info.value)
+    assert loc == ("rules", "exclude") and f"at most {MAX_EXCLUDE}" in msg
+
+
+def test_context_accepts_json_scalars_only():
+    ctx = {"page": "home", "slot": 3, "ratio": 0.5, "mobile": True, "ref": None}
+    assert RankRequest.model_validate({"user_id": "u", "context": ctx}).context == ctx
+    for value, kind in (([1, 2], "an array"), ({"a": 1}, "an object")):
+        with pytest.raises(ValidationError) as info:
+            RankRequest.model_validate({"user_id": "u", "context": {"x": value}})
+        [(loc, msg)] = _errors(info.value)
+        assert loc == ("context", "x") and "JSON scalars" in msg and kind in msg
+
+
+def test_context_bounds():
+    keys = {f"k{n}": n for n in range(MAX_CONTEXT_KEYS)}
+    assert len(RankRequest.model_validate({"user_id": "u", "context": keys}).context) == MAX_CONTEXT_KEYS
+    with pytest.raises(ValidationError) as info:
+        RankRequest.model_validate({"user_id": "u", "context": {**keys, "extra": 1}})
+    assert _errors(info.value)[0][0] == ("context",) and f"at most {MAX_CONTEXT_KEYS}" in _errors(info.value)[0][1]
+    with pytest.raises(ValidationError) as info:  # few keys, but too many bytes
+        RankRequest.model_validate({"user_id": "u", "context": {"blob": "x" * MAX_CONTEXT_BYTES}})
+    [(loc, msg)] = _errors(info.value)
+    assert loc == ("context",) and f"at most {MAX_CONTEXT_BYTES} allowed" in msg
+    with pytest.raises(ValidationError) as info:
+        RankRequest.model_validate({"user_id": "u", "context": {"k" * 65: 1}})
+    assert _errors(info.value)[0][0][:1] == ("context",)
+
+
+def test_whole_catalogue_ranking_is_capped():
+    whole = RankRequest(user_id="u")
+    check_rank_limits(whole, max_candidates=10, catalogue_size=DEFAULT_MAX_CATALOGUE_ITEMS)
+    check_rank_limits(whole, max_candidates=10, catalogue_size=500, max_catalogue=500)
+    check_rank_limits(whole, max_candidates=10, catalogue_size=10**7, max_catalogue=None)  # cap off
+    with pytest.raises(RequestLimitError) as info:
+        check_rank_limits(whole, max_candidates=10, catalogue_size=DEFAULT_MAX_CATALOGUE_ITEMS + 1)
+    assert info.value.field == "candidates"
+    assert f"limited to {DEFAULT_MAX_CATALOGUE_ITEMS}" in info.value.message and "send candidates" in info.value.message
+    with pytest.raises(RequestLimitError) as info:
+        check_rank_limits(whole, max_candidates=10, catalogue_size=501, max_catalogue=500)
+    assert "501 items" in info.value.message and "at most 10" in info.value.message
+    # an explicit candidate list is bounded by max_candidates only, whatever the catalogue size
+    check_rank_limits(RankRequest(user_id="u", candidates=["a"]), max_candidates=10, catalogue_size=10**7,
+                      max_catalogue=5)
+
+
+def test_body_size_limit():
+    assert MAX_BODY_BYTES == 1024 * 1024
+    check_body_size(MAX_BODY_BYTES)
+    with pytest.raises(RequestLimitError) as info:
+        check_body_size(MAX_BODY_BYTES + 1)
+    assert info.value.field == "body" and f"at most {MAX_BODY_BYTES}" in info.value.message
+    with pytest.raises(RequestLimitError):
+        check_body_size(11, max_bytes=10)
+    # the largest valid /rank body under the default limits (ASCII ids) fits
+    def ids(prefix: str, n: int = 1000) -> list[str]:
+        return [prefix + str(i).rjust(255, "x") for i in range(n)]
+
+    body = json.dumps({"user_id": "u" * 256, "candidates": ids("c"), "k": 1000,
+                       "rules": {"exclude": ids("e", MAX_EXCLUDE), "diversity": 0.5,
+                                 "boost": {i: -999.123456789 for i in ids("b", MAX_BOOST_ENTRIES)}},
+                       "context": {f"k{n}": "v" for n in range(MAX_CONTEXT_KEYS)}})
+    assert len(RankRequest.model_validate_json(body).candidates) == 1000
+    assert len(body.encode()) < MAX_BODY_BYTES

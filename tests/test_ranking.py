@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rerank.ranking import RankingRules, attribute_features, mmr, popularity_prior, rank
+from rerank.ranking import SCORE_LIMIT, RankingRules, attribute_features, dpp, mmr, popularity_prior, rank
 
 IDS = ["a", "b", "c", "d", "e"]
 IDX = np.array([1, 2, 3, 4, 5])
@@ -167,3 +167,67 @@ def test_dpp_tends_to_score_order_and_fills_up_after_duplicates():
 def test_unknown_diversity_method_is_refused():
     with pytest.raises(ValueError, match=r"RankingRules\.diversity_method: expected one of mmr\|dpp, got 'xyz'"):
         RankingRules(diversity_method="xyz")
+
+
+# ---------------------------------------------------------------- non-finite inputs (defence in depth)
+_ATTRS = np.array([[1], [1], [2], [3], [2]])
+
+
+def _assert_renderable_and_distinct(result, n):
+    import json
+
+    assert len(result) == n
+    assert len(set(ids(result))) == n  # no item twice
+    assert all(isinstance(s, float) and np.isfinite(s) for _, s in result)
+    json.dumps(result, allow_nan=False)  # what the ingress renders; raises on NaN/inf
+
+
+@pytest.mark.parametrize("method", ["mmr", "dpp"])
+@pytest.mark.parametrize(
+    "boost",
+    [
+        {"a": float("-1e309")},  # JSON 1e309 parses to inf
+        {"a": float("1e309")},
+        {"a": float("nan")},
+        {"a": 1e308, "b": -1e308},  # finite, but their difference overflows
+        {"a": float("-inf"), "c": float("inf")},
+    ],
+)
+def test_absurd_boosts_give_finite_scores_and_distinct_items(method, boost):
+    rules = RankingRules(k=5, diversity=0.5, diversity_method=method, boost=boost)
+    result = rank(IDS, IDX, SCORES, rules=rules, attributes=_ATTRS)
+    _assert_renderable_and_distinct(result, 5)
+
+
+def test_huge_negative_boost_sinks_the_item_and_huge_positive_pins_it():
+    # with diversity: MMR used to return 'a' five times (-inf gain - inf penalty ties at index 0)
+    sunk = rank(IDS, IDX, SCORES, rules=RankingRules(k=5, diversity=0.5, boost={"a": float("-inf")}), attributes=_ATTRS)
+    assert ids(sunk)[-1] == "a" and ids(sunk)[:4] == ["b", "d", "c", "e"]
+    assert sunk[-1][1] == pytest.approx(-SCORE_LIMIT, rel=1e-9)
+    pinned = rank(IDS, IDX, SCORES, rules=RankingRules(k=2, boost={"e": float("inf")}))
+    assert ids(pinned) == ["e", "b"] and pinned[0][1] == SCORE_LIMIT
+
+
+def test_nan_boost_counts_as_no_boost():
+    result = rank(IDS, IDX, SCORES, rules=RankingRules(k=5, boost={"b": float("nan")}))
+    assert ids(result) == ["b", "d", "c", "e", "a"]
+    assert dict(result)["b"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.4])
+def test_non_finite_model_scores_and_popularity_give_finite_scores(diversity):
+    scores = np.array([np.nan, np.inf, -np.inf, 1e308, -1e308])
+    popularity = np.array([np.nan, np.inf, 1.0, 2.0, 3.0])
+    rules = RankingRules(k=5, diversity=diversity)
+    result = rank(IDS, IDX, scores, rules=rules, attributes=_ATTRS, popularity=popularity)
+    _assert_renderable_and_distinct(result, 5)
+    assert ids(result)[0] == "d"  # the only huge finite score still leads
+
+
+@pytest.mark.parametrize("select", [mmr, dpp])
+def test_diversifiers_never_repeat_items_on_non_finite_input(select):
+    for scores in (np.full(4, np.nan), np.array([-np.inf, -np.inf, 1.0, np.inf]), np.array([1e308, -1e308, 0.0, 1.0])):
+        picked = select(scores, np.eye(4), 0.5, 4).tolist()
+        assert sorted(picked) == [0, 1, 2, 3], (scores, picked)
+    nan_features = np.full((4, 2), np.nan)
+    assert sorted(select(np.array([1.0, 2.0, 3.0, 4.0]), nan_features, 0.5, 4).tolist()) == [0, 1, 2, 3]
