@@ -1,39 +1,54 @@
 """The application builder: `serve run deployments.app:build_app` or serve_config.yaml.
 
-Graph: Ingress (FastAPI) -> FeatureFetch (Redis) -> Scorer (torch) -> Ranker.
-Arguments (`AppArgs`, typed; unknown keys are refused):
+The app is the whole system: the HTTP ingress, the Scorer, and (layout `split`) the
+FeatureFetch and Ranker hops, plus the OnlineTrainer that keeps training the served model from
+the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
 
-- model: model directory (relative paths resolve against the project root, the
-  folder with pyproject.toml, because `serve deploy` runs the builder elsewhere);
-  optional when registry_uri already holds a version.
-- registry_uri: ModelRegistry URI the scorer follows (hot swap), optional.
-- redis_url: "redis://...", "env" ($REDIS_URL), or "embedded": a real Redis server
-  owned by a detached Ray actor (single node: it binds 127.0.0.1 of the node it
-  runs on; use a real Redis URL on a multi-node cluster). Its AOF data lives in
-  redis_data_dir.
+- layout: `inline` (default: the Ingress replica fetches features and ranks with the Ray-free
+  rerank.serving code, one Serve hop per batch, ingress -> scorer) or `split` (FeatureFetch ->
+  Scorer -> Ranker, one handle call per batch per hop: for a ranking or feature stage heavy
+  enough to want replicas of its own). Both return the same rankings.
+- model: a model directory (relative paths resolve against the project root); every replica
+  opens it on its own node, so on a multi-node cluster it must be shared storage. Optional
+  when registry_uri holds a version.
+- registry_uri: the ModelRegistry the scorers follow (hot swap) and the trainer publishes to
+  (local path or pyarrow.fs URI such as s3://...); replicas download versions into a per-node
+  cache themselves. When it is empty, the builder publishes `model` as v1.
+- online: the trainer: {enabled, num_cpus, lease_ttl_s, and any rerank.online.OnlineConfig
+  field: lr, publish_every_s, guard_margin, holdout_every, ...}. Needs registry_uri.
+- redis_url: "redis://...", "env" ($REDIS_URL), or "embedded": a real Redis server owned by a
+  detached Ray actor (single node). redis_prefix: every key and the event stream derive from it.
 - data: a dataset directory bulk-loaded into the store when the store is empty.
-- batching: ingress_max_batch_size / ingress_batch_wait_s (adaptive: 0 when a
-  request arrives alone) / scorer_max_batch_size / scorer_batch_wait_s.
-- scorer_num_gpus: GPUs per scorer replica (CUDA is used when present).
+- batching: ingress_max_batch_size / ingress_batch_wait_s (adaptive: 0 when a request arrives
+  alone) / scorer_max_batch_size / scorer_batch_wait_s; scorer_num_gpus: GPUs per scorer replica.
+
+Serve's performance flags (RAY_SERVE_THROUGHPUT_OPTIMIZED) belong in every node's environment
+before `ray start`, not in this app's runtime_env (see README, Deploying).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from deployments.feature_fetch import FeatureFetch
 from deployments.ingress import Ingress, IngressSettings
+from deployments.online_trainer import OnlineTrainer, online_config
 from deployments.ranker import Ranker
 from deployments.scorer import Scorer
 from rerank.experiments import Variant
 
+logger = logging.getLogger("ray.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # role -> Serve deployment name (what serve_config.yaml / cluster/ override per deployment)
-DEPLOYMENT_NAMES = {"ingress": Ingress.name, "features": FeatureFetch.name, "scorer": Scorer.name, "ranker": Ranker.name}
+DEPLOYMENT_NAMES = {"ingress": Ingress.name, "features": FeatureFetch.name, "scorer": Scorer.name,
+                    "ranker": Ranker.name, "trainer": OnlineTrainer.name}
+LAYOUTS = ("inline", "split")
 APP_IMPORT_PATH = "deployments.app:build_app"
 
 
@@ -43,13 +58,33 @@ class VariantArgs(BaseModel):
     diversity: float | None = Field(None, ge=0, le=1)
 
 
+class OnlineArgs(BaseModel):
+    """The online trainer: on/off, its replica's CPUs, lease TTL, and OnlineConfig fields (extra keys)."""
+
+    model_config = ConfigDict(extra="allow")
+    enabled: bool = True
+    num_cpus: float = Field(0.5, gt=0)
+    lease_ttl_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _known_options(self) -> "OnlineArgs":
+        online_config(self.options())  # names unknown keys
+        return self
+
+    def options(self) -> dict:
+        """The OnlineConfig fields given (lr, publish_every_s, guard_margin, ...)."""
+        return dict(self.model_extra or {})
+
+
 class AppArgs(BaseModel):
     """Typed arguments of the app (the `args:` of serve_config.yaml)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    layout: Literal["inline", "split"] = "inline"
     model: str | None = None
     registry_uri: str | None = None
+    online: OnlineArgs = Field(default_factory=OnlineArgs)
     registry_poll_s: float = Field(0.2, ge=0)
     redis_url: str = "embedded"
     redis_data_dir: str = str(Path.home() / ".cache" / "rerank" / "redis")
@@ -73,6 +108,9 @@ class AppArgs(BaseModel):
     def _consistent(self) -> "AppArgs":
         if not self.model and not self.registry_uri:
             raise ValueError("give `model` (a model directory) or `registry_uri`")
+        if self.online.enabled and not self.registry_uri:
+            raise ValueError("online learning publishes to a registry: give `registry_uri`, "
+                             "or turn it off with `online: {enabled: false}`")
         if self.scorer_max_batch_size < self.ingress_max_batch_size:
             raise ValueError(
                 f"scorer_max_batch_size ({self.scorer_max_batch_size}) must be >= ingress_max_batch_size "
@@ -130,44 +168,60 @@ def ensure_loaded(redis_url: str, data_dir: str, prefix: str) -> dict | None:
     return None
 
 
-def model_dir_for_catalogue(args: AppArgs) -> str:
-    """The model directory whose items.parquet seeds the in-process catalogue."""
-    if args.model:
-        return _absolute(args.model)
+def prepare_registry(args: AppArgs) -> None:
+    """Check the model source from the builder; publish `model` as v1 into an empty registry."""
     from rerank.registry import ModelRegistry
 
-    registry = ModelRegistry(args.registry_uri)
-    version = registry.latest()
-    if version is None:
-        raise ValueError(f"registry {args.registry_uri} has no published version and no `model` was given")
-    return str(registry.local_dir(version))
+    model = _absolute(args.model)
+    if args.registry_uri:
+        registry = ModelRegistry(_absolute(args.registry_uri))
+        if registry.latest() is not None:
+            return
+        if not model:
+            raise ValueError(f"registry {args.registry_uri} has no published version and no `model` was given")
+        registry.publish_dir(model, {"note": f"offline model {model}, published by the app builder"})
+    elif not (Path(model) / "config.json").is_file():
+        raise ValueError(f"model {model}: not a model directory (config.json missing)")
 
 
 def build_app(raw_args: dict) -> serve.Application:
     """Build the graph from `raw_args` (validated into AppArgs)."""
     args = AppArgs.model_validate(raw_args or {})
+    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
+        logger.info("RAY_SERVE_THROUGHPUT_OPTIMIZED is not set on this node: set it in every node's "
+                    "environment before `ray start` for the measured throughput")
     redis_url = resolve_redis_url(args)
-    model_dir = model_dir_for_catalogue(args)
+    model, registry_uri = _absolute(args.model), _absolute(args.registry_uri)
+    prepare_registry(args)
     if args.data:
         ensure_loaded(redis_url, _absolute(args.data), args.redis_prefix)
-    features = FeatureFetch.bind(redis_url, model_dir, args.history_len, args.redis_prefix, args.catalogue_refresh_s)
     scorer = Scorer.options(
         ray_actor_options={"num_cpus": args.scorer_num_cpus, "num_gpus": args.scorer_num_gpus}
     ).bind(
-        _absolute(args.model), _absolute(args.registry_uri), args.registry_poll_s, args.history_len,
+        model, registry_uri, args.registry_poll_s, args.history_len,
         args.scorer_max_batch_size, args.scorer_batch_wait_s, args.scorer_torch_threads,
     )
-    ranker = Ranker.bind(model_dir, redis_url, args.redis_prefix, args.catalogue_refresh_s)
+    features = ranker = trainer = None
+    if args.layout == "split":
+        features = FeatureFetch.bind(redis_url, model, registry_uri, args.history_len, args.redis_prefix,
+                                     args.catalogue_refresh_s)
+        ranker = Ranker.bind(model, registry_uri, redis_url, args.redis_prefix, args.catalogue_refresh_s)
+    if args.online.enabled:
+        trainer = OnlineTrainer.options(ray_actor_options={"num_cpus": args.online.num_cpus}).bind(
+            redis_url, registry_uri, args.redis_prefix, args.online.options(), lease_ttl_s=args.online.lease_ttl_s)
     settings = IngressSettings(
         redis_url=redis_url,
         prefix=args.redis_prefix,
+        layout=args.layout,
+        model=model,
+        registry_uri=registry_uri,
+        history_len=args.history_len,
+        catalogue_refresh_s=args.catalogue_refresh_s,
         max_candidates=args.max_candidates,
         max_batch_size=args.ingress_max_batch_size,
         batch_wait_s=args.ingress_batch_wait_s,
         max_concurrent_batches=args.ingress_max_concurrent_batches,
         adaptive_wait=args.adaptive_wait,
         variants=[Variant(name, v.weight, v.diversity) for name, v in args.variants.items()],
-        registry_uri=_absolute(args.registry_uri) if args.registry_uri and "://" not in args.registry_uri
-        else args.registry_uri,
     )
-    return Ingress.bind(features, scorer, ranker, settings)
+    return Ingress.bind(scorer, settings, features=features, ranker=ranker, trainer=trainer)

@@ -1,11 +1,13 @@
-"""Ingress: the FastAPI HTTP surface of the graph (POST /rank, POST /events, GET /healthz, /model).
+"""Ingress: the FastAPI HTTP surface of the app (POST /rank, POST /events, GET /healthz, /model).
 
-/rank requests are collected by a serve.batch queue (`_rank_batch`), and each batch
-crosses every hop with ONE handle call: FeatureFetch.fetch(list) ->
-Scorer.score_features(list) -> Ranker.rank(list); the calls are chained (each
-takes the previous DeploymentResponse), so results go replica to replica. The batch wait adapts to load: a
-request that arrives alone goes at once (wait 0), under concurrency the
-configured wait lets batches form.
+/rank requests are collected by a serve.batch queue (`_rank_batch`); each batch then takes
+ONE handle call per hop, by layout:
+- inline: features (rerank.serving.FeatureFetcher, Redis in a worker thread) and ranking
+  (rerank.serving.rank_batch) run here; the only hop is Scorer.score(list);
+- split: FeatureFetch.fetch(list) -> Scorer.score_features(...) -> Ranker.rank(...), chained
+  DeploymentResponses; the ingress awaits only the last.
+The batch wait adapts to load: a request that arrives alone goes at once (wait 0), under
+concurrency the configured wait lets batches form.
 """
 
 
@@ -20,7 +22,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import ServingMetrics
-from deployments.ranker import RankedBatch
 from rerank.api import (
     RollbackRequest,
     EventsRequest,
@@ -35,6 +36,7 @@ from rerank.api import (
 from rerank.experiments import Variant, assign_variant
 from rerank.feature_store import Event, FeatureStore, FeatureStoreUnavailable
 from rerank.ranking import RankingRules
+from rerank.serving import FeatureFetcher, RankedBatch, rank_batch, serving_catalogue
 
 app = FastAPI(
     title="rerank",
@@ -47,6 +49,11 @@ app = FastAPI(
 class IngressSettings:
     redis_url: str
     prefix: str = "rr:"
+    layout: str = "inline"  # inline | split (see the module docstring)
+    model: str | None = None  # inline: where the catalogue comes from (as the scorer's model)
+    registry_uri: str | None = None  # the registry the scorer follows; POST /admin/rollback moves it
+    history_len: int = 50
+    catalogue_refresh_s: float = 15.0
     max_candidates: int = 1000
     max_batch_size: int = 32
     batch_wait_s: float = 0.01
@@ -54,7 +61,6 @@ class IngressSettings:
     adaptive_wait: bool = True
     retry_after_s: int = 1
     variants: list[Variant] = field(default_factory=lambda: [Variant("default")])
-    registry_uri: str | None = None  # for POST /admin/rollback (the scorer follows the same registry)
 
 
 @dataclass
@@ -74,16 +80,25 @@ def _limit_error(err: RequestLimitError) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", err.field], "msg": err.message, "type": "value_error"}])
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.3}, max_ongoing_requests=256)
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, feature_fetch: DeploymentHandle, scorer: DeploymentHandle, ranker: DeploymentHandle,
-                 settings: IngressSettings) -> None:
-        self.feature_fetch = feature_fetch
+    def __init__(self, scorer: DeploymentHandle, settings: IngressSettings, features: DeploymentHandle | None = None,
+                 ranker: DeploymentHandle | None = None, trainer: DeploymentHandle | None = None) -> None:
+        if settings.layout not in ("inline", "split"):
+            raise ValueError(f"layout {settings.layout!r}: expected inline or split")
+        if settings.layout == "split" and (features is None or ranker is None):
+            raise ValueError("layout split needs the FeatureFetch and Ranker handles")
         self.scorer = scorer
+        self.feature_fetch = features
         self.ranker = ranker
+        self.trainer = trainer
         self.settings = settings
         self.store = FeatureStore(settings.redis_url, prefix=settings.prefix)
+        if settings.layout == "inline":
+            self.catalogue = serving_catalogue(settings.model, settings.registry_uri, self.store,
+                                               settings.catalogue_refresh_s)
+            self.fetcher = FeatureFetcher(self.store, self.catalogue, settings.history_len)
         self.metrics = ServingMetrics()
         self._in_flight = 0
         # the batch queue is built per replica so that every knob comes from the app's args
@@ -123,13 +138,22 @@ class Ingress:
         self.metrics.requests.inc(tags={"route": "/rank", "status": "200"})
         return response
 
+    async def _ranked(self, batch: list[_Pending]) -> RankedBatch:
+        """Features, scores and ranking of one batch, one handle call per hop of the layout."""
+        requests = [(p.request.user_id, p.request.candidates) for p in batch]
+        rules = [p.rules for p in batch]
+        if self.settings.layout == "inline":
+            fetched = await asyncio.to_thread(self.fetcher.fetch, requests)  # never block the event loop
+            scored = await self.scorer.score.remote(fetched.score_inputs())
+            return rank_batch(fetched, scored, rules, self.catalogue)
+        # split: chained calls, results travel between replicas by reference; one await per batch
+        fetched = self.feature_fetch.fetch.remote(requests)
+        scored = self.scorer.score_features.remote(fetched)
+        return await self.ranker.rank.remote(fetched, scored, rules)
+
     async def _rank_many(self, batch: list[_Pending]) -> list[JSONResponse]:
         """One batch of /rank requests (called through the serve.batch queue `_rank_batch`)."""
-        # Chained handle calls: each result travels replica -> replica by object ref; the
-        # ingress only awaits the Ranker's answer (one await per batch, not three).
-        fetched = self.feature_fetch.fetch.remote([(p.request.user_id, p.request.candidates) for p in batch])
-        scored = self.scorer.score_features.remote(fetched)
-        done: RankedBatch = await self.ranker.rank.remote(fetched, scored, [p.rules for p in batch])
+        done = await self._ranked(batch)
         end = time.perf_counter()
         self.metrics.batch_size.observe(len(batch), tags={"hop": "ingress"})
         self.metrics.batch_size.observe(done.scorer_batch_size, tags={"hop": "scorer"})
@@ -184,18 +208,27 @@ class Ingress:
     # ------------------------------------------------------------------ status
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz(self):
-        """Is Redis reachable, is a model loaded? 200 (ok or degraded), 503 without a model."""
+        """Is Redis reachable, is a model loaded, what is the trainer doing? 200 (ok or degraded),
+        503 without a model. A stuck scorer or trainer never hangs it (2 s bounds)."""
         redis_ok = await asyncio.to_thread(self.store.ping)
-        try:  # a stuck scorer must not hang the health check
+        try:
             info = await asyncio.wait_for(_resolve(self.scorer.current_version.remote()), timeout=2.0)
             version = info["version"]
         except Exception:
             version = None
+        trainer = None
+        if self.trainer is not None:
+            try:
+                stats = await asyncio.wait_for(_resolve(self.trainer.stats.remote()), timeout=2.0)
+                trainer = {k: stats.get(k) for k in ("state", "version", "lag_events", "error", "error_at")}
+            except Exception as err:
+                trainer = {"state": "unreachable", "error": type(err).__name__}
         health = HealthResponse(
             status="ok" if redis_ok and version else "degraded",
             redis=bool(redis_ok),
             model_loaded=version is not None,
             model_version=version,
+            trainer=trainer,
         )
         return JSONResponse(health.model_dump(), status_code=200 if version else 503)
 
@@ -207,7 +240,7 @@ class Ingress:
         info = await self.scorer.current_version.remote()
         info["freshness"] = await asyncio.to_thread(
             model_freshness, info.get("meta") or {}, info.get("loaded_at"), self.settings.redis_url,
-            f"{self.settings.prefix}events")
+            self.store.keys.events)
         return ModelInfo(**info)
 
     # ------------------------------------------------------------------ admin (online learning)

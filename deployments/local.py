@@ -1,10 +1,12 @@
 """The one-machine stack behind `rerank up` and `rerank bench`: local Ray, a real Redis, the app.
 
-`LocalStack` prepares the demo data and a model when they are missing, starts
-(or reuses, via REDIS_URL / redis_url) a real Redis server, starts a local Ray
-with a logical CPU count large enough for every replica, bulk-loads the feature
-store, and deploys the app at `/` (and the no-op baseline at `/noop` when asked).
-`stop()` tears down only what it started.
+A thin convenience over serve_config.yaml: `LocalStack` takes the rerank application's `args`
+from that file (`config_app_args`), prepares the demo data and a model when they are missing,
+starts (or reuses, via REDIS_URL / redis_url) a real Redis server, starts a local Ray with the
+Serve flags in its environment (so the proxy, controller and every replica get them) and a
+logical CPU count large enough for every replica, and deploys the same app, online trainer
+included, at `/`. For `rerank bench` it can deploy the app in other layouts too (`/{layout}`,
+no trainer) and the no-op baseline at `/noop`. `stop()` tears down only what it started.
 """
 
 from __future__ import annotations
@@ -14,12 +16,24 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deployments.app import PROJECT_ROOT
+from deployments.app import APP_IMPORT_PATH, PROJECT_ROOT
 
+SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 DEMO_DATA = PROJECT_ROOT / "artifacts" / "data" / "demo-shop"
 DEMO_MODEL = PROJECT_ROOT / "artifacts" / "models" / "demo-shop"
 APP_NAME = "rerank"
 NOOP_APP_NAME = "noop"
+
+
+def config_app_args(path: Path = SERVE_CONFIG) -> dict:
+    """The `args` of the rerank application in a Serve config file."""
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    apps = [a for a in config.get("applications", []) if a.get("import_path") == APP_IMPORT_PATH]
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected one application with import_path {APP_IMPORT_PATH}, found {len(apps)}")
+    return dict(apps[0].get("args") or {})
 
 
 def ensure_demo_data(path: Path) -> Path:
@@ -53,14 +67,15 @@ class LocalStackConfig:
     num_cpus: int = 8  # logical CPUs for the local Ray (replicas reserve fractions of one)
     throughput_optimized: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (measured faster here)
     with_noop: bool = False  # also deploy the no-op baseline at /noop
+    layouts: list[str] = field(default_factory=list)  # (bench) deploy the app in these layouts too, at /{layout}
     train_minutes: float = 1.0
-    app_args: dict = field(default_factory=dict)  # extra AppArgs (batch sizes, registry_uri, ...)
-    # Continuous learning: publish the model as v1 of a registry the scorers follow and start the
-    # OnlineTrainer actor on the event stream. Without app_args["registry_uri"] the registry is a
-    # temporary directory of this run (its stream lives in this run's Redis, so a checkpoint must
+    config_file: Path = SERVE_CONFIG  # the app's args come from here; app_args override them
+    app_args: dict = field(default_factory=dict)  # AppArgs overrides (batch sizes, layout, registry_uri, ...)
+    # Continuous learning (the app's OnlineTrainer). Without app_args["registry_uri"] the registry is
+    # a temporary directory of this run (the stream lives in this run's Redis, so a checkpoint must
     # not outlive it); pass a registry together with a persistent REDIS_URL to keep learning across runs.
     online: bool = False
-    online_options: dict = field(default_factory=dict)  # OnlineConfig fields
+    online_options: dict = field(default_factory=dict)  # OnlineConfig fields (lr, publish_every_s, ...)
 
 
 class LocalStack:
@@ -71,7 +86,6 @@ class LocalStack:
         self._redis = None
         self._ray_started = False
         self._temp_registry: str | None = None
-        self.trainer = None  # the OnlineTrainer actor handle when config.online
         self.redis_url: str | None = None
         self.data: Path | None = None
         self.model: Path | None = None
@@ -91,36 +105,43 @@ class LocalStack:
             raise
         return self
 
+    def app_args(self) -> dict:
+        """serve_config.yaml's args with this stack's data, model, Redis, registry and overrides."""
+        cfg = self.config
+        args = {**config_app_args(cfg.config_file), "model": str(self.model), "data": str(self.data),
+                "redis_url": self.redis_url, "registry_uri": None, **cfg.app_args}
+        online = dict(args.get("online") or {})
+        online.update(cfg.online_options, enabled=cfg.online)
+        args["online"] = online
+        if cfg.online:
+            args["registry_uri"] = self._prepare_registry(args.get("registry_uri"))
+        return args
+
     def _start_services(self) -> None:
         cfg = self.config
         from rerank.redis_server import resolve_redis
 
         self.redis_url, self._redis = resolve_redis(cfg.redis_url, data_dir=None)
         print(f"rerank: Redis at {self.redis_url}{' (embedded)' if self._redis else ''}", file=sys.stderr)
-        if cfg.throughput_optimized:
+        if cfg.throughput_optimized:  # before ray.init: every Ray process (proxy, controller, replicas) inherits it
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         import ray
         from ray import serve
 
-        from deployments.app import build_app, ensure_loaded
+        from deployments.app import build_app
 
-        summary = ensure_loaded(self.redis_url, str(self.data), cfg.app_args.get("redis_prefix", "rr:"))
-        if summary is not None:
-            print(f"rerank: feature store loaded from {self.data}", file=sys.stderr)
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, namespace="rerank",
                      configure_logging=False, log_to_driver=False)
             self._ray_started = True
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        args = {"model": str(self.model), "redis_url": self.redis_url, **cfg.app_args}
+        args = self.app_args()
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # loads the store from `data` when empty
+        for layout in cfg.layouts:
+            if layout != args.get("layout", "inline"):
+                other = {**args, "layout": layout, "online": {"enabled": False}}
+                serve.run(build_app(other), name=f"{APP_NAME}-{layout}", route_prefix=f"/{layout}")
         if cfg.online:
-            args["registry_uri"] = self._prepare_registry(args.get("registry_uri"))
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        if cfg.online:
-            from deployments.online_trainer import start_online_trainer
-
-            self.trainer = start_online_trainer(self.redis_url, args["registry_uri"], options=cfg.online_options)
-            ray.get(self.trainer.stats.remote())  # ready: checkpoint loaded, pending entries recovered
             print(f"rerank: online trainer following the event stream, publishing to {args['registry_uri']}",
                   file=sys.stderr)
         if cfg.with_noop:
@@ -129,31 +150,26 @@ class LocalStack:
             serve.run(build_noop_app(), name=NOOP_APP_NAME, route_prefix="/noop")
 
     def _prepare_registry(self, uri: str | None) -> str:
-        """The registry the scorers follow: `uri`, or a temporary one; holds the model as v1 when empty."""
-        from rerank.registry import ModelRegistry
-
+        """The registry the scorers follow: `uri`, or a temporary one of this run (the app's
+        builder publishes the model into it as v1)."""
         if uri is None:
             import tempfile
 
             uri = self._temp_registry = tempfile.mkdtemp(prefix="rerank-registry-")
-        registry = ModelRegistry(uri)
-        if registry.latest() is None:
-            registry.publish_dir(self.model, {"note": f"offline model {self.model}"})
-        return registry.uri
+        return uri
 
     def stop(self) -> None:
-        """Stop the trainer, Serve and Ray (when this stack started Ray) and the embedded Redis."""
+        """Stop Serve (the trainer checkpoints) and Ray when this stack started Ray, and the embedded Redis."""
         try:
             import ray
 
-            if self.trainer is not None and ray.is_initialized():
-                try:  # a last checkpoint, so nothing consumed is left unacknowledged
-                    ray.get(self.trainer.stop.remote(), timeout=60)
-                except Exception as err:  # stopping anyway; pending entries stay in the stream
-                    print(f"rerank: online trainer did not stop cleanly: {err}", file=sys.stderr)
-                self.trainer = None
-
             if self._ray_started and ray.is_initialized():
+                from ray import serve
+
+                try:  # graceful: the trainer's replica takes a last checkpoint and releases its lease
+                    serve.shutdown()
+                except Exception as err:  # stopping anyway; pending entries stay in the stream
+                    print(f"rerank: Serve did not shut down cleanly: {err}", file=sys.stderr)
                 ray.shutdown()  # takes Serve's controller, proxy and replicas with it
                 self._ray_started = False
         finally:

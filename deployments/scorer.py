@@ -17,16 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 from ray import serve
 
 from rerank.recommender import Recommender, load_model, read_config
 from rerank.scoring import ScoreInput, score_batch
-
-if TYPE_CHECKING:
-    from deployments.feature_fetch import FetchedBatch
+from rerank.serving import FetchedBatch, ScoredBatch
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,14 +34,6 @@ class LoadedModel:
     source: str
     loaded_at: float
     meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class ScoredBatch:
-    scores: list[np.ndarray]
-    model_version: str
-    batch_size: int  # requests in the forward pass these scores came from
-    elapsed_ms: float  # the forward pass (incl. padding), not the wait for a batch
 
 
 def _request_count(calls: list) -> int:
@@ -122,11 +110,9 @@ class Scorer:
         """Scores for one ingress batch (possibly merged with others into one forward pass)."""
         return await self._score_batched(inputs)
 
-    async def score_features(self, fetched: "FetchedBatch") -> ScoredBatch:
-        """score() for FeatureFetch's output, so the ingress can chain the two calls."""
-        return await self._score_batched(
-            [ScoreInput(f.features.history, f.features.history_types, f.features.candidates) for f in fetched.items]
-        )
+    async def score_features(self, fetched: FetchedBatch) -> ScoredBatch:
+        """score() for FeatureFetch's output, so the `split` ingress can chain the two calls."""
+        return await self._score_batched(fetched.score_inputs())
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=1,
                  batch_size_fn=_request_count)

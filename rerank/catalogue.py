@@ -73,3 +73,47 @@ class Catalogue:
         """(ids, idx) of every item, for full-catalogue ranking."""
         idx = np.arange(1, self.n_items + 1, dtype=np.int32)
         return [str(i) for i in self.item_ids[1:]], idx
+
+
+class RefreshingCatalogue:
+    """A Catalogue kept current with the feature store (items first seen online).
+
+    `current` starts as the model directory's catalogue; a daemon thread swaps in the
+    store's (FeatureStore.catalogue()) every `every_s` seconds while Redis is up. Readers
+    take `current` once per batch: the swap is one reference assignment.
+    """
+
+    def __init__(self, model_dir: str | Path, store=None, every_s: float = 15.0) -> None:
+        import threading
+
+        self.current = Catalogue.from_model_dir(model_dir)
+        self._store = store
+        self._every_s = every_s
+        self._stop = threading.Event()
+        if store is not None and every_s > 0:
+            threading.Thread(target=self._loop, name="catalogue-refresh", daemon=True).start()
+
+    def refresh(self) -> bool:
+        """One refresh attempt; False when the store is unreachable or has fewer items."""
+        from rerank.feature_store import FeatureStoreUnavailable
+
+        try:
+            item_ids, attributes = self._store.catalogue()
+        except FeatureStoreUnavailable:
+            return False
+        if len(item_ids) - 1 < self.current.n_items:
+            return False  # store not loaded yet: keep the model's catalogue
+        self.current = Catalogue(item_ids, attributes)
+        return True
+
+    def _loop(self) -> None:
+        import logging
+
+        while not self._stop.wait(self._every_s):
+            try:
+                self.refresh()
+            except Exception:  # never kill the thread over a bad read
+                logging.getLogger(__name__).exception("catalogue refresh failed")
+
+    def close(self) -> None:
+        self._stop.set()

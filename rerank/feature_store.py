@@ -15,6 +15,7 @@ Key schema (prefix `P`, default "rr:"; all keys of one store share it):
                                     (LTRIM); TTL user_ttl_s, renewed on every event
     P u:{user_id}:bought     set    item_idx of purchased items; TTL user_ttl_s
     P evt:{event_id}         string idempotency marker, TTL event_ttl_s (7 days)
+    P trainer:lease          string the online trainer's lease (rerank.lease; one trainer per stream)
     P events                 stream one entry per applied event (XADD MAXLEN ~ stream_maxlen):
                                     event_id, user_id, item_id, item_idx, type, ts, and
                                     seq = the user's recent "item_idx:type_code" pairs BEFORE
@@ -208,10 +209,12 @@ class Keys:
     item_stats: str = field(init=False)
     next_item_idx: str = field(init=False)
     events: str = field(init=False)
+    trainer_lease: str = field(init=False)
 
     def __post_init__(self) -> None:
         for name in ("item_idx", "item_id", "item_attrs", "item_stats", "next_item_idx", "events"):
             object.__setattr__(self, name, self.prefix + name)
+        object.__setattr__(self, "trainer_lease", self.prefix + "trainer:lease")
 
     def user_seq(self, user_id: str) -> str:
         return f"{self.prefix}u:{user_id}:seq"

@@ -585,7 +585,7 @@ class OnlineLoop:
         return self.stream.behind(self.stats.trained_until_id, limit=10_000)
 
 
-def model_freshness(meta: dict, loaded_at: float | None, redis_url_or_client, stream_key: str = "rr:events",
+def model_freshness(meta: dict, loaded_at: float | None, redis_url_or_client, stream_key: str,
                     now: float | None = None, limit: int = 10_000) -> dict:
     """Freshness of served weights for GET /model: version age, events behind the stream head, delay.
 

@@ -27,11 +27,20 @@ refuses (`RegistryPinned`) unless called with `force=True`: the online trainer c
 version's weights and continues from there, on the events it has not consumed yet (what it
 learned after v from already-consumed events is dropped: that is what a rollback is for).
 Pruning keeps the newest `keep` versions and never deletes the one `LATEST` points to.
+
+Reading a remote registry (S3, ...). `local_dir(v)` downloads a version into a per-node cache,
+`$RERANK_CACHE_DIR` (default ~/.cache/rerank/registry) / a hash of the URI / `vNNNNNN`, shared by
+every process of the node (downloads land under a temporary name and are renamed into place),
+and keeps only the newest `cache_keep` versions there. A local registry is read in place.
+Replicas on any node resolve their model this way themselves (`resolve_model_dir`): nothing
+passes a path that exists on one node only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -48,6 +57,8 @@ if TYPE_CHECKING:
     from rerank.recommender import Recommender
 
 VERSION_RE = re.compile(r"^v(\d{6})$")
+CACHE_ENV = "RERANK_CACHE_DIR"
+STALE_PARTIAL_S = 600  # an interrupted download's temporary directory is removed after this
 LATEST = "LATEST"
 META = "meta.json"
 
@@ -75,11 +86,14 @@ def version_name(version: int) -> str:
 class ModelRegistry:
     """Versioned model directories under a `pyarrow.fs` URI (see the module docstring)."""
 
-    def __init__(self, uri: str, keep: int = 10, create: bool = True):
+    def __init__(self, uri: str, keep: int = 10, create: bool = True, cache_dir: str | Path | None = None,
+                 cache_keep: int = 3):
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())
         self.uri = uri
         self.keep = int(keep)
+        self.cache_keep = max(1, int(cache_keep))
+        self._cache_dir = Path(cache_dir) if cache_dir else None
         self.fs, self.root = pafs.FileSystem.from_uri(uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         if create:
@@ -140,21 +154,58 @@ class ModelRegistry:
             raise RegistryError(f"{self.uri}: no complete version {version} (have {self.versions()})")
         return raw
 
-    def local_dir(self, version: int, cache: Path | None = None) -> Path:
-        """A local model directory for `version` (the registry's own on a local FS, else a download)."""
-        if version not in self.versions():
-            raise RegistryError(f"{self.uri}: no complete version {version} (have {self.versions()})")
+    @property
+    def cache_dir(self) -> Path:
+        """This node's download cache of this registry (see the module docstring)."""
+        if self._cache_dir is None:
+            base = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rerank" / "registry"
+            self._cache_dir = Path(base) / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        return self._cache_dir
+
+    def local_dir(self, version: int) -> Path:
+        """A local model directory for `version`: the registry's own on a local FS, else the
+        node cache's copy (downloaded once per node; older cached versions are pruned)."""
         src = self._path(version_name(version))
         if self.is_local:
+            if version not in self.versions():
+                raise RegistryError(f"{self.uri}: no complete version {version} (have {self.versions()})")
             return Path(src)
-        dest = Path(cache or tempfile.mkdtemp(prefix="rerank-registry-")) / version_name(version)
-        if not dest.is_dir():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
-            pafs.copy_files(src, str(tmp), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            tmp.rename(dest)
+        dest = self.cache_dir / version_name(version)
+        if (dest / META).is_file():
+            return dest
+        if self.fs.get_file_info(self._path(version_name(version), META)).type != pafs.FileType.File:
+            raise RegistryError(f"{self.uri}: no complete version {version} (have {self.versions()})")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.partial")
+        try:
+            pafs.copy_files(src, str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+            try:
+                tmp.rename(dest)
+            except OSError:  # another process of this node got there first
+                if not (dest / META).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.prune_cache(keep_version=version)
         return dest
+
+    def prune_cache(self, keep_version: int | None = None) -> list[int]:
+        """Delete cached versions beyond the newest `cache_keep` (never `keep_version`) and
+        stale partial downloads; returns the versions removed."""
+        if self.is_local or not self.cache_dir.is_dir():
+            return []
+        cached = sorted(int(m.group(1)) for p in self.cache_dir.iterdir() if (m := VERSION_RE.match(p.name)))
+        doomed = [v for v in cached[: max(0, len(cached) - self.cache_keep)] if v != keep_version]
+        for v in doomed:
+            shutil.rmtree(self.cache_dir / version_name(v), ignore_errors=True)
+        now = time.time()
+        for p in self.cache_dir.glob(".v*.partial"):
+            try:
+                if now - p.stat().st_mtime > STALE_PARTIAL_S:
+                    shutil.rmtree(p, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        return doomed
 
     def load(self, version: int | None = None) -> "Recommender":
         """Load a version (default: LATEST) with rerank.recommender.load_model."""
@@ -288,6 +339,26 @@ class ModelRegistry:
                          "trained_until": m.get("trained_until"), "trained_until_id": m.get("trained_until_id"),
                          "events_applied": m.get("events_applied")})
         return rows
+
+
+def resolve_model_dir(model: str | None, registry_uri: str | None) -> tuple[Path, int | None]:
+    """The model directory a replica serves, resolved on the replica's own node.
+
+    The registry's LATEST when `registry_uri` is given and holds a version (downloaded into the
+    node cache for a remote registry), else `model` (a path that must exist on this node: local
+    runs, or storage shared by every node). Returns (directory, registry version or None).
+    """
+    if registry_uri:
+        registry = ModelRegistry(registry_uri)
+        version = registry.latest()
+        if version is not None:
+            return registry.local_dir(version), version
+    if not model:
+        raise RegistryError(f"registry {registry_uri} has no published version and no model directory was given")
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise RegistryError(f"{model}: not a model directory on this node (config.json missing)")
+    return path, None
 
 
 def dataset_shell(model_dir: Path, items=None) -> "Dataset":

@@ -1,4 +1,4 @@
-"""Consumer-group client over the Redis event stream (`rr:events`, written by the feature store).
+"""Consumer-group client over the Redis event stream (`{prefix}events`, written by the feature store).
 
 Delivery model (Redis Streams): XREADGROUP hands each entry to one consumer of the group and
 keeps it in that consumer's pending list until XACK. So an entry is lost only if it is acked
@@ -20,7 +20,7 @@ import redis
 @dataclass
 class StreamConfig:
     url: str
-    stream: str = "rr:events"
+    stream: str  # the feature store's Keys(prefix).events
     group: str = "online-trainer"
     consumer: str = "trainer-1"
     block_ms: int = 200  # XREADGROUP BLOCK: how long a read waits for new entries

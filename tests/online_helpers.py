@@ -41,3 +41,27 @@ def synth_events(dataset_dir: Path, limit: int) -> list[tuple[str, str, str, flo
     types = ev["event_type"].to_numpy(zero_copy_only=False)[order]
     ts = ev["ts"].to_numpy()[order]
     return [(str(u), str(i), str(t), float(s)) for u, i, t, s in zip(users, items, types, ts)]
+
+
+class HandleCaller:
+    """Calls Serve DeploymentHandles from synchronous test code.
+
+    With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a handle's router runs on the caller's event loop, so
+    a handle can only be used inside one: this keeps one loop in a daemon thread and runs each
+    call there. `calls(lambda: handle.stats.remote())` returns the result.
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="handle-caller", daemon=True).start()
+
+    def __call__(self, make_response, timeout_s: float = 30.0):
+        import asyncio
+
+        async def run():
+            return await make_response()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout_s)

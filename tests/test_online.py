@@ -159,7 +159,7 @@ def _write(url: str, tiny_data, limit: int, start: int = 0):
 
 
 def _loop(url: str, registry: ModelRegistry, consumer: str = "t1", **cfg) -> OnlineLoop:
-    stream = EventStream(StreamConfig(url=url, consumer=consumer, block_ms=20, claim_idle_ms=0))
+    stream = EventStream(StreamConfig(url=url, stream="rr:events", consumer=consumer, block_ms=20, claim_idle_ms=0))
     config = OnlineConfig(publish_every_s=0.0, publish_every_events=10_000, read_count=64, **cfg)
     return OnlineLoop(stream, registry, config)
 
@@ -266,9 +266,9 @@ def test_model_freshness_counts_events_behind_the_served_version(redis_url):
     ids = [client.xadd("rr:events", {"event_id": str(i)}) for i in range(5)]
     client.close()
     meta = {"created_at": 100.0, "trained_until": 90.0, "trained_until_id": ids[1]}
-    f = model_freshness(meta, loaded_at=95.0, redis_url_or_client=redis_url, now=110.0)
+    f = model_freshness(meta, loaded_at=95.0, redis_url_or_client=redis_url, stream_key="rr:events", now=110.0)
     assert f["events_behind_head"] == 3 and f["stream_head_id"] == ids[-1]
     assert (f["version_age_s"], f["serving_for_s"], f["newest_event_to_serving_s"]) == (10.0, 15.0, 5.0)
-    assert model_freshness({}, None, redis_url)["events_behind_head"] == 5  # an offline version saw none
-    down = model_freshness(meta, 95.0, "redis://127.0.0.1:1/0", now=110.0)  # nothing listens there
+    assert model_freshness({}, None, redis_url, "rr:events")["events_behind_head"] == 5  # an offline version saw none
+    down = model_freshness(meta, 95.0, "redis://127.0.0.1:1/0", "rr:events", now=110.0)  # nothing listens there
     assert down["events_behind_head"] is None and down["version_age_s"] == 10.0

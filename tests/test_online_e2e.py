@@ -1,4 +1,4 @@
-"""The online trainer as a real Ray actor over a real Redis stream, and hot swaps under /rank load."""
+"""The online trainer (the app's Serve deployment) over a real Redis stream, and hot swaps under /rank load."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from online_helpers import synth_events, tiny_model_dir
+from online_helpers import HandleCaller, synth_events, tiny_model_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -46,35 +46,48 @@ def _write_events(url: str, events, prefix: str = "rr:", every_s: float = 0.0, b
     return accepted
 
 
-def test_killing_the_trainer_actor_mid_stream_loses_and_duplicates_no_event(ray_session, redis_url, tiny, tmp_path):
+def _replica_actor(app: str, deployment: str):
+    """The Ray actor of a Serve replica (Serve names them SERVE_REPLICA::app#deployment#id)."""
     import ray
 
-    from deployments.online_trainer import OnlineTrainer
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0], namespace="serve")
+
+
+def test_killing_the_trainer_replica_mid_stream_loses_and_duplicates_no_event(serve_url, redis_url, tiny, tmp_path):
+    import ray
+    from ray import serve
+
+    from deployments.online_trainer import GROUP, OnlineTrainer
     from rerank.registry import ModelRegistry
 
     registry = ModelRegistry(str(tmp_path / "reg"))
     registry.publish_dir(tiny[1])
     events = synth_events(tiny[0], 600)
     options = {"publish_every_s": 0.3, "read_count": 32}
-    actor = OnlineTrainer.options(name=None).remote(redis_url, registry.uri, "trainer-1", options,
-                                                    claim_idle_ms=500)
-    ray.get(actor.stats.remote())  # constructed: checkpoint loaded, group created
+    app = "trainer-kill"
+    calls = HandleCaller()
+    trainer = serve.run(OnlineTrainer.bind(redis_url, registry.uri, "rr:", options, claim_idle_ms=500, lease_ttl_s=2.0),
+                        name=app, route_prefix=None)
+    calls(lambda: trainer.stats.remote())  # constructed
     writer = threading.Thread(target=_write_events, args=(redis_url, events), kwargs={"every_s": 0.05})
     writer.start()
-    wait_until(lambda: ray.get(actor.stats.remote())["versions_published"] >= 2, "two published versions")
-    ray.kill(actor, no_restart=False)  # dies mid-stream; Ray restarts it, it resumes from the checkpoint
+    wait_until(lambda: calls(lambda: trainer.stats.remote())["versions_published"] >= 2, "two published versions")
+    ray.kill(_replica_actor(app, "OnlineTrainer"))  # dies mid-stream, no clean stop; Serve starts a new replica
     killed_at = registry.read_state("trainer_state.json")["events_applied"]
     writer.join()
     assert 0 < killed_at < len(events)
 
     def caught_up():
         try:
-            return ray.get(actor.stats.remote(), timeout=10)["events_applied"] >= len(events)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return calls(lambda: trainer.stats.remote(), 10).get("events_applied", 0) >= len(events)
+        except Exception:
             return False  # still restarting
 
-    wait_until(caught_up, "the restarted trainer to apply every event")
-    stats = ray.get(actor.flush.remote())
+    wait_until(caught_up, "the new trainer replica to apply every event")
+    stats = calls(lambda: trainer.flush.remote())
     assert stats["events_applied"] == len(events)  # none lost, none applied twice
     state = registry.read_state("trainer_state.json")
     assert state["events_applied"] == len(events)
@@ -83,10 +96,32 @@ def test_killing_the_trainer_actor_mid_stream_loses_and_duplicates_no_event(ray_
     meta = registry.meta(registry.latest())
     assert meta["events_applied"] == len(events)
     assert stats["events_trained"] + stats["events_heldout"] + stats["events_invalid"] == len(events)
-    pending = redis.Redis.from_url(redis_url).xpending("rr:events", "online-trainer")["pending"]
+    pending = redis.Redis.from_url(redis_url).xpending("rr:events", GROUP)["pending"]
     assert pending == 0
-    ray.get(actor.stop.remote())
-    ray.kill(actor, no_restart=True)
+    calls(lambda: trainer.stop.remote())
+    serve.delete(app)
+
+
+def test_a_second_trainer_on_the_same_stream_stands_by_until_the_first_stops(serve_url, redis_url, tiny, tmp_path):
+    from ray import serve
+
+    from deployments.online_trainer import OnlineTrainer
+    from rerank.registry import ModelRegistry
+
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    args = (redis_url, registry.uri, "lease:", {"publish_every_s": 0.3})
+    calls = HandleCaller()
+    first = serve.run(OnlineTrainer.bind(*args, lease_ttl_s=2.0), name="trainer-a", route_prefix=None)
+    wait_until(lambda: calls(lambda: first.stats.remote())["state"] == "training", "the first trainer to train")
+    second = serve.run(OnlineTrainer.bind(*args, lease_ttl_s=2.0), name="trainer-b", route_prefix=None)
+    wait_until(lambda: calls(lambda: second.stats.remote())["state"] == "standby", "the second to stand by")
+    assert calls(lambda: first.stats.remote())["state"] == "training"
+    calls(lambda: first.stop.remote())  # releases the lease: the standby takes over without waiting for the TTL
+    wait_until(lambda: calls(lambda: second.stats.remote())["state"] == "training", "the standby to take over", 20)
+    calls(lambda: second.stop.remote())
+    serve.delete("trainer-a")
+    serve.delete("trainer-b")
 
 
 def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redis_server, tiny, tmp_path):
@@ -94,7 +129,6 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redi
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
-    from deployments.online_trainer import OnlineTrainer
     from rerank.dataset import load_dataset
     from rerank.registry import ModelRegistry
     from rerank.replay import ReplayConfig, replay
@@ -107,13 +141,13 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redi
     ensure_loaded(redis_server.url, str(tiny[0]), prefix)
     app = build_app({"model": str(tiny[1]), "registry_uri": registry.uri, "registry_poll_s": 0.1,
                      "redis_url": redis_server.url, "redis_prefix": prefix, "ingress_batch_wait_s": 0.01,
-                     "catalogue_refresh_s": 0})
+                     "catalogue_refresh_s": 0,
+                     "online": {"enabled": True, "publish_every_s": 0.3, "read_count": 64}})  # the app's trainer
     serve.run(app, name="online-swap", route_prefix="/")
     url = serve_url
-    actor = OnlineTrainer.options(name=None).remote(redis_server.url, registry.uri, "swap-trainer",
-                                                    {"publish_every_s": 0.3, "read_count": 64},
-                                                    stream=f"{prefix}events")
-    ray.get(actor.stats.remote())
+    trainer = serve.get_deployment_handle("OnlineTrainer", app_name="online-swap")
+    calls = HandleCaller()
+    calls(lambda: trainer.stats.remote())
     dataset = load_dataset(tiny[0])
     items = [str(i) for i in dataset.item_ids[1:21]]
     statuses: list[int] = []
@@ -151,8 +185,7 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redi
     finally:
         stop.set()
         loader.join()
-        ray.get(actor.stop.remote())
-        ray.kill(actor, no_restart=True)
+        calls(lambda: trainer.stop.remote())
         serve.delete("online-swap")
     assert (replayed.sent, replayed.accepted, replayed.errors) == (400, 400, 0)
     assert statuses and set(statuses) == {200}, sorted(set(statuses))

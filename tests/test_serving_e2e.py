@@ -56,23 +56,26 @@ def shop(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(serve_url, redis_server, shop):
-    """The app deployed on Serve (HTTP on a free port), features bulk-loaded into the real Redis."""
+    """The app deployed on Serve (HTTP on a free port), features bulk-loaded into the real Redis:
+    the default (inline) layout at /, the split layout of the same app at /split."""
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
 
     redis_server.start()
     ensure_loaded(redis_server.url, str(shop["data"]), PREFIX)
-    app = build_app({
+    args = {
         "model": str(shop["model"]), "registry_uri": shop["registry"].uri, "registry_poll_s": 0.2,
         "redis_url": redis_server.url, "redis_prefix": PREFIX, "max_candidates": MAX_CANDIDATES,
-        "ingress_batch_wait_s": 0.02, "catalogue_refresh_s": 0,
-    })  # fmt: skip
-    serve.run(app, name=APP, route_prefix="/")
+        "ingress_batch_wait_s": 0.02, "catalogue_refresh_s": 0, "online": {"enabled": False},
+    }  # fmt: skip
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    serve.run(build_app({**args, "layout": "split"}), name=f"{APP}-split", route_prefix="/split")
     client = httpx.Client(base_url=serve_url, timeout=30)
     yield {"client": client, "url": serve_url, "redis": redis_server, **shop}
     client.close()
-    serve.delete(APP, _blocking=False)  # replicas drain in the background; Ray stops at session end
+    for name in (APP, f"{APP}-split"):
+        serve.delete(name, _blocking=False)  # replicas drain in the background; Ray stops at session end
 
 
 def user_with_history(dataset, min_events: int = 8) -> str:
@@ -154,6 +157,23 @@ def test_whole_catalogue_and_rules(service):
         "exclude_purchased": False, "exclude": [first], "boost": {last: 1000.0}}}).json()
     ruled_ids = [i["item_id"] for i in ruled["items"]]
     assert ruled_ids[0] == last and first not in ruled_ids and len(ruled_ids) == 5
+
+
+def test_inline_and_split_layouts_return_identical_rankings(service):
+    dataset, client = service["dataset"], service["client"]
+    users = [user_with_history(dataset), "e2e-unknown-user", str(dataset.user_ids[3])]
+    bodies = [{"user_id": u, "candidates": candidate_ids(dataset, 30, seed=10 + n), "k": 10}
+              for n, u in enumerate(users)]
+    bodies += [{"user_id": users[0], "candidates": candidate_ids(dataset, 25, seed=7), "k": 8,
+                "rules": {"diversity": 0.4, "exclude": [bodies[0]["candidates"][0]]}},
+               {"user_id": users[0], "k": 12}]  # whole catalogue
+    for body in bodies:
+        inline, split = client.post("/rank", json=body), client.post("/split/rank", json=body)
+        assert inline.status_code == split.status_code == 200, (inline.text, split.text)
+        a, b = inline.json(), split.json()
+        assert a["model_version"] == b["model_version"] and a["degraded"] is b["degraded"] is False
+        assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]], body
+        np.testing.assert_allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ def _add(url: str, n: int, stream: str = "rr:events") -> list[str]:
 
 
 def _stream(url: str, consumer: str, **kw) -> EventStream:
-    s = EventStream(StreamConfig(url=url, consumer=consumer, block_ms=50, **kw))
+    s = EventStream(StreamConfig(url=url, stream=kw.pop("stream", "rr:events"), consumer=consumer, block_ms=50, **kw))
     s.ensure_group()
     return s
 

@@ -24,7 +24,7 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not set RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
 
 
-def stack_config(args: argparse.Namespace, with_noop: bool = False):
+def stack_config(args: argparse.Namespace, with_noop: bool = False, layouts: list[str] | None = None):
     from deployments.local import LocalStackConfig
 
     for name in ("data", "model"):
@@ -34,6 +34,10 @@ def stack_config(args: argparse.Namespace, with_noop: bool = False):
 
             raise CommandError(f"--{name} {path}: not a directory")
     app_args: dict = {}
+    if getattr(args, "layout", None):
+        app_args["layout"] = args.layout
+    elif layouts:
+        app_args["layout"] = layouts[0]  # the first layout is the default app at /
     if args.registry:
         app_args["registry_uri"] = args.registry
     if args.batch_wait_ms is not None:
@@ -44,7 +48,7 @@ def stack_config(args: argparse.Namespace, with_noop: bool = False):
     return LocalStackConfig(
         data=args.data, model=args.model, redis_url=args.redis_url, host=args.host, port=args.port,
         num_cpus=args.num_cpus, throughput_optimized=not args.no_throughput_optimized,
-        with_noop=with_noop, app_args=app_args,
+        with_noop=with_noop, layouts=list(layouts or []), app_args=app_args,
     )
 
 
@@ -56,6 +60,8 @@ def register(subparsers) -> None:
         "features, deploy the app on http://HOST:PORT. Ctrl-C stops everything it started.",
     )
     add_stack_arguments(parser)
+    parser.add_argument("--layout", choices=("inline", "split"),
+                        help="serving layout (default: serve_config.yaml's, inline: one Serve hop per batch)")
     parser.add_argument("--no-online", dest="online", action="store_false",
                         help="do not start the online trainer (by default events keep training the model and "
                         "the scorers hot-swap the new versions)")
