@@ -1,10 +1,15 @@
-"""Closed-loop HTTP load generator for /rank (httpx, asyncio; no Ray).
+"""HTTP load generators for /rank (httpx, asyncio; no Ray): closed loop, open loop, comparisons.
 
-`run_load` keeps `concurrency` requests in flight against one URL for a fixed
-duration (or request count) and reports throughput, latency percentiles,
-errors and the mean scorer batch size seen in /rank responses. `compare`
-runs the same load against the pipeline and a no-op endpoint, concurrency by
-concurrency, and reports the throughput ratio. Bodies are serialised once up
+`run_load` is a closed loop: `concurrency` workers, each sending its next request
+as soon as its last one returned; it measures the throughput a service sustains
+at that concurrency. `run_open_loop` is an open loop: requests arrive at a fixed
+rate whether or not earlier ones have returned, and latency is measured from each
+request's *scheduled* arrival time, so time a request spent waiting in the
+client counts (no coordinated omission); it answers "at R req/s, what are p50 /
+p99 and what share misses the SLO". `compare` runs the same loads against
+several named targets (layouts of the pipeline and the no-op baseline),
+interleaved point by point, and reports each target's ratios to the baseline;
+`summary` extracts the SLO answers from its result. Bodies are serialised once up
 front so the generator spends its CPU on HTTP, not JSON.
 
 On a shared machine req/s moves with everyone else's load; `CpuMeter` adds a
@@ -16,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import httpx
 import numpy as np
@@ -27,13 +33,17 @@ import numpy as np
 
 @dataclass
 class LoadConfig:
-    """One load run: `concurrency` workers, each sending its next request as soon as one returns."""
+    """One load run: `concurrency` workers, each sending its next request as soon as one returns.
+
+    `duration_s`, `warmup_requests`, `timeout_s` and `headers` also apply to open-loop runs in
+    `compare`; `concurrency` and `max_requests` are closed-loop only."""
 
     concurrency: int = 8
     duration_s: float = 10.0
     max_requests: int | None = None  # stop early after this many (None = run for duration_s)
     warmup_requests: int = 20  # sent first, not measured
     timeout_s: float = 10.0
+    headers: dict = field(default_factory=dict)  # extra request headers, e.g. Authorization
 
 
 @dataclass
@@ -48,6 +58,43 @@ class LoadResult:
     p90_ms: float | None
     p99_ms: float | None
     mean_ms: float | None
+    mean_scorer_batch_size: float | None
+    server_cpu_ms_per_request: float | None = None  # with a CpuMeter (local stack) only
+    error_samples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OpenLoopResult:
+    """An open-loop run. `scheduled` = `requests` (answered 200) + `errors` (sent, failed or timed
+    out) + `dropped` (not sent: `max_in_flight` requests were already outstanding).
+
+    Latencies (p50/p90/p99/mean) are those of the successful requests, measured from their
+    scheduled arrival time. `late_share` = (successful requests slower than `slo_ms` + errors +
+    dropped) / scheduled: a request that failed or was never sent did not meet the SLO either.
+    `achieved_rate` = sent / (time from the start to the last send + 1/rate), equal to
+    `target_rate` when the generator kept up; `send_lag_ms_*` is how long after its scheduled
+    time each request actually started (the generator's own lateness, a few ms when it keeps up;
+    it is part of the latencies too)."""
+
+    url: str
+    target_rate: float
+    achieved_rate: float
+    scheduled: int
+    requests: int
+    errors: int
+    dropped: int
+    duration_s: float
+    requests_per_s: float  # successful / max(scheduled / rate, time until the last one returned)
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    slo_ms: float
+    late_share: float | None
+    send_lag_ms_p50: float | None
+    send_lag_ms_p99: float | None
+    send_lag_ms_max: float | None
+    max_in_flight: int
     mean_scorer_batch_size: float | None
     server_cpu_ms_per_request: float | None = None  # with a CpuMeter (local stack) only
     error_samples: list[str] = field(default_factory=list)
@@ -112,40 +159,45 @@ def _percentile(values: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if len(values) else None
 
 
+def _client(max_connections: int, timeout_s: float, headers: Mapping[str, str] | None) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(limits=limits, timeout=timeout_s,
+                             headers={"content-type": "application/json", **(headers or {})})
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[bool, object, str]:
+    """POST one body: (ok, parsed JSON payload or None, error message or "")."""
+    try:
+        response = await client.post(url, content=body)
+        if response.status_code != 200:
+            return False, None, f"HTTP {response.status_code}: {response.text[:200]}"
+        return True, response.json(), ""
+    except (httpx.HTTPError, ValueError) as err:
+        return False, None, f"{type(err).__name__}: {err}"
+
+
+async def _warm_up(client: httpx.AsyncClient, url: str, bodies: Sequence[bytes], n: int, width: int) -> None:
+    """`n` unmeasured requests, `width` at a time (opens connections, warms the server's caches)."""
+    for start in range(0, n, max(1, width)):
+        chunk = range(start, min(n, start + width))
+        await asyncio.gather(*(_post(client, url, bodies[i % len(bodies)]) for i in chunk))
+
+
+def _batch_size(payload: object) -> int | None:
+    if isinstance(payload, dict) and "scorer_batch_size" in payload:
+        return int(payload["scorer_batch_size"])
+    return None
+
+
 async def run_load(url: str, bodies: Sequence[bytes], config: LoadConfig) -> LoadResult:
     """Drive POST `url` with `bodies` (round robin) at `config.concurrency`; return the measurements."""
-    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
-    headers = {"content-type": "application/json"}
     latencies: list[float] = []
     batch_sizes: list[int] = []
     errors: list[str] = []
     counter = 0
 
-    async with httpx.AsyncClient(limits=limits, timeout=config.timeout_s, headers=headers) as client:
-
-        async def one(body: bytes, measure: bool) -> None:
-            start = time.perf_counter()
-            try:
-                response = await client.post(url, content=body)
-                ok = response.status_code == 200
-                payload = response.json() if ok else None
-                if not ok:
-                    message = f"HTTP {response.status_code}: {response.text[:200]}"
-            except (httpx.HTTPError, ValueError) as err:
-                ok, payload, message = False, None, f"{type(err).__name__}: {err}"
-            if not measure:
-                return
-            if ok:
-                latencies.append((time.perf_counter() - start) * 1000.0)
-                if isinstance(payload, dict) and "scorer_batch_size" in payload:
-                    batch_sizes.append(int(payload["scorer_batch_size"]))
-            else:
-                errors.append(message)
-
-        warm = [one(bodies[i % len(bodies)], False) for i in range(config.warmup_requests)]
-        for start in range(0, len(warm), config.concurrency):
-            await asyncio.gather(*warm[start : start + config.concurrency])
-
+    async with _client(config.concurrency, config.timeout_s, config.headers) as client:
+        await _warm_up(client, url, bodies, config.warmup_requests, config.concurrency)
         deadline = time.perf_counter() + config.duration_s
 
         async def worker() -> None:
@@ -155,7 +207,14 @@ async def run_load(url: str, bodies: Sequence[bytes], config: LoadConfig) -> Loa
                     return
                 body = bodies[counter % len(bodies)]
                 counter += 1
-                await one(body, True)
+                start = time.perf_counter()
+                ok, payload, message = await _post(client, url, body)
+                if ok:
+                    latencies.append((time.perf_counter() - start) * 1000.0)
+                    if (size := _batch_size(payload)) is not None:
+                        batch_sizes.append(size)
+                else:
+                    errors.append(message)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(config.concurrency)))
@@ -179,44 +238,263 @@ async def run_load(url: str, bodies: Sequence[bytes], config: LoadConfig) -> Loa
     )
 
 
-def compare(
-    pipeline_url: str,
-    noop_url: str,
+async def run_open_loop(
+    url: str,
     bodies: Sequence[bytes],
+    rate: float,
+    duration_s: float,
+    timeout_s: float = 10.0,
+    slo_ms: float = 50.0,
+    *,
+    max_in_flight: int | None = None,
+    warmup_requests: int = 0,
+    headers: Mapping[str, str] | None = None,
+) -> OpenLoopResult:
+    """Open loop: POST `url` at a fixed arrival rate of `rate` req/s for `duration_s`.
+
+    Request i (round(rate * duration_s) in all) is scheduled at start + i / rate and sent at that
+    time whether or not earlier requests have returned. Its latency is measured from the
+    *scheduled* time, not from when the client got round to sending it, so a request that waited
+    behind a stalled generator or a full connection pool is charged for the wait (coordinated
+    omission avoided: a slow server cannot make the client send fewer requests and hide its
+    queue). At most `max_in_flight` requests are outstanding (default ceil(rate * timeout_s):
+    more could only be ones that will time out); a request due while that many are outstanding
+    is not sent and is counted in `dropped`, and as late. Warm-up requests (unmeasured, before
+    the schedule starts) open some connections first. See `OpenLoopResult` for the fields.
+    """
+    if rate <= 0 or duration_s <= 0:
+        raise ValueError(f"run_open_loop needs rate > 0 and duration_s > 0 (got {rate}, {duration_s})")
+    if not bodies:
+        raise ValueError("run_open_loop needs at least one body")
+    n = max(1, int(round(rate * duration_s)))
+    cap = int(max_in_flight) if max_in_flight else max(1, math.ceil(rate * timeout_s))
+    latencies: list[float] = []
+    lags: list[float] = []
+    batch_sizes: list[int] = []
+    errors: list[str] = []
+    dropped = 0
+    sent = 0
+    in_flight = 0
+    last_send = 0.0
+
+    async with _client(cap, timeout_s, headers) as client:
+        await _warm_up(client, url, bodies, warmup_requests, min(cap, 8))
+
+        async def one(body: bytes, scheduled: float) -> None:
+            nonlocal in_flight
+            try:
+                lags.append((time.perf_counter() - scheduled) * 1000.0)
+                ok, payload, message = await _post(client, url, body)
+                if ok:
+                    latencies.append((time.perf_counter() - scheduled) * 1000.0)
+                    if (size := _batch_size(payload)) is not None:
+                        batch_sizes.append(size)
+                else:
+                    errors.append(message)
+            finally:
+                in_flight -= 1
+
+        tasks: set[asyncio.Task] = set()
+        start = time.perf_counter() + 0.005  # a small lead so request 0 is not late by construction
+        for i in range(n):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if in_flight >= cap:
+                dropped += 1
+                continue
+            in_flight += 1
+            sent += 1
+            last_send = time.perf_counter()
+            task = asyncio.create_task(one(bodies[i % len(bodies)], scheduled))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+
+    lat = np.asarray(latencies)
+    lag = np.asarray(lags)
+    done = len(latencies)
+    late = int((lat > slo_ms).sum()) + len(errors) + dropped
+    window = (last_send - start) + 1.0 / rate
+    samples = errors[:3]
+    if dropped:
+        samples.append(f"dropped {dropped}: {cap} requests already in flight (max_in_flight)")
+    return OpenLoopResult(
+        url=url,
+        target_rate=float(rate),
+        achieved_rate=round(sent / window, 2) if sent and window > 0 else 0.0,
+        scheduled=n,
+        requests=done,
+        errors=len(errors),
+        dropped=dropped,
+        duration_s=round(elapsed, 3),
+        requests_per_s=round(done / max(elapsed, n / rate), 2),
+        p50_ms=_percentile(lat, 50),
+        p90_ms=_percentile(lat, 90),
+        p99_ms=_percentile(lat, 99),
+        mean_ms=round(float(lat.mean()), 2) if done else None,
+        slo_ms=float(slo_ms),
+        late_share=round(late / n, 4),
+        send_lag_ms_p50=_percentile(lag, 50),
+        send_lag_ms_p99=_percentile(lag, 99),
+        send_lag_ms_max=round(float(lag.max()), 2) if len(lag) else None,
+        max_in_flight=cap,
+        mean_scorer_batch_size=round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
+        error_samples=samples,
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _count_candidates(body: bytes) -> int:
+    try:
+        return len(json.loads(body).get("candidates", []))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def compare(
+    targets: Mapping[str, str],
+    bodies_by_candidates: Mapping[int, Sequence[bytes]] | Sequence[bytes],
     concurrencies: Sequence[int],
     config: LoadConfig,
+    rates: Sequence[float] = (),
+    baseline: str | None = "noop",
+    slo_ms: float = 50.0,
     progress: bool = True,
     cpu_meter: CpuMeter | None = None,
 ) -> dict:
-    """Run the same load on the pipeline and on the no-op endpoint at each concurrency.
+    """Run the same loads on every target (name -> URL) and relate each to the baseline.
 
-    Returns {"runs": [{"concurrency", "pipeline": LoadResult, "noop": LoadResult,
-    "throughput_ratio": pipeline / noop req/s}, ...]}.
+    For each candidates value (key of `bodies_by_candidates`; a plain list of bodies is keyed by
+    its first body's candidate count): a closed loop at each concurrency, then an open loop at
+    each rate (`config.duration_s` each, timeout `config.timeout_s`, late = over `slo_ms`). At
+    every point all targets run one after the other (e.g. inline, split, noop) before the next
+    point, so drift of a shared machine affects them alike; the baseline runs last.
+
+    Returns {"targets", "baseline", "default_target" (the first non-baseline target),
+    "candidates", "concurrencies", "rates", "slo_ms", "rows": [...]}, one row per (candidates,
+    mode "closed"/"open", concurrency or rate, target): {"candidates", "mode", "concurrency"
+    (None when open), "rate" (None when closed), "target", **LoadResult or OpenLoopResult fields,
+    "throughput_ratio": target / baseline req/s, "p50_ratio", "p99_ratio": target / baseline
+    latency, "cpu_ratio": baseline / target server CPU ms per request (the ratio a quiet machine
+    would show; with a CpuMeter only)}; ratios are None on the baseline's own rows and without a
+    baseline. The old pipeline-vs-noop comparison is targets={"pipeline": url, "noop": noop_url}.
     """
-    runs = []
-    for concurrency in concurrencies:
-        cfg = LoadConfig(**{**asdict(config), "concurrency": int(concurrency)})
-        results = {}
-        for name, url in (("pipeline", pipeline_url), ("noop", noop_url)):
-            if progress:
-                print(f"bench: {name} at concurrency {concurrency} for {cfg.duration_s:g} s ...", file=sys.stderr)
-            before = cpu_meter.snapshot() if cpu_meter else None
-            results[name] = asyncio.run(run_load(url, bodies, cfg))
-            if cpu_meter is not None and results[name].requests:
-                used = cpu_meter.used_since(before)  # includes the warm-up requests
-                per = used * 1000.0 / (results[name].requests + cfg.warmup_requests)
-                results[name].server_cpu_ms_per_request = round(per, 2)
-        noop_rps = results["noop"].requests_per_s
-        ratio = results["pipeline"].requests_per_s / noop_rps if noop_rps else None
-        cpu = [results[n].server_cpu_ms_per_request for n in ("noop", "pipeline")]
-        runs.append(
-            {
-                "concurrency": int(concurrency),
-                "pipeline": asdict(results["pipeline"]),
-                "noop": asdict(results["noop"]),
-                "throughput_ratio": round(ratio, 3) if ratio is not None else None,
-                # no-op CPU per request / pipeline CPU per request: the ratio a quiet machine would show
-                "cpu_ratio": round(cpu[0] / cpu[1], 3) if None not in cpu and cpu[1] else None,
-            }
-        )
-    return {"runs": runs}
+    if not targets:
+        raise ValueError("compare needs at least one target")
+    if baseline is not None and baseline not in targets:
+        baseline = None
+    if not isinstance(bodies_by_candidates, Mapping):
+        bodies_by_candidates = {_count_candidates(bodies_by_candidates[0]): bodies_by_candidates}
+    order = [name for name in targets if name != baseline] + ([baseline] if baseline else [])
+    default = next((name for name in order if name != baseline), baseline)
+    rows: list[dict] = []
+
+    def measure(url: str, bodies: Sequence[bytes], concurrency: int | None, rate: float | None):
+        before = cpu_meter.snapshot() if cpu_meter else None
+        if rate is None:
+            cfg = LoadConfig(**{**asdict(config), "concurrency": int(concurrency)})
+            result = asyncio.run(run_load(url, bodies, cfg))
+        else:
+            result = asyncio.run(run_open_loop(url, bodies, rate, config.duration_s, config.timeout_s, slo_ms,
+                                               warmup_requests=config.warmup_requests, headers=config.headers))
+        handled = result.requests + result.errors  # requests the server saw (not the dropped ones)
+        if cpu_meter is not None and handled:
+            used = cpu_meter.used_since(before)  # includes the warm-up requests
+            result.server_cpu_ms_per_request = round(used * 1000.0 / (handled + config.warmup_requests), 2)
+        return result
+
+    for n_candidates, bodies in bodies_by_candidates.items():
+        points = [("closed", int(c), None) for c in concurrencies] + [("open", None, float(r)) for r in rates]
+        for mode, concurrency, rate in points:
+            results = {}
+            for name in order:
+                if progress:
+                    where = f"concurrency {concurrency}" if mode == "closed" else f"{rate:g} req/s (open loop)"
+                    print(f"bench: {name} with {n_candidates} candidates at {where} for {config.duration_s:g} s ...",
+                          file=sys.stderr)
+                results[name] = measure(targets[name], bodies, concurrency, rate)
+            base = results.get(baseline) if baseline else None
+            for name in order:
+                result = results[name]
+                row = {"candidates": int(n_candidates), "mode": mode, "concurrency": concurrency, "rate": rate,
+                       "target": name, **asdict(result)}
+                compared = base is not None and name != baseline
+                row["throughput_ratio"] = _ratio(result.requests_per_s, base.requests_per_s) if compared else None
+                row["p50_ratio"] = _ratio(result.p50_ms, base.p50_ms) if compared else None
+                row["p99_ratio"] = _ratio(result.p99_ms, base.p99_ms) if compared else None
+                cpu = (base.server_cpu_ms_per_request, result.server_cpu_ms_per_request) if compared else (None, None)
+                row["cpu_ratio"] = _ratio(cpu[0], cpu[1]) if None not in cpu else None
+                rows.append(row)
+    return {
+        "targets": dict(targets),
+        "baseline": baseline,
+        "default_target": default,
+        "candidates": [int(c) for c in bodies_by_candidates],
+        "concurrencies": [int(c) for c in concurrencies],
+        "rates": [float(r) for r in rates],
+        "slo_ms": float(slo_ms),
+        "rows": rows,
+    }
+
+
+def _pick(values: Sequence, preferred) -> object | None:
+    """`preferred` when in `values`, else the middle one of the sorted values (the lower of two)."""
+    values = sorted(set(values))
+    if not values:
+        return None
+    if preferred in values:
+        return preferred
+    return values[(len(values) - 1) // 2]
+
+
+def summary(result: dict, target: str | None = None, concurrency: int = 8, candidates: int = 200) -> dict:
+    """The SLO answers for one target (default: the first non-baseline target) from `compare`'s result.
+
+    - "closed": at `candidates` candidates (else the middle candidates value, the lower of two)
+      and concurrency `concurrency` (else the closest one run): the target's and the baseline's
+      req/s and their ratio, p50/p99 (None without closed-loop runs);
+    - "open": per candidates value and rate: p50/p99, late share, achieved rate, send lag;
+    - "c1_p50_ms": closed-loop concurrency-1 p50 per candidates value ({} without concurrency 1),
+      and "c1_p50_growth": p50 at the most candidates / p50 at the fewest (None with < 2 values).
+    """
+    rows = result["rows"]
+    target = target or result.get("default_target")
+    baseline = result.get("baseline")
+    mine = [r for r in rows if r["target"] == target]
+    chosen = _pick(result.get("candidates", []), candidates)
+    closed = None
+    concurrencies = sorted({r["concurrency"] for r in mine if r["mode"] == "closed" and r["candidates"] == chosen})
+    if concurrencies:
+        conc = min(concurrencies, key=lambda c: (abs(c - concurrency), c))
+        row = next(r for r in mine if r["mode"] == "closed" and r["candidates"] == chosen and r["concurrency"] == conc)
+        base = next((r for r in rows if r["target"] == baseline and r["mode"] == "closed"
+                     and r["candidates"] == chosen and r["concurrency"] == conc), None)
+        closed = {"candidates": chosen, "concurrency": conc, "requests_per_s": row["requests_per_s"],
+                  "baseline_requests_per_s": base["requests_per_s"] if base else None,
+                  "throughput_ratio": row["throughput_ratio"], "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
+                  "cpu_ratio": row["cpu_ratio"]}
+    open_rows = [
+        {key: r[key] for key in ("candidates", "rate", "achieved_rate", "p50_ms", "p90_ms", "p99_ms", "late_share",
+                                 "slo_ms", "errors", "dropped", "send_lag_ms_p99")}
+        for r in mine if r["mode"] == "open"
+    ]
+    c1 = {r["candidates"]: r["p50_ms"] for r in mine if r["mode"] == "closed" and r["concurrency"] == 1}
+    growth = None
+    if len(c1) >= 2:
+        low, high = min(c1), max(c1)
+        growth = {"from_candidates": low, "to_candidates": high, "ratio": _ratio(c1[high], c1[low])}
+    return {
+        "target": target,
+        "baseline": baseline,
+        "closed": closed,
+        "open": open_rows,
+        "c1_p50_ms": {str(k): v for k, v in sorted(c1.items())},
+        "c1_p50_growth": growth,
+    }

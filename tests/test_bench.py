@@ -1,25 +1,42 @@
-"""rerank.bench against a real (tiny, in-process) HTTP server: counts, errors, batch sizes, ratio."""
+"""rerank.bench against a real (tiny, in-process) HTTP server whose delays the tests control.
+
+These check the load generators' arithmetic (counts, rates, where latency is measured from,
+late shares, ratios) and the `rerank bench` command line, not the speed of the service.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
+import time
+import types
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from rerank.bench import LoadConfig, compare, run_load
+from rerank.bench import LoadConfig, compare, run_load, run_open_loop, summary
+from rerank.cli import main
+
+SEEN: list[tuple[str, str | None]] = []  # (path, Authorization header) of every request
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
 
     def do_POST(self) -> None:  # noqa: N802 (http.server API)
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        SEEN.append((self.path, self.headers.get("authorization")))
         if self.path == "/fail":
             status, payload = 500, {"detail": "boom"}
-        elif self.path == "/rank":
+        elif self.path.startswith("/sleep/"):  # /sleep/MS[/...]: answer after MS milliseconds
+            time.sleep(int(self.path.split("/")[2]) / 1000.0)
+            status, payload = 200, {"ok": True}
+        elif self.path.endswith("/rank"):
             status, payload = 200, {"items": [], "scorer_batch_size": len(body["candidates"])}
         else:
             status, payload = 200, {"ok": True}
@@ -37,6 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -44,7 +62,11 @@ def server():
     httpd.server_close()
 
 
-BODIES = [json.dumps({"user_id": "u", "candidates": ["a", "b", "c"]}).encode()]
+def _bodies(n_candidates: int) -> list[bytes]:
+    return [json.dumps({"user_id": "u", "candidates": [f"i{j}" for j in range(n_candidates)]}).encode()]
+
+
+BODIES = _bodies(3)
 
 
 def test_run_load_counts_requests_and_reads_batch_sizes(server):
@@ -64,12 +86,265 @@ def test_run_load_reports_errors_with_samples(server):
     assert result.p50_ms is None and result.requests_per_s == 0.0
 
 
-def test_compare_runs_both_endpoints_per_concurrency(server):
-    out = compare(f"{server}/rank", f"{server}/noop", BODIES, [1, 2],
+def test_run_load_sends_extra_headers(server):
+    SEEN.clear()
+    config = LoadConfig(concurrency=1, max_requests=2, warmup_requests=0, headers={"Authorization": "Bearer k1"})
+    asyncio.run(run_load(f"{server}/noop", BODIES, config))
+    assert SEEN == [("/noop", "Bearer k1")] * 2
+
+
+def test_open_loop_keeps_the_arrival_rate(server):
+    result = asyncio.run(run_open_loop(f"{server}/rank", BODIES, rate=50, duration_s=2, slo_ms=1000))
+    assert result.scheduled == 100 and result.requests == 100
+    assert result.errors == 0 and result.dropped == 0 and result.late_share == 0.0
+    assert result.achieved_rate == pytest.approx(50, rel=0.1) and result.requests_per_s == pytest.approx(50, rel=0.1)
+    assert result.duration_s >= 1.95  # the last request is due at 1.98 s
+    assert result.send_lag_ms_p99 is not None and result.send_lag_ms_p99 < 100  # the generator kept up
+    assert result.mean_scorer_batch_size == 3.0
+    assert result.max_in_flight == 500  # rate * timeout_s
+
+
+def test_open_loop_measures_from_the_scheduled_time(server):
+    # 100 ms per request at 20 req/s: two in flight at a time; every request is over a 50 ms SLO.
+    result = asyncio.run(run_open_loop(f"{server}/sleep/100", BODIES, rate=20, duration_s=1, slo_ms=50))
+    assert result.scheduled == 20 and result.requests == 20 and result.dropped == 0
+    assert result.p50_ms >= 100 and result.late_share == 1.0
+    assert result.achieved_rate == pytest.approx(20, rel=0.1)  # sent on schedule despite the slow answers
+
+
+def test_open_loop_charges_a_stalled_generator_to_the_requests(server):
+    # The client's own event loop blocks for 300 ms: requests due meanwhile go out late, and
+    # their latency includes the wait (no coordinated omission), although the server is fast.
+    async def stalled():
+        async def stall():
+            await asyncio.sleep(0.2)
+            time.sleep(0.3)
+
+        staller = asyncio.create_task(stall())
+        result = await run_open_loop(f"{server}/noop", BODIES, rate=50, duration_s=1, slo_ms=100)
+        await staller
+        return result
+
+    result = asyncio.run(stalled())
+    assert result.scheduled == 50 and result.requests == 50
+    assert result.send_lag_ms_max >= 250
+    assert result.p99_ms >= 200
+    assert 0.1 <= result.late_share < 1.0  # those due in the first ~200 ms of the stall
+
+
+def test_open_loop_counts_requests_it_could_not_send(server):
+    result = asyncio.run(run_open_loop(f"{server}/sleep/300", BODIES, rate=20, duration_s=0.5, slo_ms=50,
+                                       max_in_flight=2))
+    assert result.scheduled == 10 and result.dropped > 0
+    assert result.requests + result.errors + result.dropped == 10
+    assert result.late_share == 1.0
+    assert any("dropped" in s for s in result.error_samples)
+
+
+def test_open_loop_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        asyncio.run(run_open_loop("http://127.0.0.1:1/x", BODIES, rate=0, duration_s=1))
+
+
+def test_compare_single_pipeline_against_noop(server):
+    out = compare({"pipeline": f"{server}/rank", "noop": f"{server}/noop"}, BODIES, [1, 2],
                   LoadConfig(duration_s=5, max_requests=10, warmup_requests=1), progress=False)
-    assert [run["concurrency"] for run in out["runs"]] == [1, 2]
-    for run in out["runs"]:
-        assert run["pipeline"]["requests"] == 10 and run["noop"]["requests"] == 10
-        expected = run["pipeline"]["requests_per_s"] / run["noop"]["requests_per_s"]
-        assert run["throughput_ratio"] == pytest.approx(expected, abs=1e-3)
-        assert run["cpu_ratio"] is None  # no CpuMeter given
+    assert out["candidates"] == [3] and out["default_target"] == "pipeline" and out["baseline"] == "noop"
+    assert [(r["concurrency"], r["target"]) for r in out["rows"]] == [
+        (1, "pipeline"), (1, "noop"), (2, "pipeline"), (2, "noop")]
+    for pipe, noop in zip(out["rows"][::2], out["rows"][1::2]):
+        assert pipe["requests"] == 10 and noop["requests"] == 10
+        assert pipe["throughput_ratio"] == pytest.approx(pipe["requests_per_s"] / noop["requests_per_s"], abs=1e-3)
+        assert pipe["cpu_ratio"] is None  # no CpuMeter given
+        assert noop["throughput_ratio"] is None  # the baseline is not compared with itself
+
+
+def test_compare_targets_interleaved_with_ratios_and_summary(server):
+    targets = {"inline": f"{server}/rank", "split": f"{server}/sleep/5/split/rank", "noop": f"{server}/noop"}
+    SEEN.clear()
+    out = compare(targets, {3: _bodies(3), 5: _bodies(5)}, [1, 8],
+                  LoadConfig(duration_s=0.5, max_requests=16, warmup_requests=1), rates=[20], slo_ms=1000,
+                  progress=False)
+    # 2 candidates values x (2 concurrencies + 1 rate) x 3 targets, one target after the other per point
+    assert len(out["rows"]) == 18
+    paths = [path for path, _ in SEEN]
+    runs = [p for i, p in enumerate(paths) if i == 0 or paths[i - 1] != p]
+    assert runs == ["/rank", "/sleep/5/split/rank", "/noop"] * 6
+    keys = [(r["candidates"], r["mode"], r["concurrency"], r["rate"], r["target"]) for r in out["rows"]]
+    assert keys[:6] == [(3, "closed", c, None, t) for c in (1, 8) for t in ("inline", "split", "noop")]
+    assert keys[6:9] == [(3, "open", None, 20.0, t) for t in ("inline", "split", "noop")]
+    for i in range(0, 18, 3):
+        inline, split, noop = out["rows"][i : i + 3]
+        for row in (inline, split):
+            assert row["throughput_ratio"] == pytest.approx(row["requests_per_s"] / noop["requests_per_s"], abs=1e-3)
+            assert row["p99_ratio"] == pytest.approx(row["p99_ms"] / noop["p99_ms"], rel=1e-2, abs=2e-3)
+        assert noop["throughput_ratio"] is None
+        if inline["mode"] == "open":
+            assert inline["scheduled"] == 10 and inline["late_share"] == 0.0
+            assert inline["mean_scorer_batch_size"] == inline["candidates"]
+    json.dumps(out)  # JSON-able
+
+    s = summary(out)
+    assert s["target"] == "inline" and s["baseline"] == "noop"
+    closed = next(r for r in out["rows"] if r["candidates"] == s["closed"]["candidates"] and r["mode"] == "closed"
+                  and r["concurrency"] == 8 and r["target"] == "inline")
+    assert s["closed"]["concurrency"] == 8 and s["closed"]["throughput_ratio"] == closed["throughput_ratio"]
+    assert s["closed"]["candidates"] == 3  # 200 not run: the middle value (the lower of two)
+    assert [(o["candidates"], o["rate"]) for o in s["open"]] == [(3, 20.0), (5, 20.0)]
+    c1 = {r["candidates"]: r["p50_ms"] for r in out["rows"]
+          if r["target"] == "inline" and r["mode"] == "closed" and r["concurrency"] == 1}
+    assert s["c1_p50_ms"] == {"3": c1[3], "5": c1[5]}
+    assert s["c1_p50_growth"]["from_candidates"] == 3 and s["c1_p50_growth"]["to_candidates"] == 5
+    assert s["c1_p50_growth"]["ratio"] == pytest.approx(c1[5] / c1[3], rel=1e-2)
+    assert summary(out, "split")["closed"]["throughput_ratio"] is not None
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+@dataclass
+class _FakeDataset:
+    user_ids: list = field(default_factory=lambda: ["<pad>", "u1", "u2"])
+    item_ids: list = field(default_factory=lambda: ["<pad>"] + [f"i{j}" for j in range(12)])
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch):
+    import rerank.dataset
+
+    monkeypatch.setattr(rerank.dataset, "load_dataset", lambda path: _FakeDataset())
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    assert main(["bench", *argv]) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--candidates", "100,x"], "--candidates '100,x': expected comma-separated integers"),
+    (["--candidates", "100,,200"], "empty entry"),
+    (["--candidates", "0"], "expected positive integers"),
+    (["--concurrency", ""], "--concurrency '': expected positive integers"),
+    (["--rate", "50,fast"], "--rate '50,fast': expected comma-separated numbers"),
+    (["--rate", "-5"], "expected positive numbers"),
+    (["--layouts", "inline,inline"], "listed twice"),
+    (["--layouts", "inline,noop"], "baseline"),
+    (["--layouts", ""], "at least one layout"),
+    (["--layouts", "a/b"], "not a valid name"),
+    (["--slo-ms", "0"], "--slo-ms"),
+    (["--target", "a=/rank"], "--target needs --url"),
+    (["--url", "http://h", "--data", ".", "--target", "oops"], "expected NAME=URL"),
+    (["--url", "http://h", "--data", ".", "--target", "a=ftp://x"], "must start with"),
+    (["--url", "http://h", "--data", ".", "--target", "a=/x", "--target", "a=/y"], "given twice"),
+    (["--url", "http://h", "--data", ".", "--target", "noop=/x"], "besides the no-op"),
+    (["--url", "http://h"], "--url needs --data"),
+])
+def test_cli_rejects_bad_lists_before_starting_anything(capsys, monkeypatch, argv, message):
+    monkeypatch.setitem(sys.modules, "deployments.local", None)  # importing it (starting a stack) would fail
+    assert message in _cli_error(capsys, argv)
+
+
+def test_cli_list_parsing_and_routes():
+    from rerank.commands.bench import float_list, int_list, layout_list, layout_targets, parse_targets
+
+    assert int_list("--candidates", " 100, 200,500,1000,200") == [100, 200, 500, 1000]
+    assert float_list("--rate", "") == [] and float_list("--rate", "50, 100.5") == [50.0, 100.5]
+    assert layout_list("inline,split") == ["inline", "split"]
+    assert layout_targets("http://h:1/", ["inline", "split"]) == {
+        "inline": "http://h:1/rank", "split": "http://h:1/split/rank", "noop": "http://h:1/noop"}
+    assert parse_targets("http://h:1", ["a=/rank", "b=https://x/y/rank"]) == {
+        "a": "http://h:1/rank", "b": "https://x/y/rank", "noop": "http://h:1/noop"}
+
+
+def test_cli_against_a_running_service(server, fake_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RERANK_API_KEY", "secret")
+    SEEN.clear()
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "--url", server, "--data", str(tmp_path), "--target", "inline=/rank",
+            "--target", f"split={server}/split/rank", "--candidates", "4,500", "--concurrency", "1,2",
+            "--requests", "5", "--warmup", "1", "--rate", "20", "--duration", "0.3", "--slo-ms", "1000",
+            "--out", str(out), "--plot", str(png)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["format"] == 2 and result["settings"]["api_key"] is True
+    assert result["targets"] == {"inline": f"{server}/rank", "split": f"{server}/split/rank", "noop": f"{server}/noop"}
+    assert result["candidates"] == [4, 12]  # 500 > the 12 items: capped, with a warning
+    assert "the dataset has 12 items" in captured.err
+    assert len(result["rows"]) == 2 * 3 * 3
+    assert result["summary"]["target"] == "inline" and set(result["summaries"]) == {"inline", "split"}
+    assert result["summary"]["c1_p50_growth"]["to_candidates"] == 12
+    assert {auth for _, auth in SEEN} == {"Bearer secret"}
+    assert "closed loop" in captured.out and "open loop" in captured.out and "summary: inline" in captured.out
+    assert png.stat().st_size > 10_000
+
+
+@pytest.fixture
+def fake_stack(server, tmp_path, monkeypatch):
+    """Stand-ins for deployments.local and deployments.app (the real ones start Ray): the stack records
+    the config it was given and its every route is the in-process server."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    seen: dict = {}
+
+    @dataclass
+    class FakeConfig:
+        data: Path | None = None
+        model: Path | None = None
+        redis_url: str | None = None
+        host: str = "127.0.0.1"
+        port: int = 8000
+        num_cpus: int = 8
+        throughput_optimized: bool = True
+        with_noop: bool = False
+        layouts: list = field(default_factory=list)
+        app_args: dict = field(default_factory=dict)
+
+    class FakeStack:
+        def __init__(self, config):
+            seen["config"] = config
+            self.url, self.data = server, tmp_path
+
+        def start(self):
+            seen["started"] = True
+            return self
+
+        def stop(self):
+            seen["stopped"] = True
+
+    class AppArgs(BaseModel):
+        layout: Literal["inline", "split"] = "inline"
+
+    monkeypatch.setitem(sys.modules, "deployments.local",
+                        types.SimpleNamespace(LocalStack=FakeStack, LocalStackConfig=FakeConfig))
+    monkeypatch.setitem(sys.modules, "deployments.app", types.SimpleNamespace(AppArgs=AppArgs))
+    monkeypatch.setattr("rerank.bench.CpuMeter", lambda: None)
+    monkeypatch.delenv("RERANK_API_KEY", raising=False)
+    return seen
+
+
+@pytest.mark.parametrize("layouts, routes", [
+    (None, {"inline": "/rank", "split": "/split/rank"}),  # the default: inline,split
+    ("split,inline", {"split": "/rank", "inline": "/inline/rank"}),
+])
+def test_cli_starts_the_stack_with_one_app_per_layout(server, fake_stack, fake_dataset, tmp_path, capsys,
+                                                      layouts, routes):
+    SEEN.clear()
+    argv = ["bench", "--concurrency", "1", "--requests", "3", "--candidates", "5", "--duration", "1",
+            "--warmup", "2", "--json", "--out", str(tmp_path / "bench.json")]
+    assert main(argv + (["--layouts", layouts] if layouts else [])) == 0
+    config = fake_stack["config"]
+    assert config.with_noop and fake_stack["stopped"]
+    assert config.layouts == list(routes) and config.app_args["layout"] == list(routes)[0]  # the first one at /
+    result = json.loads(capsys.readouterr().out)
+    assert result["targets"] == {**{name: server + route for name, route in routes.items()}, "noop": f"{server}/noop"}
+    assert result["default_target"] == list(routes)[0]
+    assert {path for path, _ in SEEN} == {*routes.values(), "/noop"}
+    assert {auth for _, auth in SEEN} == {None}
+
+
+def test_cli_rejects_an_unknown_layout_before_starting_the_stack(fake_stack, capsys):
+    assert "unknown layout 'fancy'" in _cli_error(capsys, ["--layouts", "inline,fancy"])
+    assert "started" not in fake_stack
