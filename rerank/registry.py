@@ -178,6 +178,7 @@ class ModelRegistry:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.partial")
         try:
+            tmp.mkdir()
             pafs.copy_files(src, str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
             try:
                 tmp.rename(dest)
@@ -287,8 +288,11 @@ class ModelRegistry:
             self.fs.move(staging, dest)  # rename(2) of a directory: atomic
             return
         self.fs.delete_dir_contents(dest, missing_dir_ok=True)
+        self.fs.create_dir(dest, recursive=True)  # object stores: a no-op marker; filesystems with directories need it
         for path in sorted(local.rglob("*"), key=lambda p: p.name == META):  # meta.json last
-            if path.is_file():
+            if path.is_dir():
+                self.fs.create_dir(f"{dest}/{path.relative_to(local).as_posix()}", recursive=True)
+            elif path.is_file():
                 self._write_bytes(f"{dest}/{path.relative_to(local).as_posix()}", path.read_bytes())
 
     def read_state(self, name: str) -> dict | None:

@@ -113,3 +113,44 @@ def test_model_cli_list_rollback_unpin(tiny, tmp_path):
     assert missing.returncode == 2 and "nope" in missing.stderr
     assert _cli("model", "unpin", "--registry", uri).returncode == 0
     assert not ModelRegistry(uri).pinned()
+
+
+def test_a_remote_registry_is_read_through_one_pruned_cache_per_node(tiny, tmp_path, monkeypatch):
+    """mock:// is a non-local pyarrow filesystem (in this process), so reads go through the cache."""
+    import uuid
+
+    from rerank.registry import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "node-cache"))
+    uri = f"mock:///reg-{uuid.uuid4().hex}"
+    reg = ModelRegistry(uri, cache_keep=2)
+    assert not reg.is_local
+    versions = [reg.publish_dir(tiny[1]) for _ in range(4)]
+    assert reg.cache_dir.parent == tmp_path / "node-cache"  # one directory per registry URI under the node's cache
+    paths = [reg.local_dir(v) for v in versions]
+    assert all((p / "config.json").is_file() for p in paths[-2:])
+    cached = sorted(p.name for p in reg.cache_dir.iterdir())
+    assert cached == ["v000003", "v000004"]  # older downloads pruned: no directory per version left behind
+    assert reg.local_dir(4) == paths[-1]  # a cached version is not downloaded again
+    (reg.cache_dir / ".v000009.deadbeef.partial").mkdir()  # an interrupted download, long ago
+    import os
+    os.utime(reg.cache_dir / ".v000009.deadbeef.partial", (0, 0))
+    reg.prune_cache()
+    assert not (reg.cache_dir / ".v000009.deadbeef.partial").exists()
+    with pytest.raises(RegistryError, match="no complete version 7"):
+        reg.local_dir(7)
+    assert load_model(paths[-1]).n_items > 0  # a complete model directory
+
+
+def test_resolve_model_dir_without_a_version_needs_a_model_directory(tiny, tmp_path):
+    from rerank.registry import resolve_model_dir
+
+    empty = str(tmp_path / "empty")
+    assert resolve_model_dir(str(tiny[1]), empty) == (tiny[1], None)
+    reg = ModelRegistry(str(tmp_path / "reg"))
+    reg.publish_dir(tiny[1])
+    assert resolve_model_dir(None, reg.uri) == (tmp_path / "reg" / "v000001", 1)  # a local registry: read in place
+    with pytest.raises(RegistryError, match="no published version"):
+        resolve_model_dir(None, empty)
+    with pytest.raises(RegistryError, match="not a model directory"):
+        resolve_model_dir(str(tmp_path), None)
