@@ -36,6 +36,71 @@ def config_app_args(path: Path = SERVE_CONFIG) -> dict:
     return dict(apps[0].get("args") or {})
 
 
+def write_serve_config(out: Path, arg_overrides: dict, port: int | None = None,
+                       source: Path = SERVE_CONFIG) -> Path:
+    """A copy of a Serve config with the rerank app's args updated (nested `online` merged) and,
+    optionally, another HTTP port: for `serve run` of the shipped config against other paths."""
+    import yaml
+
+    config = yaml.safe_load(source.read_text())
+    if port is not None:
+        config.setdefault("http_options", {})["port"] = port
+    app = next(a for a in config["applications"] if a.get("import_path") == APP_IMPORT_PATH)
+    overrides = dict(arg_overrides)
+    app["args"]["online"] = {**(app["args"].get("online") or {}), **overrides.pop("online", {})}
+    app["args"].update(overrides)
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+class ServeRun:
+    """`serve run CONFIG` as a child process (its own local Ray), stopped with Ctrl-C's SIGINT."""
+
+    def __init__(self, config: Path, env: dict | None = None, log: Path | None = None) -> None:
+        import subprocess
+
+        serve_bin = Path(sys.executable).with_name("serve")
+        env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **(env or {})}
+        self._log = open(log, "w") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen([str(serve_bin), "run", "--address", "local", str(config)], cwd=PROJECT_ROOT,
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, url: str, timeout_s: float = 240.0, trainer: bool = True) -> dict:
+        """/healthz once it answers 200 (and the trainer trains, when `trainer`)."""
+        import time
+
+        import httpx
+
+        deadline, last = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self.proc.returncode}")
+            try:
+                r = httpx.get(f"{url}/healthz", timeout=5)
+                last = r.text
+                health = r.json()
+                if r.status_code == 200 and (not trainer or (health.get("trainer") or {}).get("state") == "training"):
+                    return health
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"serve run not ready after {timeout_s:.0f} s (last /healthz: {last})")
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # serve run's Ctrl-C: graceful shutdown
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+
+
 def ensure_demo_data(path: Path) -> Path:
     """Generate the synthetic demo shop at `path` unless a dataset is already there."""
     if not (path / "dataset.json").is_file():

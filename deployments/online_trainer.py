@@ -22,7 +22,7 @@ from dataclasses import fields
 import numpy as np
 from ray import serve
 
-from rerank.online import COUNTERS, OnlineConfig, OnlineLoop
+from rerank.online import OnlineConfig, OnlineLoop
 
 logger = logging.getLogger("ray.serve")
 DELAY_BOUNDARIES_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rerank.dataset import EVENT_CODE
 from rerank.stream import id_key

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from online_helpers import tiny_model_dir  # noqa: E402
 
@@ -53,47 +50,26 @@ def test_multi_node_cluster_serves_trains_and_hot_swaps(redis_url, tiny, tmp_pat
     assert out["model"]["meta"]["events_applied"] > 0
 
 
-def _serve_config(tmp_path: Path, tiny, redis_url: str, port: int) -> Path:
-    """serve_config.yaml as shipped, with this test's data, model, Redis, registry, prefix and port."""
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = port
-    app = next(a for a in config["applications"] if a["import_path"] == "deployments.app:build_app")
-    app["args"].update({"model": str(tiny[1]), "data": str(tiny[0]), "redis_url": redis_url,
-                        "redis_prefix": "served:", "registry_uri": str(tmp_path / "registry"),
-                        "registry_poll_s": 0.2})
-    app["args"]["online"]["publish_every_s"] = 0.3
-    path = tmp_path / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny, tmp_path):
     import redis
 
+    from deployments.local import ServeRun, write_serve_config
     from rerank.dataset import load_dataset
     from rerank.redis_server import free_port
 
     port = free_port()
-    config = _serve_config(tmp_path, tiny, redis_url, port)
-    env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-    serve_bin = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen([str(serve_bin), "run", "--address", "local", str(config)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # serve_config.yaml as shipped, with this test's data, model, Redis, registry, prefix and port
+    config = write_serve_config(tmp_path / "serve_config.yaml", {
+        "model": str(tiny[1]), "data": str(tiny[0]), "redis_url": redis_url, "redis_prefix": "served:",
+        "registry_uri": str(tmp_path / "registry"), "registry_poll_s": 0.2, "online": {"publish_every_s": 0.3}},
+        port=port)
+    served_app = ServeRun(config, log=tmp_path / "serve-run.log")
     base = f"http://127.0.0.1:{port}"
     dataset = load_dataset(tiny[0])
     user, items = str(dataset.user_ids[2]), [str(i) for i in dataset.item_ids[1:21]]
     try:
+        served_app.wait_ready(base)
         with httpx.Client(base_url=base, timeout=10) as client:
-            deadline, health = time.monotonic() + 240, None
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    health = client.get("/healthz")
-                    if health.status_code == 200 and (health.json().get("trainer") or {}).get("state") == "training":
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-            assert health is not None and health.status_code == 200, f"not up: {health and health.text}"
             first = client.post("/rank", json={"user_id": user, "candidates": items, "k": 5}).json()
             assert first["model_version"] == "v1"
             events = [{"event_id": f"served-{n}", "user_id": user, "item_id": items[n % 20], "type": "click"}
@@ -110,9 +86,4 @@ def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny
         assert stream.xlen("served:events") == 30 and not stream.exists("rr:events")  # keys follow the prefix
         assert stream.exists("served:trainer:lease")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # serve run's Ctrl-C: shuts the app down gracefully
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        served_app.stop()

@@ -7,7 +7,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 import redis
 
@@ -125,7 +124,6 @@ def test_a_second_trainer_on_the_same_stream_stands_by_until_the_first_stops(ser
 
 
 def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redis_server, tiny, tmp_path):
-    import ray
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
