@@ -131,6 +131,7 @@ class LocalStackConfig:
     port: int = 8000
     num_cpus: int = 8  # logical CPUs for the local Ray (replicas reserve fractions of one)
     throughput_optimized: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (measured faster here)
+    haproxy: bool = False  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of the replicas (haproxy on PATH)
     with_noop: bool = False  # also deploy the no-op baseline at /noop
     layouts: list[str] = field(default_factory=list)  # (bench) deploy the app in these layouts too, at /{layout}
     train_minutes: float = 1.0
@@ -188,8 +189,15 @@ class LocalStack:
 
         self.redis_url, self._redis = resolve_redis(cfg.redis_url, data_dir=None)
         print(f"rerank: Redis at {self.redis_url}{' (embedded)' if self._redis else ''}", file=sys.stderr)
-        if cfg.throughput_optimized:  # before ray.init: every Ray process (proxy, controller, replicas) inherits it
+        # Serve flags before ray.init: every Ray process (proxy, controller, replicas) inherits them
+        if cfg.throughput_optimized:
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        if cfg.haproxy:
+            import shutil
+
+            if not shutil.which("haproxy"):
+                raise RuntimeError("--haproxy: no `haproxy` binary on PATH (e.g. apt-get install haproxy)")
+            os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         import ray
         from ray import serve
 

@@ -65,7 +65,8 @@ class Scorer:
             self.registry = ModelRegistry(registry_uri)
         self.current = self._initial(model_dir)
         self._score_batched.set_max_batch_size(max_batch_size)
-        self._score_batched.set_batch_wait_timeout_s(batch_wait_s)
+        self._batch_wait_s = batch_wait_s
+        self._in_flight = 0  # score calls inside this replica: alone = no point waiting for company
         self._stop = threading.Event()
         if self.registry is not None and poll_s > 0:
             threading.Thread(target=self._poll, args=(poll_s,), name="registry-poll", daemon=True).start()
@@ -107,12 +108,18 @@ class Scorer:
 
     # ------------------------------------------------------------------ serving
     async def score(self, inputs: list[ScoreInput]) -> ScoredBatch:
-        """Scores for one ingress batch (possibly merged with others into one forward pass)."""
-        return await self._score_batched(inputs)
+        """Scores for one ingress batch (possibly merged with other calls into one forward pass;
+        the batch wait applies only while other calls are in flight, adaptive like the ingress)."""
+        self._in_flight += 1
+        self._score_batched.set_batch_wait_timeout_s(self._batch_wait_s if self._in_flight > 1 else 0.0)
+        try:
+            return await self._score_batched(inputs)
+        finally:
+            self._in_flight -= 1
 
     async def score_features(self, fetched: FetchedBatch) -> ScoredBatch:
         """score() for FeatureFetch's output, so the `split` ingress can chain the two calls."""
-        return await self._score_batched(fetched.score_inputs())
+        return await self.score(fetched.score_inputs())
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=1,
                  batch_size_fn=_request_count)

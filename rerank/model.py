@@ -172,6 +172,19 @@ class SASRec(nn.Module):
             x = x + F.embedding_bag(self.item_attributes, self.attr_emb.weight, mode="mean", padding_idx=0)
         return x
 
+    @torch.no_grad()
+    def frozen_item_table(self) -> torch.Tensor:
+        """item_table() for inference, recomputed only when its inputs change (serving scores many
+        batches with the same weights). Keyed by the tensors' in-place version counters and storage,
+        so an optimizer step, grow_items or a weight load invalidates it."""
+        inputs = [self.item_emb.weight] + ([self.attr_emb.weight, self.item_attributes] if self.attr_emb is not None else [])
+        key = tuple((t._version, t.data_ptr(), tuple(t.shape)) for t in inputs)
+        cached = getattr(self, "_frozen_table", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.item_table().detach())
+            self._frozen_table = cached
+        return cached[1]
+
     # ---- the transformer ---------------------------------------------------------------------
 
     def forward(self, seq: torch.Tensor, types: torch.Tensor | None = None,

@@ -349,8 +349,7 @@ class SequentialRecommender(Recommender):
         # sub-batches of similar length, so short histories are not padded to the longest one
         order = np.argsort([min(len(h), self.config.max_len) for h in histories], kind="stable")
         try:
-            with torch.no_grad():
-                table = module.item_table()
+            table = module.frozen_item_table()
             for lo in range(0, len(order), batch_size):
                 rows = order[lo : lo + batch_size]
                 hist = [histories[i] for i in rows]

@@ -239,3 +239,27 @@ def test_time_budget_stops_after_a_validated_epoch_and_keeps_the_best_weights(ch
     done = log.records[-1]
     assert len(epochs) == 1 and "valid_ndcg@10" in epochs[0]  # the last epoch is validated
     assert done["stop"] == "max_minutes" and done["best_epoch"] == 1
+
+
+def test_the_frozen_item_table_follows_weight_updates(make_dataset):
+    import torch
+
+    from rerank.sequential import SequentialRecommender
+
+    dataset = make_dataset([[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6]], attributes={1: [1], 2: [1, 2], 3: [2]})
+    model = SequentialRecommender.create(dataset, seed=0, d_model=8, n_layers=1, n_heads=1, max_len=5, epochs=1,
+                                         progress=False, device="cpu")
+    module = model.module
+    first = module.frozen_item_table()
+    assert module.frozen_item_table() is first  # same weights: not recomputed
+    torch.testing.assert_close(first, module.item_table().detach())
+    with torch.no_grad():
+        module.item_emb.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+    second = module.frozen_item_table()
+    assert second is not first
+    torch.testing.assert_close(second, module.item_table().detach())
+    before = model.score([np.array([1, 2])], np.array([[3, 4]]))
+    with torch.no_grad():
+        module.attr_emb.weight.add_(1.0)
+    after = model.score([np.array([1, 2])], np.array([[3, 4]]))
+    assert not np.allclose(before, after)  # the scores see the new attribute embeddings

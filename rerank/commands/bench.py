@@ -237,7 +237,7 @@ def run_bench(args: argparse.Namespace) -> int:
                      "concurrencies": concurrencies, "rates": rates, "slo_ms": args.slo_ms,
                      "timeout_s": args.timeout, "max_requests": args.requests, "warmup_requests": args.warmup,
                      "data": str(data), "url": args.url, "local_stack": stack is not None, "layouts": layouts_run,
-                     "api_key": bool(api_key), "throughput_optimized": not args.no_throughput_optimized,
+                     "api_key": bool(api_key), "throughput_optimized": not args.no_throughput_optimized, "haproxy": args.haproxy,
                      "batch_wait_ms": args.batch_wait_ms, "max_batch": args.max_batch},
         **result,
         "summary": summary(result),

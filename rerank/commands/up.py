@@ -22,6 +22,8 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, help="ingress max batch size (default 32)")
     parser.add_argument("--no-throughput-optimized", action="store_true",
                         help="do not set RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="Serve's HAProxy proxy mode (RAY_SERVE_ENABLE_HA_PROXY=1; needs `haproxy` on PATH)")
 
 
 def stack_config(args: argparse.Namespace, with_noop: bool = False, layouts: list[str] | None = None):
@@ -47,7 +49,7 @@ def stack_config(args: argparse.Namespace, with_noop: bool = False, layouts: lis
         app_args["scorer_max_batch_size"] = max(64, args.max_batch)
     return LocalStackConfig(
         data=args.data, model=args.model, redis_url=args.redis_url, host=args.host, port=args.port,
-        num_cpus=args.num_cpus, throughput_optimized=not args.no_throughput_optimized,
+        num_cpus=args.num_cpus, throughput_optimized=not args.no_throughput_optimized, haproxy=args.haproxy,
         with_noop=with_noop, layouts=list(layouts or []), app_args=app_args,
     )
 
