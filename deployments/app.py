@@ -16,6 +16,9 @@ the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
   cache themselves. When it is empty, the builder publishes `model` as v1.
 - online: the trainer: {enabled, num_cpus, lease_ttl_s, and any rerank.online.OnlineConfig
   field: lr, publish_every_s, guard_margin, holdout_every, ...}. Needs registry_uri.
+- api_keys: scoped API keys (rerank.auth), plus RERANK_API_KEY (rank+events) and
+  RERANK_ADMIN_KEY (all scopes) from the environment of the node that builds the app; none =
+  auth off, for loopback-only use.
 - redis_url: "redis://...", "env" ($REDIS_URL), or "embedded": a real Redis server owned by a
   detached Ray actor (single node). redis_prefix: every key and the event stream derive from it.
 - data: a dataset directory bulk-loaded into the store when the store is empty.
@@ -91,6 +94,12 @@ class AppArgs(BaseModel):
     redis_prefix: str = "rr:"
     data: str | None = None
     max_candidates: int = Field(1000, ge=1)
+    max_catalogue_items: int | None = Field(20_000, ge=1, description="whole-catalogue ranking cap; null = none")
+    max_in_flight: int = Field(256, ge=1, description="/rank requests per ingress replica before 503 + Retry-After")
+    score_timeout_s: float = Field(2.0, gt=0, description="slower scorer calls give a degraded ranking")
+    api_keys: dict[str, dict] | None = Field(
+        None, description="name -> {key: 'env:VAR' | 'sha256:<hex>' | key, scopes: [rank, events, admin]}; "
+        "RERANK_API_KEY / RERANK_ADMIN_KEY / RERANK_API_KEYS in the builder's environment are added")
     history_len: int = Field(50, ge=1)
     ingress_max_batch_size: int = Field(32, ge=1)
     ingress_batch_wait_s: float = Field(0.01, ge=0)
@@ -209,6 +218,11 @@ def build_app(raw_args: dict) -> serve.Application:
     if args.online.enabled:
         trainer = OnlineTrainer.options(ray_actor_options={"num_cpus": args.online.num_cpus}).bind(
             redis_url, registry_uri, args.redis_prefix, args.online.options(), lease_ttl_s=args.online.lease_ttl_s)
+    from rerank.auth import ApiKeys
+
+    keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
+    if not keys.enabled:
+        logger.warning("rerank: no API keys configured: every route is open (bind the HTTP proxy to loopback)")
     settings = IngressSettings(
         redis_url=redis_url,
         prefix=args.redis_prefix,
@@ -218,6 +232,10 @@ def build_app(raw_args: dict) -> serve.Application:
         history_len=args.history_len,
         catalogue_refresh_s=args.catalogue_refresh_s,
         max_candidates=args.max_candidates,
+        max_catalogue_items=args.max_catalogue_items,
+        max_in_flight=args.max_in_flight,
+        score_timeout_s=args.score_timeout_s,
+        keys=keys,
         max_batch_size=args.ingress_max_batch_size,
         batch_wait_s=args.ingress_batch_wait_s,
         max_concurrent_batches=args.ingress_max_concurrent_batches,

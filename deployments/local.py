@@ -128,6 +128,7 @@ class LocalStackConfig:
     model: Path | None = None  # None = artifacts/models/demo-shop (trained when missing)
     redis_url: str | None = None  # None = $REDIS_URL, else an embedded server owned by the stack
     host: str = "127.0.0.1"
+    insecure: bool = False  # allow a non-loopback host without API keys (rerank.auth.check_bind)
     port: int = 8000
     num_cpus: int = 8  # logical CPUs for the local Ray (replicas reserve fractions of one)
     throughput_optimized: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (measured faster here)
@@ -185,7 +186,11 @@ class LocalStack:
 
     def _start_services(self) -> None:
         cfg = self.config
+        from rerank.auth import ApiKeys, check_bind
         from rerank.redis_server import resolve_redis
+
+        keys = ApiKeys.load(self.config.app_args.get("api_keys") or config_app_args(cfg.config_file).get("api_keys"))
+        check_bind(cfg.host, keys, cfg.insecure)  # before anything starts
 
         self.redis_url, self._redis = resolve_redis(cfg.redis_url, data_dir=None)
         print(f"rerank: Redis at {self.redis_url}{' (embedded)' if self._redis else ''}", file=sys.stderr)

@@ -297,7 +297,9 @@ class FeatureStore:
             return False
 
     def _unavailable(self, err: Exception, what: str) -> FeatureStoreUnavailable:
-        return FeatureStoreUnavailable(f"feature store at {self.url} unavailable during {what}: {err}")
+        from rerank.auth import redact, safe_url
+
+        return FeatureStoreUnavailable(f"feature store at {safe_url(self.url)} unavailable during {what}: {redact(str(err))}")
 
     # ---- reads -------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ A batch flows as   requests -> FetchedBatch -> (Scorer) ScoredBatch -> RankedBat
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class ScoredBatch:
     model_version: str
     batch_size: int  # requests in the forward pass these scores came from
     elapsed_ms: float  # the forward pass (incl. padding), not the wait for a batch
+    degraded: bool = False  # no model scores (the scorer failed): rank by popularity
 
 
 @dataclass
@@ -61,6 +62,7 @@ class RankedBatch:
     model_version: str
     scorer_batch_size: int
     timings_ms: dict[str, float]  # time spent inside each stage: features, score, rank
+    errors: list[str | None] = field(default_factory=list)  # per request: why ranking it failed, or None
 
 
 def _empty_features(user_id: str, candidate_idx: np.ndarray) -> UserFeatures:
@@ -124,14 +126,16 @@ class FeatureFetcher:
 
 def rank_batch(fetched: FetchedBatch, scored: ScoredBatch, rules: list[RankingRules],
                catalogue: RefreshingCatalogue) -> RankedBatch:
-    """Rank each request of the batch (about 1 ms of numpy for 200 candidates)."""
+    """Rank each request of the batch (about 1 ms of numpy for 200 candidates). A request whose
+    ranking raises gets an empty list and its error; the others are ranked as usual."""
     start = time.perf_counter()
     current = catalogue.current
-    ranked = []
+    ranked: list[list[tuple[str, float]]] = []
+    errors: list[str | None] = []
     for f, scores, r in zip(fetched.items, scored.scores, rules):
         features = f.features
-        ranked.append(
-            rank(
+        try:
+            ranked.append(rank(
                 f.candidate_ids,
                 features.candidates,
                 scores,
@@ -139,16 +143,20 @@ def rank_batch(fetched: FetchedBatch, scored: ScoredBatch, rules: list[RankingRu
                 purchased_idx=features.purchased,
                 attributes=current.attributes_of(features.candidates),
                 popularity=popularity_prior(features.candidate_stats, len(f.candidate_ids)),
-            )
-        )
+            ))
+            errors.append(None)
+        except Exception as err:  # this request only
+            ranked.append([])
+            errors.append(f"{type(err).__name__}: {err}")
     elapsed = (time.perf_counter() - start) * 1000.0
     return RankedBatch(
         items=ranked,
-        degraded=[f.degraded for f in fetched.items],
+        degraded=[f.degraded or scored.degraded for f in fetched.items],
         feature_age_ms=[f.features.feature_age_ms for f in fetched.items],
         model_version=scored.model_version,
         scorer_batch_size=scored.batch_size,
         timings_ms={"features": fetched.elapsed_ms, "score": scored.elapsed_ms, "rank": elapsed},
+        errors=errors,
     )
 
 

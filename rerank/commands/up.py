@@ -14,7 +14,11 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="dataset directory (default: the demo shop, generated when missing)")
     parser.add_argument("--model", type=Path, help="model directory (default: artifacts/models/demo-shop, trained when missing)")
     parser.add_argument("--redis-url", help="use this Redis (default: $REDIS_URL, else start an embedded one)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="HTTP address (default 127.0.0.1); any other needs API keys "
+                        "(RERANK_API_KEY, RERANK_ADMIN_KEY) or --insecure")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve on a non-loopback --host without API keys (anyone who reaches it can write)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray (default 8)")
     parser.add_argument("--registry", help="model registry URI the scorer follows (hot swap)")
@@ -49,6 +53,7 @@ def stack_config(args: argparse.Namespace, with_noop: bool = False, layouts: lis
         app_args["scorer_max_batch_size"] = max(64, args.max_batch)
     return LocalStackConfig(
         data=args.data, model=args.model, redis_url=args.redis_url, host=args.host, port=args.port,
+        insecure=args.insecure,
         num_cpus=args.num_cpus, throughput_optimized=not args.no_throughput_optimized, haproxy=args.haproxy,
         with_noop=with_noop, layouts=list(layouts or []), app_args=app_args,
     )
@@ -97,10 +102,13 @@ def run_up(args: argparse.Namespace) -> int:
         else:
             rank = json.dumps({"user_id": user, "candidates": items, "k": 3})
             event = json.dumps({"events": [{"user_id": user, "item_id": items[0], "type": "click"}]})
+            import os
+
+            key = " -H \"Authorization: Bearer $RERANK_API_KEY\"" if os.environ.get("RERANK_API_KEY") else ""
             print(f"\nrerank is up at {stack.url}  (docs: {stack.url}/docs, Ctrl-C to stop)\n"
-                  f"  curl -s {stack.url}/rank -H 'content-type: application/json' -d '{rank}'\n"
-                  f"  curl -s {stack.url}/events -H 'content-type: application/json' -d '{event}'\n"
-                  f"  curl -s {stack.url}/healthz; curl -s {stack.url}/model\n", flush=True)
+                  f"  curl -s {stack.url}/rank{key} -H 'content-type: application/json' -d '{rank}'\n"
+                  f"  curl -s {stack.url}/events{key} -H 'content-type: application/json' -d '{event}'\n"
+                  f"  curl -s {stack.url}/healthz; curl -s {stack.url}/model{key}\n", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
