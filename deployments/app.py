@@ -45,6 +45,7 @@ from deployments.online_trainer import OnlineTrainer, online_config
 from deployments.ranker import Ranker
 from deployments.scorer import Scorer
 from rerank.experiments import Variant
+from rerank.feature_store import DEFAULT_PREFIX
 
 logger = logging.getLogger("ray.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ class AppArgs(BaseModel):
     registry_poll_s: float = Field(0.2, ge=0)
     redis_url: str = "embedded"
     redis_data_dir: str = str(Path.home() / ".cache" / "rerank" / "redis")
-    redis_prefix: str = "rr:"
+    redis_prefix: str = DEFAULT_PREFIX
     data: str | None = None
     max_candidates: int = Field(1000, ge=1)
     max_catalogue_items: int | None = Field(20_000, ge=1, description="whole-catalogue ranking cap; null = none")

@@ -6,7 +6,7 @@ import asyncio
 
 from ray import serve
 
-from rerank.feature_store import FeatureStore
+from rerank.feature_store import DEFAULT_PREFIX, FeatureStore
 from rerank.serving import FeatureFetcher, FetchedBatch, serving_catalogue
 
 
@@ -14,7 +14,7 @@ from rerank.serving import FeatureFetcher, FetchedBatch, serving_catalogue
                   logging_config={"enable_access_log": False})  # internal hop: the ingress logs requests
 class FeatureFetch:
     def __init__(self, redis_url: str, model: str | None, registry_uri: str | None, history_len: int = 50,
-                 prefix: str = "rr:", catalogue_refresh_s: float = 15.0) -> None:
+                 prefix: str = DEFAULT_PREFIX, catalogue_refresh_s: float = 15.0) -> None:
         store = FeatureStore(redis_url, prefix=prefix)
         self.fetcher = FeatureFetcher(store, serving_catalogue(model, registry_uri, store, catalogue_refresh_s),
                                       history_len)

@@ -50,7 +50,7 @@ from rerank.api import (
 )
 from rerank.auth import ApiKeys, AuthError, Scope, redact
 from rerank.experiments import Variant, assign_variant
-from rerank.feature_store import Event, FeatureStore, FeatureStoreUnavailable
+from rerank.feature_store import DEFAULT_PREFIX, Event, FeatureStore, FeatureStoreUnavailable
 from rerank.ranking import RankingRules
 from rerank.serving import FeatureFetcher, RankedBatch, ScoredBatch, rank_batch, serving_catalogue
 
@@ -115,7 +115,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @dataclass
 class IngressSettings:
     redis_url: str
-    prefix: str = "rr:"
+    prefix: str = DEFAULT_PREFIX
     layout: str = "inline"  # inline | split (see the module docstring)
     model: str | None = None  # where the catalogue comes from (as the scorer's model)
     registry_uri: str | None = None  # the registry the scorer follows; POST /admin/rollback moves it

@@ -22,6 +22,7 @@ from dataclasses import fields
 import numpy as np
 from ray import serve
 
+from rerank.feature_store import DEFAULT_PREFIX
 from rerank.online import OnlineConfig, OnlineLoop
 
 logger = logging.getLogger("ray.serve")
@@ -45,7 +46,7 @@ def online_config(options: dict | None) -> OnlineConfig:
                   max_ongoing_requests=8, health_check_period_s=5, graceful_shutdown_timeout_s=30,
                   logging_config={"enable_access_log": False})
 class OnlineTrainer:
-    def __init__(self, redis_url: str, registry_uri: str, prefix: str = "rr:", options: dict | None = None,
+    def __init__(self, redis_url: str, registry_uri: str, prefix: str = DEFAULT_PREFIX, options: dict | None = None,
                  claim_idle_ms: int = 5_000, lease_ttl_s: float = 10.0, torch_threads: int = 1) -> None:
         import redis
         import torch

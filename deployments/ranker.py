@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from rerank.feature_store import FeatureStore
+from rerank.feature_store import DEFAULT_PREFIX, FeatureStore
 from rerank.ranking import RankingRules
 from rerank.serving import FetchedBatch, RankedBatch, ScoredBatch, rank_batch, serving_catalogue
 
@@ -13,7 +13,7 @@ from rerank.serving import FetchedBatch, RankedBatch, ScoredBatch, rank_batch, s
                   logging_config={"enable_access_log": False})  # internal hop: the ingress logs requests
 class Ranker:
     def __init__(self, model: str | None, registry_uri: str | None, redis_url: str | None = None,
-                 prefix: str = "rr:", catalogue_refresh_s: float = 15.0) -> None:
+                 prefix: str = DEFAULT_PREFIX, catalogue_refresh_s: float = 15.0) -> None:
         store = FeatureStore(redis_url, prefix=prefix) if redis_url else None
         self.catalogue = serving_catalogue(model, registry_uri, store, catalogue_refresh_s)
 

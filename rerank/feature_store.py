@@ -63,6 +63,7 @@ from rerank.dataset import EVENT_CODE, EVENT_TYPES
 if TYPE_CHECKING:
     from rerank.dataset import Dataset
 
+DEFAULT_PREFIX = "rr:"  # every key of a store starts with its prefix (Keys below)
 SEQ_RECORD = np.dtype([("idx", "<i4"), ("type", "i1"), ("ts", "<f8")])  # Lua struct "<ibd"
 ITEM_RECORD = np.dtype(
     [("idx", "<i4"), ("views", "<u4"), ("clicks", "<u4"), ("carts", "<u4"), ("purchases", "<u4"), ("last_ts", "<f8")]
@@ -179,7 +180,7 @@ class UserFeatures:
 class FeatureStoreConfig:
     """Key prefix, caps, TTLs and timeouts of a FeatureStore."""
 
-    prefix: str = "rr:"
+    prefix: str = DEFAULT_PREFIX
     max_history: int = 200  # events kept per user
     user_ttl_s: int = 30 * 24 * 3600  # user keys expire after 30 days without events
     event_ttl_s: int = 7 * 24 * 3600  # how long a duplicate event_id is recognised
@@ -202,7 +203,7 @@ class FeatureStoreConfig:
 class Keys:
     """Key names for one prefix (see the module docstring)."""
 
-    prefix: str = "rr:"
+    prefix: str = DEFAULT_PREFIX
     item_idx: str = field(init=False)
     item_id: str = field(init=False)
     item_attrs: str = field(init=False)
@@ -265,7 +266,7 @@ def validate_event(event: Event, where: str = "event", now: float | None = None)
 class FeatureStore:
     """Client of the Redis feature store; thread-safe (one connection pool)."""
 
-    def __init__(self, url: str, prefix: str = "rr:", max_history: int = 200, **config) -> None:
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, max_history: int = 200, **config) -> None:
         self.url = url
         self.config = FeatureStoreConfig(prefix=prefix, max_history=max_history, **config)
         self.keys = Keys(self.config.prefix)
