@@ -22,6 +22,9 @@ SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 DEMO_DATA = PROJECT_ROOT / "artifacts" / "data" / "demo-shop"
 DEMO_MODEL = PROJECT_ROOT / "artifacts" / "models" / "demo-shop"
 APP_NAME = "rerank"
+# Serve holds an ingress replica open this long on shutdown (direct ingress, which the throughput
+# flag turns on) so that a load balancer can deregister it: 30 s by default, for nothing locally.
+LOCAL_DRAINING = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 NOOP_APP_NAME = "noop"
 
 
@@ -60,7 +63,7 @@ class ServeRun:
         import subprocess
 
         serve_bin = Path(sys.executable).with_name("serve")
-        env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **(env or {})}
+        env = {LOCAL_DRAINING[0]: LOCAL_DRAINING[1], **os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **(env or {})}
         self._log = open(log, "w") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen([str(serve_bin), "run", "--address", "local", str(config)], cwd=PROJECT_ROOT,
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -197,6 +200,7 @@ class LocalStack:
         # Serve flags before ray.init: every Ray process (proxy, controller, replicas) inherits them
         if cfg.throughput_optimized:
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        os.environ.setdefault(*LOCAL_DRAINING)
         if cfg.haproxy:
             import shutil
 

@@ -93,6 +93,8 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # an ingress replica otherwise lingers 30 s after serve.delete (direct ingress draining)
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
     started = not ray.is_initialized()
     if started:
         # address="local": always a fresh cluster, never one that `ray start` left running

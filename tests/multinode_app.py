@@ -52,7 +52,7 @@ def main() -> int:
     from rerank.replay import ReplayConfig, replay
 
     work = Path(args.work)
-    flags = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    flags = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0.5"}
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "env_vars": {**flags, "RERANK_CACHE_DIR": str(work / "cache-head")}})
     worker = cluster.add_node(num_cpus=4, env_vars={**flags, "RERANK_CACHE_DIR": str(work / "cache-worker")})

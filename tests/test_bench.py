@@ -11,10 +11,8 @@ import json
 import sys
 import threading
 import time
-import types
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -281,28 +279,13 @@ def test_cli_against_a_running_service(server, fake_dataset, tmp_path, capsys, m
 
 @pytest.fixture
 def fake_stack(server, tmp_path, monkeypatch):
-    """Stand-ins for deployments.local and deployments.app (the real ones start Ray): the stack records
-    the config it was given and its every route is the in-process server."""
-    from typing import Literal
-
-    from pydantic import BaseModel
+    """The real LocalStackConfig and AppArgs, but a stack that starts nothing (the real one starts
+    Ray): it records the config it was given, and its every route is the in-process server."""
+    import deployments.local
 
     seen: dict = {}
 
-    @dataclass
-    class FakeConfig:
-        data: Path | None = None
-        model: Path | None = None
-        redis_url: str | None = None
-        host: str = "127.0.0.1"
-        port: int = 8000
-        num_cpus: int = 8
-        throughput_optimized: bool = True
-        with_noop: bool = False
-        layouts: list = field(default_factory=list)
-        app_args: dict = field(default_factory=dict)
-
-    class FakeStack:
+    class RecordingStack:
         def __init__(self, config):
             seen["config"] = config
             self.url, self.data = server, tmp_path
@@ -314,12 +297,7 @@ def fake_stack(server, tmp_path, monkeypatch):
         def stop(self):
             seen["stopped"] = True
 
-    class AppArgs(BaseModel):
-        layout: Literal["inline", "split"] = "inline"
-
-    monkeypatch.setitem(sys.modules, "deployments.local",
-                        types.SimpleNamespace(LocalStack=FakeStack, LocalStackConfig=FakeConfig))
-    monkeypatch.setitem(sys.modules, "deployments.app", types.SimpleNamespace(AppArgs=AppArgs))
+    monkeypatch.setattr(deployments.local, "LocalStack", RecordingStack)
     monkeypatch.setattr("rerank.bench.CpuMeter", lambda: None)
     monkeypatch.delenv("RERANK_API_KEY", raising=False)
     return seen
