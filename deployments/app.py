@@ -96,6 +96,9 @@ class AppArgs(BaseModel):
     data: str | None = None
     max_candidates: int = Field(1000, ge=1)
     max_catalogue_items: int | None = Field(20_000, ge=1, description="whole-catalogue ranking cap; null = none")
+    new_item_allowance: int = Field(
+        50_000, ge=0, description="items first seen in events that may join the catalogue beyond the served "
+        "model's, per deployment; events naming more are stored with item_idx 0 and counted")
     max_in_flight: int = Field(256, ge=1, description="/rank requests per ingress replica before 503 + Retry-After")
     score_timeout_s: float = Field(2.0, gt=0, description="slower scorer calls give a degraded ranking")
     api_keys: dict[str, dict] | None = Field(
@@ -194,6 +197,26 @@ def prepare_registry(args: AppArgs) -> None:
         raise ValueError(f"model {model}: not a model directory (config.json missing)")
 
 
+def prepare_store(redis_url: str, prefix: str, model: str | None, registry_uri: str | None) -> int:
+    """Warn about a Redis that may evict or grow without bound, and keep new item ids above the
+    served model's items (an emptied Redis would otherwise hand their idx out again).
+    Returns the served model's item count."""
+    from rerank.feature_store import FeatureStore
+    from rerank.recommender import read_config
+    from rerank.registry import resolve_model_dir
+
+    model_dir, _ = resolve_model_dir(model, registry_uri)
+    n_items = int(read_config(model_dir)["n_items"])
+    store = FeatureStore(redis_url, prefix=prefix)
+    try:
+        for problem in store.check_server():
+            logger.warning("rerank: Redis: %s", problem)
+        store.ensure_item_floor(n_items)
+    finally:
+        store.close()
+    return n_items
+
+
 def build_app(raw_args: dict) -> serve.Application:
     """Build the graph from `raw_args` (validated into AppArgs)."""
     args = AppArgs.model_validate(raw_args or {})
@@ -205,6 +228,7 @@ def build_app(raw_args: dict) -> serve.Application:
     prepare_registry(args)
     if args.data:
         ensure_loaded(redis_url, _absolute(args.data), args.redis_prefix)
+    n_items = prepare_store(redis_url, args.redis_prefix, model, registry_uri)
     scorer = Scorer.options(
         ray_actor_options={"num_cpus": args.scorer_num_cpus, "num_gpus": args.scorer_num_gpus}
     ).bind(
@@ -234,6 +258,7 @@ def build_app(raw_args: dict) -> serve.Application:
         catalogue_refresh_s=args.catalogue_refresh_s,
         max_candidates=args.max_candidates,
         max_catalogue_items=args.max_catalogue_items,
+        item_capacity=n_items + args.new_item_allowance,
         max_in_flight=args.max_in_flight,
         score_timeout_s=args.score_timeout_s,
         keys=keys,

@@ -123,6 +123,7 @@ class IngressSettings:
     catalogue_refresh_s: float = 15.0
     max_candidates: int = 1000
     max_catalogue_items: int | None = DEFAULT_MAX_CATALOGUE_ITEMS  # whole-catalogue ranking cap (None = off)
+    item_capacity: int | None = None  # highest item_idx events may create (None = no cap)
     max_batch_size: int = 32
     batch_wait_s: float = 0.01
     max_concurrent_batches: int = 4
@@ -170,7 +171,7 @@ class Ingress:
         self.ranker = ranker
         self.trainer = trainer
         self.settings = settings
-        self.store = FeatureStore(settings.redis_url, prefix=settings.prefix)
+        self.store = FeatureStore(settings.redis_url, prefix=settings.prefix, item_capacity=settings.item_capacity)
         self.catalogue = serving_catalogue(settings.model, settings.registry_uri, self.store,
                                            settings.catalogue_refresh_s)
         if settings.layout == "inline":
@@ -305,18 +306,19 @@ class Ingress:
         events = [Event(user_id=e.user_id, item_id=e.item_id, type=e.type, ts=e.ts, event_id=e.event_id)
                   for e in body.events]
         try:
-            applied = await asyncio.to_thread(self.store.write_events, events)
+            written = await asyncio.to_thread(self.store.write_events_detailed, events)
         except FeatureStoreUnavailable:
             self.metrics.requests.inc(tags={"route": "/events", "status": "503"})
             return _unavailable("feature store unavailable, events not stored", self.settings.retry_after_s)
         except ValueError as err:
             self.metrics.requests.inc(tags={"route": "/events", "status": "422"})
             raise HTTPException(422, detail=[{"loc": ["body", "events"], "msg": str(err), "type": "value_error"}])
+        applied = written.applied
         accepted = sum(applied)
-        if accepted:  # Ray counters refuse inc(0)
-            self.metrics.events.inc(accepted, tags={"result": "stored"})
-        if len(applied) - accepted:
-            self.metrics.events.inc(len(applied) - accepted, tags={"result": "duplicate"})
+        for result, count in (("stored", accepted), ("duplicate", len(applied) - accepted),
+                              ("new_item", written.new_items), ("over_item_capacity", written.over_capacity)):
+            if count:  # Ray counters refuse inc(0)
+                self.metrics.events.inc(count, tags={"result": result})
         self.metrics.requests.inc(tags={"route": "/events", "status": "200"})
         return EventsResponse(accepted=accepted, duplicates=len(applied) - accepted)
 

@@ -9,15 +9,21 @@ Key schema (prefix `P`, default "rr:"; all keys of one store share it):
                                     item_idx, views, clicks, carts, purchases, last_ts
                                     (one HMGET per batch gives idx + counters for all candidates)
     P next_item_idx          string highest item_idx assigned so far; items first seen in events
-                                    get the next one (up to `item_capacity` when set)
+                                    get the next one (up to `item_capacity` when set; beyond it
+                                    they get idx 0: see "Bounded state"). An emptied Redis starts
+                                    it at 0 again: `ensure_item_floor(model's n_items)` keeps new
+                                    items clear of the idx the served model already uses
     P u:{user_id}:seq        list   the user's events, newest first, 13-byte records "<ibd":
                                     item_idx, event type code (1..4), ts; capped at max_history
                                     (LTRIM); TTL user_ttl_s, renewed on every event
     P u:{user_id}:bought     set    item_idx of purchased items; TTL user_ttl_s
-    P evt:{event_id}         string idempotency marker, TTL event_ttl_s (7 days)
+    P evt:{event_id}         string idempotency marker, TTL event_ttl_s (7 days); ONLY for events
+                                    whose client sent an event_id (an event without one gets a
+                                    server uuid in the stream but no marker: nobody can retry it)
     P trainer:lease          string the online trainer's lease (rerank.lease; one trainer per stream)
     P events                 stream one entry per applied event (XADD MAXLEN ~ stream_maxlen):
-                                    event_id, user_id, item_id, item_idx, type, ts, and
+                                    event_id, user_id, item_id, item_idx (0 = an item refused by
+                                    item_capacity: not in any history or counter), type, ts, and
                                     seq = the user's recent "item_idx:type_code" pairs BEFORE
                                     this event, oldest first, space separated, at most
                                     stream_seq_len (see `parse_stream_seq`)
@@ -32,14 +38,28 @@ several keys, so on Redis Cluster all of them must share one hash slot (use a
 prefix with a hash tag, e.g. "{rr}:", which puts the store on one node); the
 store is meant for a single Redis node (with a replica for failover).
 
+Bounded state: user keys expire (user_ttl_s), the stream is capped (stream_maxlen,
+~0.5 KB an entry at stream_seq_len 50, so ~0.5 GB at the default cap), idempotency
+markers exist only for client event_ids and expire (event_ttl_s; ~100 B each, so
+200 events/s with ids for 7 days is ~120 M markers, ~12 GB: size event_ttl_s to the
+retry window). The catalogue grows by one item per unseen item_id unless
+`item_capacity` is set; events naming a new item beyond it are still applied (stream
+entry with item_idx 0, marker) but leave the user's history, bought set and item
+counters alone; `write_events_detailed` counts them and `new_item_room()` tells what
+is left. Redis itself should run with `maxmemory` and `maxmemory-policy noeviction`
+(EmbeddedRedis does; `check_server()` reports an external server that does not): full,
+it refuses writes with OOM (FeatureStoreUnavailable below) instead of evicting
+histories, stream entries, the item map or idempotency markers.
+
 Failures: socket timeouts are small (0.2 s by default) and a dead pooled connection is
 retried once. An unreachable or timed-out server, or a transient error reply (OOM,
 READONLY, LOADING, BUSY, ...), raises FeatureStoreUnavailable: serving degrades, the
 event API answers with a retryable status. A write batch that failed that way may be
 partly applied; retrying it with the same event_ids applies each event exactly once
-(for event_ttl_s). Scripts do all reads before the first write, and Redis refuses a
-script's first write (not later ones) when out of memory, so an event is applied whole or
-not at all (short of a key of the wrong type, which Redis cannot roll back).
+(for event_ttl_s; events sent without an event_id have no such guarantee). Scripts do
+all reads before the first write, and Redis refuses a script's first write (not later
+ones) when out of memory, so an event is applied whole or not at all (short of a key of
+the wrong type, which Redis cannot roll back).
 
 Timestamps are Unix seconds (float). The sequence is in arrival order.
 """
@@ -80,15 +100,22 @@ _TRANSIENT_REPLY = re.compile(r"(?:^|: -)(OOM|READONLY|LOADING|BUSY|MASTERDOWN|T
 
 
 def _is_transient(err: Exception) -> bool:
+    # redis-py turns a command's own -OOM / -READONLY reply into these classes, minus the code
+    if isinstance(err, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+        return True
     return isinstance(err, redis.ResponseError) and _TRANSIENT_REPLY.search(str(err)) is not None
 
 # KEYS: 1 evt marker, 2 item_idx, 3 item_id, 4 item_stats, 5 next_item_idx, 6 user seq, 7 user bought, 8 stream
 # ARGV: 1 event_id, 2 user_id, 3 item_id, 4 type code, 5 type name, 6 ts, 7 max_history, 8 user_ttl_s,
-#       9 event_ttl_s, 10 stream_maxlen, 11 stream_seq_len, 12 item_capacity (0 = none)
+#       9 event_ttl_s, 10 stream_maxlen, 11 stream_seq_len, 12 item_capacity (0 = none),
+#       13 "1" = the client sent event_id: check and set the marker KEYS[1]; "0" = a server id: no marker
+# Returns 0 duplicate, else applied: 1 known item, 2 new item (got the next idx), 3 new item over
+# item_capacity (idx 0: stream entry only).
 # Reads first, writes last: Redis does not roll a script back, so nothing is written before
 # the last point where it could fail.
 _WRITE_EVENT_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local keyed = ARGV[13] == '1'
+if keyed and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local code = tonumber(ARGV[4])
 local ts = tonumber(ARGV[6])
 local idx = redis.call('HGET', KEYS[2], ARGV[3])
@@ -133,8 +160,21 @@ end
 redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*',
   'event_id', ARGV[1], 'user_id', ARGV[2], 'item_id', ARGV[3], 'item_idx', tostring(idx),
   'type', ARGV[5], 'ts', ARGV[6], 'seq', table.concat(parts, ' '))
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[9])
+if keyed then redis.call('SET', KEYS[1], '1', 'EX', ARGV[9]) end
+if new_item then return 2 end
+if idx == 0 then return 3 end
 return 1
+"""
+
+# KEYS: 1 next_item_idx; ARGV: 1 floor. Raises next_item_idx to the floor (never lowers it); returns it.
+_ITEM_FLOOR_LUA = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[1])
+if cur < floor then
+  redis.call('SET', KEYS[1], floor)
+  return floor
+end
+return cur
 """
 
 
@@ -158,7 +198,7 @@ class Event:
     item_id: str
     type: str
     ts: float | None = None  # Unix seconds; None = now
-    event_id: str | None = None  # idempotency key; None = a fresh uuid (then a retry may apply it twice)
+    event_id: str | None = None  # idempotency key; None = a server uuid, no marker (a retry applies it twice)
 
 
 @dataclass
@@ -174,6 +214,27 @@ class UserFeatures:
     candidates: np.ndarray | None  # (C,) int32 item_idx, 0 = unknown item
     candidate_stats: np.ndarray | None  # (C, 4) int64 views, clicks, carts, purchases
     feature_age_ms: float | None  # now - last_event_ts
+
+
+@dataclass
+class WriteResult:
+    """What one `write_events_detailed` call did."""
+
+    applied: list[bool]  # per event: True = applied, False = duplicate (what write_events returns)
+    new_items: int = 0  # applied events that assigned a new item_idx (the catalogue grew by this much)
+    over_capacity: int = 0  # applied events naming a new item refused by item_capacity (stored with item_idx 0)
+    refused_item_ids: list[str] = field(default_factory=list)  # those items, distinct, in order
+
+
+@dataclass(frozen=True)
+class ServerMemory:
+    """Memory settings of the Redis server (None = could not be read)."""
+
+    maxmemory: int | None  # bytes; 0 = unbounded
+    policy: str | None  # maxmemory-policy
+    used_memory: int | None  # bytes, from INFO memory
+    source: str  # "config" (CONFIG GET), "info" (INFO memory: CONFIG refused) or "none"
+    error: str | None = None  # why CONFIG GET / INFO could not be read
 
 
 @dataclass
@@ -242,6 +303,10 @@ def parse_stream_seq(text: str) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0].astype(np.int32), pairs[:, 1].astype(np.int8)
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _check_id(value, where: str, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise EventValidationError(f"{where}.{name}: expected a non-empty string, got {value!r}")
@@ -278,6 +343,7 @@ class FeatureStore:
             retry_on_timeout=True,
         )
         self._write_sha: str | None = None
+        self._item_floor = self._redis.register_script(_ITEM_FLOOR_LUA)
 
     # Ray and multiprocessing pickle deployments' state: rebuild the client on the other side.
     def __getstate__(self) -> dict:
@@ -423,12 +489,24 @@ class FeatureStore:
 
         All events are validated first (EventValidationError, nothing written). Raises
         FeatureStoreUnavailable when Redis is unreachable; some events of the batch may
-        then have been applied, and a retry with the same event_ids applies the rest once.
+        then have been applied, and a retry with the same event_ids applies the rest once
+        (events without an event_id get a server id and no idempotency marker).
+        `write_events_detailed` also tells how many events were refused a new item.
+        """
+        return self.write_events_detailed(events).applied
+
+    def write_events_detailed(self, events: list[Event]) -> WriteResult:
+        """`write_events`, with counts of new items and of events over `item_capacity`.
+
+        An event naming an item the store does not know yet, once `item_capacity` items
+        exist, is still applied (counted in `applied`, its marker set, one stream entry with
+        item_idx 0) but enters no history, bought set or item counter; `over_capacity`
+        counts such events and `refused_item_ids` names their items.
         """
         now = time.time()
         checked = [validate_event(e, f"events[{i}]", now) for i, e in enumerate(events)]
         if not events:
-            return []
+            return WriteResult(applied=[])
         cfg, keys = self.config, self.keys
         static_args = [cfg.max_history, cfg.user_ttl_s, cfg.event_ttl_s, cfg.stream_maxlen, cfg.stream_seq_len,
                        cfg.item_capacity or 0]  # fmt: skip
@@ -444,7 +522,7 @@ class FeatureStore:
                         keys.event(event_id), keys.item_idx, keys.item_id, keys.item_stats, keys.next_item_idx,
                         keys.user_seq(event.user_id), keys.user_bought(event.user_id), keys.events,
                         event_id, event.user_id, event.item_id, EVENT_CODE[event.type], event.type, repr(ts),
-                        *static_args,
+                        *static_args, "0" if event.event_id is None else "1",
                     )  # fmt: skip
                 replies = pipe.execute(raise_on_error=False)
             except _UNAVAILABLE as err:
@@ -458,8 +536,117 @@ class FeatureStore:
                 raise self._unavailable(transient[0], "write_events")
             if errors:
                 raise FeatureStoreError(f"write_events: Redis refused {len(errors)} event(s): {errors[0]}")
-            return [bool(r) for r in replies]
+            codes = [int(r) for r in replies]
+            refused = [e.item_id for e, c in zip(events, codes) if c == 3]
+            return WriteResult(
+                applied=[c > 0 for c in codes],
+                new_items=codes.count(2),
+                over_capacity=len(refused),
+                refused_item_ids=list(dict.fromkeys(refused)),
+            )
         raise FeatureStoreError("write_events: the event script could not be loaded")
+
+    def new_item_room(self) -> int | None:
+        """How many more new items events may add before `item_capacity`; None = no capacity set."""
+        cap = self.config.item_capacity
+        if cap is None:
+            return None
+        try:
+            top = int(self._redis.get(self.keys.next_item_idx) or 0)
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "new_item_room") from err
+        return max(0, cap - top)
+
+    def ensure_item_floor(self, n_items: int) -> int:
+        """Raise `next_item_idx` to at least `n_items` (atomic; never lowers it); returns its value.
+
+        Call it at startup with the served model's item count: items first seen in events then
+        get idx above the model's, also after Redis lost its data (an emptied Redis would
+        otherwise hand out 1, 2, ... again, idx the model knows as other items). It does not
+        restore the item map itself: items the model knows but Redis forgot get new idx when
+        they reappear (bulk_load the catalogue to keep their idx)."""
+        if isinstance(n_items, bool) or not isinstance(n_items, (int, np.integer)) or n_items < 0:
+            raise ValueError(f"ensure_item_floor: n_items must be an int >= 0, got {n_items!r}")
+        try:
+            return int(self._item_floor(keys=[self.keys.next_item_idx], args=[int(n_items)]))
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "ensure_item_floor") from err
+        except redis.ResponseError as err:
+            if _is_transient(err):
+                raise self._unavailable(err, "ensure_item_floor") from err
+            raise FeatureStoreError(f"ensure_item_floor: Redis refused it: {err}") from err
+
+    # ---- server checks -----------------------------------------------------------------------
+
+    def server_memory(self) -> ServerMemory:
+        """maxmemory, maxmemory-policy and used memory of the server.
+
+        Reads CONFIG GET; where CONFIG is refused (managed Redis often renames or forbids it)
+        falls back to INFO memory, which reports the same settings; where both are refused
+        returns None fields with `error` set. Raises FeatureStoreUnavailable when Redis is
+        unreachable."""
+        errors: list[str] = []
+        try:
+            info = self._redis.info("memory")
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "server_memory") from err
+        except redis.ResponseError as err:
+            info = {}
+            errors.append(f"INFO memory: {err}")
+        used = info.get("used_memory")
+        used = int(used) if used is not None else None
+        try:
+            policy = self._redis.config_get("maxmemory-policy").get("maxmemory-policy")
+            maxmemory = self._redis.config_get("maxmemory").get("maxmemory")
+            if policy is not None and maxmemory is not None:
+                return ServerMemory(int(maxmemory), _text(policy), used, "config")
+            errors.append("CONFIG GET: maxmemory / maxmemory-policy not reported")
+        except _UNAVAILABLE as err:
+            raise self._unavailable(err, "server_memory") from err
+        except redis.ResponseError as err:
+            errors.append(f"CONFIG GET: {err}")
+        if "maxmemory" in info and "maxmemory_policy" in info:
+            policy = _text(info["maxmemory_policy"])
+            return ServerMemory(int(info["maxmemory"]), policy, used, "info", "; ".join(errors))
+        return ServerMemory(None, None, used, "none", "; ".join(errors))
+
+    def check_server(self, full_fraction: float = 0.9) -> list[str]:
+        """Problems of the server's memory settings for this store, as sentences ([] = fine).
+
+        Reported: an eviction policy other than noeviction (allkeys-* / volatile-* may drop user
+        histories, the event stream, the item map or idempotency markers when Redis is full),
+        maxmemory 0 (unbounded: Redis grows until the OS kills it), memory use at or above
+        `full_fraction` of maxmemory, and settings that could not be read (CONFIG and INFO both
+        refused) -- a warning, not an error. Meant for startup logs; raises only
+        FeatureStoreUnavailable (Redis unreachable)."""
+        from rerank.auth import safe_url
+
+        mem = self.server_memory()
+        where = f"Redis at {safe_url(self.url)}"
+        if mem.source == "none":
+            return [
+                f"{where}: could not read maxmemory / maxmemory-policy ({mem.error}); make sure "
+                "maxmemory is set and maxmemory-policy is noeviction"
+            ]
+        problems = []
+        if mem.policy != "noeviction":
+            problems.append(
+                f"{where}: maxmemory-policy is {mem.policy!r}: when full, Redis evicts keys (user "
+                "histories, the event stream, the item map, idempotency markers); set it to "
+                "'noeviction' so a full Redis refuses writes (retryable) instead"
+            )
+        if mem.maxmemory == 0:
+            problems.append(
+                f"{where}: maxmemory is 0 (unbounded): Redis grows until the machine runs out of "
+                "memory; set maxmemory (with maxmemory-policy noeviction)"
+            )
+        elif mem.used_memory is not None and mem.used_memory >= full_fraction * mem.maxmemory:
+            problems.append(
+                f"{where}: uses {mem.used_memory / 2**20:.1f} MiB of its maxmemory "
+                f"{mem.maxmemory / 2**20:.1f} MiB ({mem.used_memory / mem.maxmemory:.0%}): "
+                "writes will soon be refused (OOM)"
+            )
+        return problems
 
     def bulk_load(self, dataset: "Dataset", progress: bool = True, batch: int = 5000, drop_last: int = 0) -> dict:
         """Load a dataset's catalogue, item counters and user histories (pipelined, idempotent).

@@ -13,12 +13,23 @@ power loss can lose the last ~1-2 s. `always` would fsync on every write and cos
 throughput for a guarantee a laptop deployment does not need. Restarting
 on the same `data_dir` (and port) brings the data back; tests use that to
 simulate an outage.
+
+Memory: the server runs with `maxmemory` (DEFAULT_MAXMEMORY, 2gb, unless told
+otherwise) and `maxmemory-policy noeviction`. Full, it refuses writes with OOM, which
+the feature store reports as a retryable FeatureStoreUnavailable, rather than
+evicting user histories, stream entries, the item map or idempotency markers (any
+other policy does that silently) or growing until the OS kills it. 2gb holds the
+store's default caps with room to spare -- the full event stream (1 M entries,
+~0.5 GB), ~100 k users' 200-event histories (~0.3 GB), ~10 M idempotency markers
+(~1 GB) -- and is a quarter of an 8 GB laptop, which leaves room for the
+copy-on-write pages of an append-only-file rewrite (a fork).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,6 +45,25 @@ from redis.retry import Retry
 
 ENV_URL = "REDIS_URL"
 ENV_BINARY = "REDIS_SERVER_BIN"
+DEFAULT_MAXMEMORY = "2gb"  # see the module docstring
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+
+
+def parse_memory_size(value: int | str | None) -> int:
+    """Bytes of a Redis memory setting: an int, or "256mb", "1gb", "500m" (Redis' units: k/m/g are
+    powers of 1000, kb/mb/gb of 1024; case-insensitive). None -> 0 (Redis: no limit)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise ValueError(f"memory size: expected bytes or a string like '1gb', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"memory size must be >= 0 bytes, got {value}")
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([a-z]*)\s*", str(value).lower())
+    if not match or match.group(2) not in _MEMORY_UNITS:
+        raise ValueError(f"memory size {value!r}: expected bytes or a number with b/k/kb/m/mb/g/gb, e.g. '1gb'")
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
 
 
 class RedisServerError(RuntimeError):
@@ -98,6 +128,8 @@ class EmbeddedRedis:
     and (Linux, when started from the main thread) when the process that started
     it dies. Linux ties that signal to the starting *thread*, so a server started
     from another thread is not tied (it would die with a short-lived worker thread).
+    `maxmemory` (bytes or "256mb"-style; None or 0 = no limit) caps the server's memory,
+    with maxmemory-policy noeviction always (see the module docstring).
     """
 
     def __init__(
@@ -107,7 +139,9 @@ class EmbeddedRedis:
         persist: bool = True,
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
+        maxmemory: int | str | None = DEFAULT_MAXMEMORY,
     ) -> None:
+        self.maxmemory = parse_memory_size(maxmemory)  # bytes, 0 = no limit; checked before any side effect
         self._auto_port = port == 0
         self.port = port or free_port()
         self._started_once = False
@@ -145,6 +179,8 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--save", "",
             "--appendonly", "yes" if self.persist else "no",
+            "--maxmemory", str(self.maxmemory),
+            "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
         if self.persist:
             cmd += ["--appendfsync", "everysec", "--appendfilename", "rerank.aof"]
@@ -250,14 +286,17 @@ class EmbeddedRedis:
 
 
 def resolve_redis(
-    url: str | None = None, data_dir: Path | str | None = None
+    url: str | None = None,
+    data_dir: Path | str | None = None,
+    maxmemory: int | str | None = DEFAULT_MAXMEMORY,
 ) -> tuple[str, EmbeddedRedis | None]:
     """`url`, else $REDIS_URL -> (url, None); else start an embedded server -> (its url, handle).
 
-    The caller owns the handle and should `close()` it (it also stops at exit).
+    The caller owns the handle and should `close()` it (it also stops at exit). `maxmemory`
+    applies to an embedded server only (check an external one with FeatureStore.check_server).
     """
     url = url or os.environ.get(ENV_URL) or None
     if url:
         return url, None
-    server = EmbeddedRedis(data_dir=data_dir).start()
+    server = EmbeddedRedis(data_dir=data_dir, maxmemory=maxmemory).start()
     return server.url, server

@@ -274,6 +274,8 @@ def test_server_out_of_memory_is_reported_as_unavailable(redis_url):
         with pytest.raises(FeatureStoreUnavailable, match="OOM"):
             store.write_events([Event("u", "a", "view", event_id="oom")])
         assert store.fetch([("u", None)])[0].history.size == 0  # reads still work
+        with pytest.raises(FeatureStoreUnavailable, match="OOM"):
+            store.ensure_item_floor(5)
     finally:
         client.config_set("maxmemory", old)
     assert store.write_events([Event("u", "a", "view", event_id="oom")]) == [True]
@@ -371,3 +373,164 @@ def test_acknowledged_events_survive_a_killed_server(redis_server, redis_url):
     (u,) = store.fetch([("u", None)])
     assert u.history.tolist() == list(range(1, 51))
     assert store.write_events(events[:3]) == [False] * 3  # the idempotency markers survived too
+
+
+# --- bounded state: idempotency markers, item capacity, item floor, server memory settings -------
+
+
+def _markers(client: redis.Redis, store: FeatureStore) -> list[bytes]:
+    return list(client.scan_iter(match=store.keys.event("*"), count=1000))
+
+
+def test_events_without_event_id_leave_no_idempotency_marker(redis_url):
+    store = FeatureStore(redis_url, event_ttl_s=600)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert store.write_events([Event(f"u{i % 3}", f"x{i % 4}", "view") for i in range(30)]) == [True] * 30
+    assert _markers(client, store) == []  # nobody can retry them: nothing to recognise
+    entries = client.xrange(store.keys.events)
+    assert len(entries) == 30 and len({f["event_id"] for _, f in entries}) == 30  # server ids, in the stream
+
+    keyed = [Event("v", f"x{i % 4}", "click", event_id=f"k{i}") for i in range(30)]
+    assert store.write_events(keyed) == [True] * 30
+    assert len(_markers(client, store)) == 30
+    assert 0 < client.ttl(store.keys.event("k7")) <= 600  # event_ttl_s
+    assert store.write_events(keyed[::3] + [Event("v", "x0", "click", event_id="k-new")]) == [False] * 10 + [True]
+    assert client.xlen(store.keys.events) == 61
+    assert store.fetch([("v", None)])[0].history.size == 31
+
+
+def test_item_capacity_grows_the_catalogue_to_the_cap_and_counts_the_rest(redis_url, dataset):
+    store = FeatureStore(redis_url, item_capacity=len(ITEMS) + 5)
+    store.bulk_load(dataset, progress=False)
+    assert store.new_item_room() == 5
+    unseen = [Event("bob", f"new{i}", "purchase", ts=100.0 + i, event_id=f"n{i}") for i in range(20)]
+    result = store.write_events_detailed(unseen)
+    assert result.applied == [True] * 20  # stored: as events, not as catalogue items
+    assert result.new_items == 5 and result.over_capacity == 15
+    assert result.refused_item_ids == [f"new{i}" for i in range(5, 20)]
+    assert store.new_item_room() == 0
+    item_ids, _ = store.catalogue()
+    assert len(item_ids) == 1 + len(ITEMS) + 5 and item_ids[-5:].tolist() == [f"new{i}" for i in range(5)]
+    assert store.item_index(["new4", "new5", "new19"]).tolist() == [10, 0, 0]
+    assert store.item_stats().shape == (11, 4)  # no counters for refused items
+
+    (bob,) = store.fetch([("bob", ["new0", "new5"])])
+    assert bob.history.tolist() == [2, 4, 4, 1, 6, 7, 8, 9, 10]  # idx 0 never enters a history
+    assert bob.purchased.tolist() == [4, 6, 7, 8, 9, 10]
+    assert bob.candidates.tolist() == [6, 0] and bob.candidate_stats.tolist() == [[0, 0, 0, 1], [0, 0, 0, 0]]
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    entries = [f for _, f in client.xrange(store.keys.events)]
+    assert [f["item_idx"] for f in entries] == [str(i) for i in range(6, 11)] + ["0"] * 15
+    last_seq, _ = parse_stream_seq(entries[-1]["seq"])
+    assert 0 not in last_seq.tolist() and last_seq.tolist()[-5:] == [6, 7, 8, 9, 10]
+
+    again = store.write_events_detailed(unseen)  # a retry: duplicates, nothing counted twice
+    assert again.applied == [False] * 20 and again.new_items == 0 and again.over_capacity == 0
+    assert FeatureStore(redis_url).new_item_room() is None  # no capacity configured
+
+
+def test_ensure_item_floor_keeps_new_items_above_the_models(redis_url):
+    store = FeatureStore(redis_url, item_capacity=102)
+    assert store.ensure_item_floor(100) == 100  # an emptied Redis, a model with 100 items
+    assert store.new_item_room() == 2
+    result = store.write_events_detailed([Event("u", "fresh", "view"), Event("u", "fresh2", "view"),
+                                          Event("u", "fresh3", "view")])  # fmt: skip
+    assert (result.new_items, result.over_capacity) == (2, 1)
+    assert store.item_index(["fresh", "fresh2", "fresh3"]).tolist() == [101, 102, 0]
+    assert store.ensure_item_floor(50) == 102  # never lowered
+    assert store.ensure_item_floor(np.int64(102)) == 102
+    redis.Redis.from_url(redis_url).script_flush()  # the script cache is reloaded on demand
+    assert store.ensure_item_floor(200) == 200
+    assert int(redis.Redis.from_url(redis_url).get(store.keys.next_item_idx)) == 200
+    for bad in (-1, True, 1.5, "10"):
+        with pytest.raises(ValueError, match="n_items"):
+            store.ensure_item_floor(bad)
+
+
+def test_ensure_item_floor_is_atomic_under_concurrent_callers(redis_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = FeatureStore(redis_url, socket_timeout_s=2.0)
+    floors = list(range(1, 201))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(store.ensure_item_floor, floors[::-1] + floors))
+    assert all(r >= f for r, f in zip(results, floors[::-1] + floors))
+    assert int(redis.Redis.from_url(redis_url).get(store.keys.next_item_idx)) == 200
+
+
+def test_ensure_item_floor_when_unavailable(redis_server, redis_url):
+    store = FeatureStore(redis_url)
+    redis_server.stop()
+    try:
+        with pytest.raises(FeatureStoreUnavailable, match="ensure_item_floor"):
+            store.ensure_item_floor(10)
+        with pytest.raises(FeatureStoreUnavailable, match="new_item_room"):
+            FeatureStore(redis_url, item_capacity=5).new_item_room()
+        with pytest.raises(FeatureStoreUnavailable):
+            store.check_server()
+    finally:
+        redis_server.start()
+
+
+def test_check_server_accepts_the_embedded_server(redis_url):
+    from rerank.redis_server import DEFAULT_MAXMEMORY, parse_memory_size
+
+    store = FeatureStore(redis_url)
+    mem = store.server_memory()
+    assert mem.policy == "noeviction" and mem.maxmemory == parse_memory_size(DEFAULT_MAXMEMORY)
+    assert mem.source == "config" and mem.used_memory > 0 and mem.error is None
+    assert store.check_server() == []
+
+
+@pytest.fixture
+def admin(redis_url):
+    """A client of the session's server; restores the memory settings a test changes."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    saved = {k: client.config_get(k)[k] for k in ("maxmemory", "maxmemory-policy")}
+    yield client
+    for key, value in saved.items():
+        client.config_set(key, value)
+    client.close()
+
+
+def test_check_server_reports_an_eviction_policy(redis_url, admin):
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    (problem,) = FeatureStore(redis_url).check_server()
+    assert "maxmemory-policy is 'allkeys-lru'" in problem and "noeviction" in problem
+    admin.config_set("maxmemory-policy", "volatile-ttl")
+    assert "volatile-ttl" in FeatureStore(redis_url).check_server()[0]
+
+
+def test_check_server_reports_unbounded_and_nearly_full_memory(redis_url, admin):
+    admin.config_set("maxmemory", 0)
+    (problem,) = FeatureStore(redis_url).check_server()
+    assert "maxmemory is 0 (unbounded)" in problem
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory", int(used * 1.05))
+    (problem,) = FeatureStore(redis_url).check_server()
+    assert "writes will soon be refused" in problem
+
+
+def test_check_server_without_config_command(redis_server, redis_url, admin):
+    """Managed Redis often forbids CONFIG: INFO memory reports the same; without either, a warning."""
+    password = "pw-check-server"
+    try:
+        admin.execute_command("ACL", "SETUSER", "noconfig", "on", f">{password}", "~*", "+@all", "-config")
+        admin.execute_command("ACL", "SETUSER", "noinfo", "on", f">{password}", "~*", "+@all", "-config", "-info")
+        no_config = FeatureStore(f"redis://noconfig:{password}@127.0.0.1:{redis_server.port}/0")
+        mem = no_config.server_memory()
+        assert mem.source == "info" and mem.policy == "noeviction" and mem.maxmemory > 0
+        assert "CONFIG GET" in mem.error and "no permissions" in mem.error
+        assert no_config.check_server() == []
+        admin.config_set("maxmemory-policy", "allkeys-random")
+        assert "allkeys-random" in no_config.check_server()[0]
+
+        no_info = FeatureStore(f"redis://noinfo:{password}@127.0.0.1:{redis_server.port}/0")
+        mem = no_info.server_memory()
+        assert mem.source == "none" and mem.maxmemory is None and mem.policy is None
+        (warning,) = no_info.check_server()
+        assert "could not read maxmemory" in warning and password not in warning
+        assert no_info.write_events([Event("u", "a", "view")]) == [True]  # the store itself still works
+    finally:
+        admin.execute_command("ACL", "DELUSER", "noconfig", "noinfo")

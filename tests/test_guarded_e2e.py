@@ -130,3 +130,15 @@ def test_oversized_bodies_and_whole_catalogue_over_the_cap_are_refused(deploy, s
     assert too_big.status_code == 413
     whole = client.post("/rank", json={"user_id": shop["user"], "k": 5})  # 60 items > cap 10
     assert whole.status_code == 422 and "candidates" in whole.text
+
+
+def test_new_items_from_events_stop_at_the_allowance(deploy, shop):
+    import redis
+
+    client = deploy("allowance", new_item_allowance=5)
+    events = [{"user_id": "u-new", "item_id": f"brand-new-{n}", "type": "view", "event_id": f"new-{n}"}
+              for n in range(20)]
+    stored = client.post("/events", json={"events": events})
+    assert stored.status_code == 200 and stored.json() == {"accepted": 20, "duplicates": 0}  # nothing lost
+    known = redis.Redis.from_url(shop["redis_url"]).hkeys(f"{PREFIX}item_idx")
+    assert len([k for k in known if k.startswith(b"brand-new-")]) == 5  # the catalogue grew by the allowance only

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from rerank.redis_server import EmbeddedRedis, find_redis_server_binary, resolve_redis
+from rerank.redis_server import (
+    DEFAULT_MAXMEMORY,
+    EmbeddedRedis,
+    find_redis_server_binary,
+    parse_memory_size,
+    resolve_redis,
+)
 
 
 def test_binary_is_found_and_runs():
@@ -147,3 +153,64 @@ def test_explicit_port_in_use_is_a_clear_error(tmp_path, redis_server):
         other.start()  # another redis answers on that port: it must not be mistaken for ours
     other.close()
     assert redis_server.running
+
+
+def _memory_config(url: str) -> tuple[int, str]:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        config = {**client.config_get("maxmemory"), **client.config_get("maxmemory-policy")}
+        return int(config["maxmemory"]), config["maxmemory-policy"]
+    finally:
+        client.close()
+
+
+def test_default_server_is_bounded_and_never_evicts(redis_server):
+    redis_server.start()
+    assert redis_server.maxmemory == parse_memory_size(DEFAULT_MAXMEMORY) == 2 * 1024**3
+    assert _memory_config(redis_server.url) == (2 * 1024**3, "noeviction")
+
+
+def test_full_server_refuses_writes_and_keeps_every_key(tmp_path):
+    """noeviction: at maxmemory, writes get OOM; nothing written before is dropped."""
+    with EmbeddedRedis(data_dir=tmp_path, persist=False, maxmemory="8mb") as server:
+        assert _memory_config(server.url) == (8 * 1024**2, "noeviction")
+        client = redis.Redis.from_url(server.url)
+        blob = b"x" * (512 * 1024)
+        written = 0
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="maxmemory"):  # the -OOM reply
+            for written in range(100):
+                client.set(f"k{written}", blob)
+        assert 5 < written < 100
+        assert client.dbsize() == written and all(client.exists(f"k{i}") for i in range(written))
+        assert client.get("k0") == blob  # reads still answer
+        client.close()
+
+
+def test_maxmemory_none_means_unbounded_but_still_noeviction(tmp_path):
+    with EmbeddedRedis(data_dir=tmp_path, persist=False, maxmemory=None) as server:
+        assert _memory_config(server.url) == (0, "noeviction")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("2gb", 2 * 1024**3), ("256MB", 256 * 1024**2), ("500m", 500 * 1000**2), ("64kb", 65536), ("1k", 1000),
+     (12345, 12345), ("7", 7), (" 1 gb ", 1024**3), (None, 0), (0, 0)],
+)  # fmt: skip
+def test_parse_memory_size(value, expected):
+    assert parse_memory_size(value) == expected
+
+
+@pytest.mark.parametrize("bad", ["1tb", "1.5gb", "-1", "lots", "", -5, True])
+def test_bad_maxmemory_is_refused_before_anything_starts(tmp_path, bad):
+    with pytest.raises(ValueError, match="memory size"):
+        EmbeddedRedis(data_dir=tmp_path / "never", maxmemory=bad)
+    assert not (tmp_path / "never").exists()
+
+
+def test_resolve_passes_maxmemory_to_the_embedded_server(monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    url, server = resolve_redis(None, maxmemory="32mb")
+    try:
+        assert _memory_config(url) == (32 * 1024**2, "noeviction")
+    finally:
+        server.close()
