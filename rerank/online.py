@@ -6,8 +6,13 @@ Three layers, each usable alone:
   the last position: the only new transition an event brings); items beyond the catalogue get
   embedding rows on the fly (reserved `item_capacity` rows, or a grown table), initialised from
   the mean item embedding (their attribute embeddings add on top when attributes are known).
-- `PublishGuard`: every `holdout_every`-th event (by a hash of its event_id, so the choice is
-  stable across restarts) is held out, never trained on, and kept in a rolling window; before
+- `PublishGuard`: 1 in `holdout_every` events is held out, never trained on, and kept in a
+  rolling window. The choice is made server-side, by a keyed hash (blake2b) of the stream entry
+  id (assigned by Redis, stable across restarts) under a secret salt kept in the registry
+  (`holdout_salt.json`, made at the first start): a client can neither pick its event's fate
+  (as it could with a hash of its own `event_id`) nor, knowing or guessing an entry id (the
+  server's ms clock + a sequence number), predict it; and a replayed entry is classified the
+  same after a restart. Before
   publishing, the candidate weights must be finite and their holdout cross-entropy must not
   exceed the serving version's by more than `guard_margin` (relative). Otherwise the candidate
   is refused (counted), the serving version stays, and the trainer goes back to its weights.
@@ -19,13 +24,23 @@ Exactly-once. A *checkpoint* is the trainer state file `trainer_state.json` in t
 consumed, counters), written after a successful publish (with the same numbers in the version's
 meta.json) or after a refusal (the version stays, the refused events are counted as
 `events_refused`). Entries are XACKed only after the checkpoint that covers them is written.
-On (re)start the loop loads the checkpoint and its version's weights, recovers its own and dead
+A publish moves LATEST before the state file is written; a crash in between leaves a state file
+older than LATEST, so on (re)start the loop takes whichever of the two is further along the
+stream: the state file, or LATEST's meta when LATEST is a version of this trainer (it has
+`trained_until_id`; its meta carries the same counters the state file would have).
+On (re)start the loop loads that checkpoint and its version's weights, recovers its own and dead
 consumers' pending entries, acks without applying every entry with id <= trained_until_id (its
 effect is already in the checkpoint), and applies the rest once, in stream order. So every
 stream entry is counted exactly once in `events_applied` (= trained + held out + invalid;
-`events_refused` counts the trained ones whose candidate the guard refused). Rollback: see rerank/registry.py; while LATEST is pinned the loop reads nothing; when
-the pin is released it reloads the pinned version and re-applies the events it had consumed but
-not checkpointed.
+`events_refused` counts the trained ones whose candidate the guard refused). A checkpoint that
+fails (the registry unreachable, a pin or a concurrent publish at the commit) keeps its entries
+consumed-but-uncheckpointed (not acked, still applied) and, except for a pin/conflict, re-raises
+so the caller backs off; the next checkpoint covers them. (If only the state write after a
+successful publish fails, the version's meta is their checkpoint: they are acked, the error is
+re-raised, and the next checkpoint rewrites the state.) Rollback: see rerank/registry.py;
+while LATEST is pinned the loop reads nothing; when the pin is released (or LATEST moved to
+another version) it reloads LATEST's version, resets the counters to the last checkpoint's and
+re-applies the events it had consumed but not checkpointed, so they are counted once.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import copy
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -52,6 +68,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
+SALT_FILE = "holdout_salt.json"  # the secret key of the holdout choice (see the module docstring)
 
 
 @dataclass
@@ -83,11 +100,15 @@ class Example:
     entry_id: str = ""
 
 
-def is_holdout(event_id: str, every: int) -> bool:
-    """Stable 1-in-`every` choice by event_id (the same after a restart)."""
+def is_holdout(key: str, every: int, salt: bytes = b"") -> bool:
+    """Stable 1-in-`every` choice by `key` under `salt` (the same for the same key and salt).
+
+    The online loop passes the stream entry id and the registry's secret salt (server-side,
+    see the module docstring); the prequential benchmark passes its event ids, unsalted.
+    """
     if every <= 0:
         return False
-    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(key.encode(), digest_size=8, key=salt[:64]).digest()
     return int.from_bytes(digest, "little") % every == 0
 
 
@@ -384,19 +405,42 @@ class OnlineLoop:
         self._window_trained = 0
         self._last_checkpoint = clock()
         self._items: dict[int, str] = {}  # new item_idx -> item_id seen in the stream
+        self._checkpointed: dict[str, int] = {}  # COUNTERS as of the last checkpoint
+        self.holdout_salt = b""  # the registry's secret, loaded by start()
 
     # ---------------------------------------------------------------- state
     def _load_state(self) -> dict:
+        """The checkpoint to stand on: trainer_state.json, or LATEST's meta when that is further
+        along the stream (a crash between a publish and its state write; see the module doc)."""
         state = self.registry.read_state(STATE_FILE)
-        if state is not None:
-            return state
         latest = self.registry.latest()
         if latest is None:
+            if state is not None:
+                return state
             raise RuntimeError(f"{self.registry.uri}: empty registry; publish a trained model first "
                                "(ModelRegistry.publish_dir or `rerank model publish`)")
         meta = self.registry.meta(latest)
-        return {"version": latest, "trained_until_id": meta.get("trained_until_id"),
-                **{k: int(meta.get(k) or 0) for k in COUNTERS}}
+        from_meta = {"version": latest, "trained_until_id": meta.get("trained_until_id"),
+                     **{k: int(meta.get(k) or 0) for k in COUNTERS}}
+        if state is None:
+            return from_meta
+        ahead = meta.get("trained_until_id")  # None: not a version of this trainer (offline)
+        done = state.get("trained_until_id")
+        if ahead and (done is None or id_key(ahead) > id_key(done)):
+            log.warning("%s: LATEST v%s covers the stream up to %s, %s only up to %s (a crash between "
+                        "publish and state write): continuing from v%s", self.registry.uri, latest, ahead,
+                        STATE_FILE, done, latest)
+            return from_meta
+        return state
+
+    def _load_salt(self) -> bytes:
+        """The registry's secret holdout salt, made (randomly) at the first start."""
+        raw = self.registry.read_state(SALT_FILE)
+        if raw and raw.get("holdout_salt"):
+            return bytes.fromhex(raw["holdout_salt"])
+        salt = secrets.token_bytes(32)
+        self.registry.write_state(SALT_FILE, {"holdout_salt": salt.hex(), "created_at": time.time()})
+        return salt
 
     def _stand_on(self, version: int) -> None:
         model = self.registry.load(version)
@@ -413,7 +457,9 @@ class OnlineLoop:
         state = self._load_state()
         for k in COUNTERS:
             setattr(self.stats, k, int(state.get(k) or 0))
+        self._checkpointed = {k: getattr(self.stats, k) for k in COUNTERS}
         self.stats.trained_until_id = state.get("trained_until_id")
+        self.holdout_salt = self._load_salt()
         self._stand_on(int(state["version"]))
         self.stream.ensure_group()
         recovered = self.stream.recover()
@@ -437,7 +483,9 @@ class OnlineLoop:
         self._uncommitted.extend(fresh)
         return len(fresh)
 
-    def _apply(self, entries: list["StreamEntry"]) -> None:
+    def _apply(self, entries: list["StreamEntry"], replay: bool = False) -> None:
+        """Train on entries / hold them out; `replay`: re-applied after a reload, their held-out
+        examples are already in the guard's window."""
         train: list[Example] = []
         for e in entries:
             try:
@@ -450,8 +498,9 @@ class OnlineLoop:
                 self._items[ex.target] = ex.item_id
             if ex.target <= 0:
                 self.stats.events_invalid += 1
-            elif is_holdout(ex.event_id, self.config.holdout_every):
-                self.guard.add(ex)
+            elif is_holdout(e.id, self.config.holdout_every, self.holdout_salt):
+                if not replay:
+                    self.guard.add(ex)
                 self.stats.events_heldout += 1
             else:
                 train.append(ex)
@@ -495,52 +544,75 @@ class OnlineLoop:
             log.info("registry LATEST moved to v%s (was v%s): reloading", ptr.version, self.stats.version)
             pending = self._uncommitted
             self._uncommitted = []
-            self.stats.events_applied -= len(pending)  # re-counted by _apply
+            for k, v in self._checkpointed.items():  # re-counted by _apply, on the new weights
+                setattr(self.stats, k, v)
+            self._window_trained = 0
             self._stand_on(ptr.version)
-            self._apply(pending)
+            self._apply(pending, replay=True)
             self._uncommitted = pending
         self.stats.paused = False
         return False
 
     # ---------------------------------------------------------------- publishing
     def checkpoint(self) -> GuardResult | None:
-        """Guard + publish (or refuse), write the trainer state, then ack what it covers."""
+        """Guard + publish (or refuse), write the trainer state, then ack what it covers.
+
+        If it fails before their effect is kept (in the state file, or in a published version's
+        meta), the entries stay consumed-but-uncheckpointed: applied, not acked, covered by the
+        next checkpoint. A pin or a concurrent publish at the commit returns None; any other
+        error is re-raised (the caller backs off and polls again).
+        """
         if not self._uncommitted:
             return None
         assert self.trainer is not None
+        from rerank.registry import RegistryPinned
+
         entries, self._uncommitted = self._uncommitted, []
         until = max(entries, key=lambda e: id_key(e.id)).id
-        if self._window_trained == 0:  # only held-out / invalid entries: nothing new to publish
-            result = GuardResult(True, "nothing trained")
-            self.stats.trained_until_id = until
-            self._write_state()
-        else:
-            result = self.guard.check(self.trainer.model, self.serving)
-            self.stats.last_guard = asdict(result)
-            if result.ok:
-                from rerank.registry import RegistryPinned
-
-                try:
-                    self._publish(until)
-                except RegistryPinned:  # a rollback pinned LATEST meanwhile: keep them for later
-                    self._uncommitted = entries + self._uncommitted
-                    return None
-                self.serving = copy.deepcopy(self.trainer.model)
-                self.guard.accepted(self.serving)
-                self.stats.last_publish_at = self.clock()
-                if self.on_publish:
-                    now = self.clock()
-                    self.on_publish(self.stats.version, [now - stream_time_s(e.id) for e in entries])
-            else:
-                log.warning("guard refused the candidate: %s", result.reason)
-                self.stats.guard_refusals += 1
-                self.stats.events_refused += self._window_trained
-                self.stats.trained_until_id = until
-                self.trainer.reset(copy.deepcopy(self.serving))
-                self._write_state()
-        self._window_trained = 0
+        try:
+            result = self._commit(entries, until)
+        except RegistryPinned:  # a rollback pinned LATEST (or it moved) meanwhile: keep them for later
+            self._uncommitted = entries + self._uncommitted
+            return None
+        except BaseException:  # the registry failed (e.g. OSError from S3): let the caller back off
+            if self.stats.trained_until_id == until:
+                # the version was published, only the state write failed: LATEST's meta is their
+                # checkpoint (start() reads it), so they are done; the next checkpoint rewrites the state
+                self._checkpointed = {k: getattr(self.stats, k) for k in COUNTERS}
+                self._last_checkpoint = self.clock()
+                self.stream.ack([e.id for e in entries])
+            else:  # nothing of theirs is kept anywhere: they stay consumed-but-uncheckpointed
+                self._uncommitted = entries + self._uncommitted
+            raise
+        self._checkpointed = {k: getattr(self.stats, k) for k in COUNTERS}
         self.stream.ack([e.id for e in entries])
         self._last_checkpoint = self.clock()
+        return result
+
+    def _commit(self, entries: list["StreamEntry"], until: str) -> GuardResult:
+        """The checkpoint of `entries` (up to `until`); self.stats changes only once their effect is
+        kept: a written state file, or a published version (see _publish)."""
+        if self._window_trained == 0:  # only held-out / invalid entries: nothing new to publish
+            self._write_state(trained_until_id=until)
+            self.stats.trained_until_id = until
+            return GuardResult(True, "nothing trained")
+        result = self.guard.check(self.trainer.model, self.serving)
+        self.stats.last_guard = asdict(result)
+        if result.ok:
+            self._publish(until)
+            if self.on_publish:
+                now = self.clock()
+                self.on_publish(self.stats.version, [now - stream_time_s(e.id) for e in entries])
+            return result
+        log.warning("guard refused the candidate: %s", result.reason)
+        refused = {"guard_refusals": self.stats.guard_refusals + 1,
+                   "events_refused": self.stats.events_refused + self._window_trained}
+        self._write_state(trained_until_id=until, **refused)
+        for k, v in refused.items():
+            setattr(self.stats, k, v)
+        self.stats.trained_until_id = until
+        self.trainer.reset(copy.deepcopy(self.serving))
+        self._window_trained = 0
         return result
 
     def _dataset_for_publish(self):
@@ -562,7 +634,11 @@ class OnlineLoop:
         return shell
 
     def _publish(self, until: str) -> int:
-        """Publish the trainer's weights as a version covering entries up to `until`; write the state."""
+        """Publish the trainer's weights as a version covering entries up to `until`; write the state.
+
+        Once the registry's publish succeeded the loop stands on the new version even if the state
+        write then fails: LATEST's meta holds the same numbers and start() reads it when it is
+        ahead of the state file, so checkpoint() still acks the entries (and re-raises)."""
         counters = {k: getattr(self.stats, k) for k in COUNTERS}
         counters["versions_published"] += 1
         meta = {**counters, "trained_until_id": until, "trained_until": stream_time_s(until),
@@ -571,12 +647,17 @@ class OnlineLoop:
         self.stats.versions_published += 1
         self.stats.version = version
         self.stats.trained_until_id = until
+        self.serving = copy.deepcopy(self.trainer.model)
+        self.guard.accepted(self.serving)
+        self.stats.last_publish_at = self.clock()
+        self._window_trained = 0
         self._write_state()
         return version
 
-    def _write_state(self) -> None:
+    def _write_state(self, **overrides) -> None:
+        """Write the checkpoint: self.stats with `overrides` (applied by the caller once written)."""
         state = {"version": self.stats.version, "trained_until_id": self.stats.trained_until_id,
-                 **{k: getattr(self.stats, k) for k in COUNTERS}, "updated_at": self.clock()}
+                 **{k: getattr(self.stats, k) for k in COUNTERS}, **overrides, "updated_at": self.clock()}
         self.registry.write_state(STATE_FILE, state)
 
     def lag(self) -> int:

@@ -59,6 +59,9 @@ def test_holdout_choice_is_stable_and_about_one_in_ten():
     assert chosen == [is_holdout(i, 10) for i in ids]
     assert 0.07 < sum(chosen) / len(ids) < 0.13
     assert not any(is_holdout(i, 0) for i in ids[:100])
+    salted = [is_holdout(i, 10, b"a secret salt") for i in ids]  # keyed: another, unpredictable choice
+    assert salted == [is_holdout(i, 10, b"a secret salt") for i in ids] and salted != chosen
+    assert 0.07 < sum(salted) / len(ids) < 0.13
 
 
 def test_incremental_steps_learn_a_new_pattern(model):
@@ -257,6 +260,139 @@ def test_rollback_restores_scores_exactly_and_pauses_the_trainer(redis_url, tiny
     assert registry.latest() > newest
     assert registry.meta(registry.latest())["parent"] == v1
     assert loop.stats.events_applied == 250
+
+
+def _counted_once(loop: OnlineLoop, sent: int) -> None:
+    st = loop.stats
+    assert st.events_applied == sent
+    assert st.events_trained + st.events_heldout + st.events_invalid == sent  # nothing counted twice
+    assert loop.registry.read_state("trainer_state.json")["events_applied"] == sent
+    assert loop.stream.pending_count() == 0
+
+
+def test_holdout_is_chosen_by_the_stream_entry_id_under_a_secret_salt(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    # a client that sends one event_id for everything: by event_id all would be held out or none
+    ids = [client.xadd("rr:events", {"event_id": "steer-me", "item_idx": str(i % 60 + 1), "type": "view",
+                                     "seq": f"{(7 * i) % 60 + 1}:1"}) for i in range(300)]
+    client.close()
+    loop = _loop(redis_url, registry)
+    loop.start()
+    _drain(loop)
+    salt = loop.holdout_salt
+    assert len(salt) == 32 and registry.read_state("holdout_salt.json")["holdout_salt"] == salt.hex()
+    chosen = {i for i in ids if is_holdout(i, 10, salt)}
+    assert 10 < len(chosen) < 60 and loop.stats.events_heldout == len(chosen)
+    assert {e.entry_id for e in loop.guard.holdout} == chosen
+    _counted_once(loop, 300)
+    again = _loop(redis_url, registry, consumer="b")
+    again.start()
+    assert again.holdout_salt == salt  # the same choice after a restart
+
+
+def test_a_crash_between_publish_and_state_write_trains_nothing_twice(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    sent = _write(redis_url, tiny[0], 300)
+    first = _loop(redis_url, registry, consumer="a")
+    first.start()
+    first.poll_once(block_ms=10)  # a checkpoint: v2 and its state
+    state_before = registry.read_state("trainer_state.json")
+    first.stream.ack = lambda ids: 0  # the process dies before XACK ...
+    first.poll_once(block_ms=10)  # ... after publishing v3 (LATEST moved) ...
+    newest = registry.latest()
+    assert newest == first.stats.version > state_before["version"]
+    registry.write_state("trainer_state.json", state_before)  # ... and before writing its state
+    second = _loop(redis_url, registry, consumer="b")
+    second.start()
+    assert second.stats.version == newest  # stands on the newest version, not on the state file's
+    assert second.stats.trained_until_id == registry.meta(newest)["trained_until_id"]
+    assert second.stats.events_skipped_duplicate == 64 and second.trainer.steps == 0  # nothing re-trained
+    _drain(second)
+    _counted_once(second, sent)
+    assert registry.meta(newest + 1)["parent"] == newest
+
+
+def test_a_pin_during_the_loops_publish_keeps_its_entries_and_counts_them_once(redis_url, tiny, tmp_path,
+                                                                               monkeypatch):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    v1 = registry.publish_dir(tiny[1])
+    sent = _write(redis_url, tiny[0], 250)
+    loop = _loop(redis_url, registry)
+    loop.start()
+    loop.poll_once(block_ms=10)  # v2
+    v2 = registry.latest()
+    operator = ModelRegistry(registry.uri)  # `rerank model rollback` in another process
+    original = registry._upload
+
+    def upload(local, version):  # the pin lands while the next version uploads
+        original(local, version)
+        monkeypatch.setattr(registry, "_upload", original)
+        operator.rollback(v1)
+
+    monkeypatch.setattr(registry, "_upload", upload)
+    assert loop.poll_once(block_ms=10) == 64
+    assert registry.latest() == v1 and registry.pinned() and loop.stats.version == v2
+    assert len(loop._uncommitted) == 64 and loop.stream.pending_count() == 64  # kept, not acked
+    assert loop.poll_once(block_ms=10) == 0 and loop.stats.paused
+    operator.unpin()
+    _drain(loop)  # reloads v1, re-applies the 64 on it, goes on
+    _counted_once(loop, sent)
+    assert registry.meta(v2 + 1)["parent"] == v2  # the uploaded, never committed version
+    assert registry.meta(v2 + 2)["parent"] == v1  # the first one after the unpin stands on the pinned one
+
+
+def test_a_failed_publish_keeps_its_entries_for_the_next_checkpoint(redis_url, tiny, tmp_path, monkeypatch):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    v1 = registry.publish_dir(tiny[1])
+    sent = _write(redis_url, tiny[0], 200)
+    loop = _loop(redis_url, registry)
+    loop.start()
+    original = registry._upload
+
+    def upload(local, version):  # the object store fails once
+        monkeypatch.setattr(registry, "_upload", original)
+        raise OSError("S3: service unavailable")
+
+    monkeypatch.setattr(registry, "_upload", upload)
+    with pytest.raises(OSError, match="service unavailable"):
+        loop.poll_once(block_ms=10)
+    assert registry.latest() == v1 and loop.stats.version == v1
+    assert len(loop._uncommitted) == 64 and loop.stream.pending_count() == 64
+    _drain(loop)  # the caller backs off and polls again: the next checkpoint covers them
+    _counted_once(loop, sent)
+    assert registry.meta(registry.latest())["events_applied"] == sent
+
+
+def test_a_failed_state_write_after_a_publish_acks_and_a_restart_stands_on_the_version(redis_url, tiny, tmp_path,
+                                                                                       monkeypatch):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    sent = _write(redis_url, tiny[0], 200)
+    first = _loop(redis_url, registry, consumer="a")
+    first.start()
+    first.poll_once(block_ms=10)
+    original = registry.write_state
+
+    def write_state(name, state):
+        if name == "trainer_state.json":
+            monkeypatch.setattr(registry, "write_state", original)
+            raise OSError("S3: slow down")
+        original(name, state)
+
+    monkeypatch.setattr(registry, "write_state", write_state)
+    with pytest.raises(OSError, match="slow down"):
+        first.poll_once(block_ms=10)
+    newest = registry.latest()
+    assert first.stats.version == newest and registry.read_state("trainer_state.json")["version"] < newest
+    assert not first._uncommitted and first.stream.pending_count() == 0  # in the version: acked
+    second = _loop(redis_url, registry, consumer="b")  # the first one dies here
+    second.start()
+    assert second.stats.version == newest and second.stats.events_applied == 128
+    _drain(second)
+    _counted_once(second, sent)
 
 
 def test_model_freshness_counts_events_behind_the_served_version(redis_url):

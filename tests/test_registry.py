@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rerank.recommender import load_model
-from rerank.registry import ModelRegistry, RegistryError, RegistryPinned
+from rerank.registry import ModelRegistry, RegistryConflict, RegistryError, RegistryPinned
 
 from online_helpers import tiny_model_dir
 
@@ -77,7 +77,8 @@ def test_rollback_pins_and_restores_exact_scores(tiny, tmp_path):
 
 
 def test_prune_keeps_last_k_and_never_the_latest(tiny, tmp_path):
-    reg = ModelRegistry(str(tmp_path / "reg"), keep=2)
+    # the count rule alone: no hourly history, only the newest offline version
+    reg = ModelRegistry(str(tmp_path / "reg"), keep=2, keep_hourly_s=0, keep_offline=1)
     for _ in range(4):
         reg.publish_dir(tiny[1])
     assert reg.versions() == [3, 4]
@@ -88,6 +89,138 @@ def test_prune_keeps_last_k_and_never_the_latest(tiny, tmp_path):
     reg.unpin()
     reg.publish_dir(tiny[1])
     assert reg.versions() == [5] and reg.latest() == 5
+
+
+def _after_upload(monkeypatch, reg, action):
+    """Run action() right after reg's next upload, before its commit (an operator acting mid-publish)."""
+    original = reg._upload
+
+    def upload(local, version):
+        original(local, version)
+        monkeypatch.setattr(reg, "_upload", original)
+        action()
+
+    monkeypatch.setattr(reg, "_upload", upload)
+
+
+def test_a_pin_arriving_during_the_upload_wins(tiny, tmp_path, monkeypatch):
+    reg = ModelRegistry(str(tmp_path / "reg"))
+    reg.publish_dir(tiny[1])
+    reg.publish(_perturbed(tiny[1], 2.0), {"trained_until_id": "1-0"})
+    operator = ModelRegistry(reg.uri)  # e.g. `rerank model rollback` in another process
+    _after_upload(monkeypatch, reg, lambda: operator.rollback(1))
+    with pytest.raises(RegistryPinned, match="pinned at v1"):
+        reg.publish(_perturbed(tiny[1], 3.0), {"trained_until_id": "2-0"})
+    ptr = reg.pointer()
+    assert (ptr.version, ptr.pinned, ptr.reason) == (1, True, "rollback")
+    assert reg.versions() == [1, 2, 3] and reg.meta(3)["parent"] == 2  # uploaded, complete, unreferenced
+    reg.unpin()
+    assert reg.publish(_perturbed(tiny[1], 3.0), {}) == 4 and reg.meta(4)["parent"] == 1
+
+
+def test_a_publish_meanwhile_is_a_conflict_unless_forced(tiny, tmp_path, monkeypatch):
+    reg = ModelRegistry(str(tmp_path / "reg"))
+    reg.publish_dir(tiny[1])
+    other = ModelRegistry(reg.uri)
+    _after_upload(monkeypatch, reg, lambda: other.publish_dir(tiny[1]))
+    with pytest.raises(RegistryConflict, match="moved from v1 to v3"):
+        reg.publish_dir(tiny[1])
+    assert issubclass(RegistryConflict, RegistryPinned)  # callers that back off on a pin back off here too
+    assert reg.latest() == 3 and reg.versions() == [1, 2, 3]
+    _after_upload(monkeypatch, reg, lambda: other.rollback(1))
+    assert reg.publish_dir(tiny[1], force=True) == 4
+    assert reg.pointer().version == 4 and not reg.pinned()
+
+
+def test_the_pointer_lock_serialises_processes_on_a_local_registry(tiny, tmp_path):
+    import threading
+    import time
+
+    reg = ModelRegistry(str(tmp_path / "reg"))
+    reg.publish_dir(tiny[1])
+    reg.publish_dir(tiny[1])
+    other = ModelRegistry(reg.uri)  # its own file descriptor: flock excludes it as it would another process
+    done = threading.Event()
+    with reg._pointer_lock():
+        with reg._pointer_lock():  # re-entrant within a thread
+            worker = threading.Thread(target=lambda: (other.rollback(1), done.set()))
+            worker.start()
+            time.sleep(0.3)
+            assert not done.is_set() and reg.latest() == 2
+    worker.join(10)
+    assert done.is_set() and reg.latest() == 1 and reg.pinned()
+
+
+def _online(reg, tiny, created_at: float, until: str = "1-0") -> int:
+    """A version as the online trainer makes it (trained_until_id), created at a chosen time."""
+    return reg.publish_dir(tiny[1], {"trained_until_id": until, "created_at": created_at})
+
+
+def test_prune_keeps_one_version_per_hour_for_keep_hourly_s(tiny, tmp_path):
+    import time
+
+    hour = 3600
+    t0 = (time.time() // hour) * hour  # start of this clock hour
+    reg = ModelRegistry(str(tmp_path / "reg"), keep=2, keep_hourly_s=24 * hour, keep_offline=1)
+    reg.publish_dir(tiny[1], {"created_at": t0 - 30 * hour})  # v1 offline baseline, old
+    _online(reg, tiny, t0 - 30 * hour + 10)  # v2: beyond 24 h
+    _online(reg, tiny, t0 - 5 * hour + 10)  # v3: an older one of its hour
+    _online(reg, tiny, t0 - 5 * hour + 20)  # v4: the newest of that hour
+    _online(reg, tiny, t0 - 2 * hour + 10)  # v5: alone in its hour
+    _online(reg, tiny, t0 + 1)  # v6 \ the newest two
+    _online(reg, tiny, t0 + 2)  # v7 /
+    assert reg.versions() == [1, 4, 5, 6, 7]
+    assert reg.prune() == []
+    reg.keep_hourly_s = 3 * hour  # a shorter history: v4 (5 h ago) goes
+    assert reg.prune() == [4] and reg.versions() == [1, 5, 6, 7]
+
+
+def test_prune_keeps_the_newest_offline_baselines(tiny, tmp_path):
+    import time
+
+    now = time.time()
+    reg = ModelRegistry(str(tmp_path / "reg"), keep=1, keep_hourly_s=0, keep_offline=1)
+    assert reg.publish_dir(tiny[1]) == 1  # offline: no trained_until_id
+    for k in range(3):
+        _online(reg, tiny, now, until=f"{k + 1}-0")
+    assert reg.versions() == [1, 4]  # the baseline survives any number of online publishes
+    reg.publish(_perturbed(tiny[1], 1.1), {"note": "hand-made, not from the stream"})  # v5: offline too
+    _online(reg, tiny, now)  # v6
+    assert reg.versions() == [5, 6]  # only the newest baseline is kept with keep_offline=1
+    reg2 = ModelRegistry(reg.uri, keep=1, keep_hourly_s=0, keep_offline=2)
+    reg2.publish_dir(tiny[1])  # v7 offline
+    _online(reg2, tiny, now)  # v8
+    assert reg2.versions() == [5, 7, 8]
+
+
+def test_prune_never_deletes_a_pinned_version_even_one_pinned_while_pruning(tiny, tmp_path, monkeypatch):
+    import time
+
+    now = time.time()
+    reg = ModelRegistry(str(tmp_path / "reg"), keep=1, keep_hourly_s=0, keep_offline=1)
+    reg.publish_dir(tiny[1])
+    reg.keep = 10
+    for _ in range(4):
+        _online(reg, tiny, now)  # v2..v5
+    reg.rollback(2)
+    reg.keep = 1
+    assert reg.prune() == [3, 4] and reg.versions() == [1, 2, 5]  # v2 pinned, v5 newest, v1 baseline
+    reg.unpin()
+    reg.keep = 10
+    for _ in range(2):
+        _online(reg, tiny, now)  # v6, v7; LATEST = v7
+    reg.keep = 1
+    # decided [2, 5, 6]; a rollback to v6 lands after the decision, while v2 is being deleted
+    original = reg._delete_version
+
+    def delete(version):
+        if version == 2:
+            reg.rollback(6)
+        original(version)
+
+    monkeypatch.setattr(reg, "_delete_version", delete)
+    assert reg.prune() == [2, 5]
+    assert reg.versions() == [1, 6, 7] and reg.latest() == 6 and reg.pinned()
 
 
 def _cli(*args):
