@@ -15,20 +15,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def wait_for(check, timeout_s: float = 120.0, every_s: float = 0.3):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    return None
 
 
 def main() -> int:
@@ -45,6 +34,8 @@ def main() -> int:
     from ray import serve
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
+
+    from online_helpers import wait_until  # tests/ is this script's directory
 
     from deployments.app import build_app
     from rerank.dataset import load_dataset
@@ -82,8 +73,10 @@ def main() -> int:
                 r = client.post("/rank", json={"user_id": user, "candidates": items, "k": 5})
                 return r.status_code == 200 and r.json()["model_version"] != out["first_version"] and r.json()
 
-            later = wait_for(swapped)
-            out["swapped_to"] = later["model_version"] if later else None
+            try:
+                out["swapped_to"] = wait_until(swapped, "a hot swap", timeout_s=120)["model_version"]
+            except AssertionError:
+                out["swapped_to"] = None
             out["health"] = client.get("/healthz").json()
             out["model"] = client.get("/model").json()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,14 @@ class HandleCaller:
             return await make_response()
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout_s)
+
+
+def wait_until(check, what: str, timeout_s: float = 90.0, every_s: float = 0.2):
+    """Poll `check()` until it returns a truthy value, which is returned (a wait, not a speed check)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")

@@ -10,19 +10,9 @@ import httpx
 import pytest
 import redis
 
-from online_helpers import HandleCaller, synth_events, tiny_model_dir
+from online_helpers import HandleCaller, synth_events, tiny_model_dir, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_until(check, what: str, timeout_s: float = 90.0, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

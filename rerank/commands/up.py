@@ -83,6 +83,15 @@ def _example_ids(data: Path) -> tuple[str, list[str]]:
     return str(dataset.user_ids[1]), [str(i) for i in dataset.item_ids[1:6]]
 
 
+def _stop_on_ctrl_c() -> None:
+    """Ctrl-C (SIGINT) ends `rerank up` through its clean stop, also when SIGINT arrives
+    ignored (a background job of a non-interactive shell). SIGTERM is left to Ray, whose
+    driver handler exits at once (known limit: README)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_up(args: argparse.Namespace) -> int:
     from deployments.local import LocalStack
 
@@ -94,6 +103,7 @@ def run_up(args: argparse.Namespace) -> int:
         stack = LocalStack(config).start()
     except (OSError, ValueError, RuntimeError) as err:
         raise CommandError(str(err)) from err
+    _stop_on_ctrl_c()
     try:
         user, items = _example_ids(stack.data)
         if args.json:
