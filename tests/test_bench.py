@@ -97,13 +97,15 @@ def test_open_loop_keeps_the_arrival_rate(server):
     assert result.errors == 0 and result.dropped == 0 and result.late_share == 0.0
     assert result.achieved_rate == pytest.approx(50, rel=0.1) and result.requests_per_s == pytest.approx(50, rel=0.1)
     assert result.duration_s >= 1.95  # the last request is due at 1.98 s
-    assert result.send_lag_ms_p99 is not None and result.send_lag_ms_p99 < 100  # the generator kept up
+    # the generator kept up (a loose bound: this checks the schedule, not anybody's speed)
+    assert result.send_lag_ms_p99 is not None and result.send_lag_ms_p99 < 500
     assert result.mean_scorer_batch_size == 3.0
     assert result.max_in_flight == 500  # rate * timeout_s
 
 
 def test_open_loop_measures_from_the_scheduled_time(server):
     # 100 ms per request at 20 req/s: two in flight at a time; every request is over a 50 ms SLO.
+    # Not a speed check: the server sleeps 100 ms, so a latency below that would be a measuring bug.
     result = asyncio.run(run_open_loop(f"{server}/sleep/100", BODIES, rate=20, duration_s=1, slo_ms=50))
     assert result.scheduled == 20 and result.requests == 20 and result.dropped == 0
     assert result.p50_ms >= 100 and result.late_share == 1.0
