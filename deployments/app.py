@@ -99,7 +99,7 @@ class AppArgs(BaseModel):
     new_item_allowance: int = Field(
         50_000, ge=0, description="items first seen in events that may join the catalogue beyond the served "
         "model's, per deployment; events naming more are stored with item_idx 0 and counted")
-    max_in_flight: int = Field(256, ge=1, description="/rank requests per ingress replica before 503 + Retry-After")
+    max_in_flight: int = Field(64, ge=1, description="/rank requests inside one ingress replica before 503 + Retry-After (about a second of a CPU replica's capacity)")
     score_timeout_s: float = Field(2.0, gt=0, description="slower scorer calls give a degraded ranking")
     api_keys: dict[str, dict] | None = Field(
         None, description="name -> {key: 'env:VAR' | 'sha256:<hex>' | key, scopes: [rank, events, admin]}; "

@@ -128,7 +128,7 @@ class IngressSettings:
     batch_wait_s: float = 0.01
     max_concurrent_batches: int = 4
     adaptive_wait: bool = True
-    max_in_flight: int = 256  # /rank requests inside this replica; more answer 503 + Retry-After
+    max_in_flight: int = 64  # /rank requests inside this replica; more answer 503 + Retry-After
     score_timeout_s: float = 2.0  # a slower scorer call gives a degraded (popularity) ranking
     retry_after_s: int = 1
     keys: ApiKeys = field(default_factory=ApiKeys)  # no keys = auth off (loopback only, see rerank.auth)
@@ -157,7 +157,7 @@ def _unavailable(what: str, retry_after_s: int) -> JSONResponse:
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
-                  max_queued_requests=512)
+                  max_queued_requests=128)  # beyond: Serve answers 503 before the hop
 @serve.ingress(app)
 class Ingress:
     def __init__(self, scorer: DeploymentHandle, settings: IngressSettings, features: DeploymentHandle | None = None,
