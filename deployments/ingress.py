@@ -152,6 +152,13 @@ def _limit_error(err: RequestLimitError) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", err.field], "msg": err.message, "type": "value_error"}])
 
 
+RETRY_LATER = {"description": "overloaded or a dependency unavailable: nothing was done; retry",
+               "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}}
+UNPARSABLE = {"description": "the body is not UTF-8 text (FastAPI cannot parse it)"}
+KEYED = {401: {"description": "API key missing, malformed or unknown"},
+         403: {"description": "the API key lacks this route's scope"}}
+
+
 def _unavailable(what: str, retry_after_s: int) -> JSONResponse:
     return JSONResponse({"detail": f"{what}; retry"}, status_code=503, headers={"Retry-After": str(retry_after_s)})
 
@@ -195,7 +202,8 @@ class Ingress:
             raise HTTPException(err.status, detail=err.message, headers=err.headers) from None
 
     # ------------------------------------------------------------------ /rank
-    @app.post("/rank", response_model=RankResponse, responses={401: {}, 403: {}, 413: {}, 503: {}})
+    @app.post("/rank", response_model=RankResponse,
+              responses={**KEYED, 400: UNPARSABLE, 413: {"description": "body over 1 MiB"}, 503: RETRY_LATER})
     async def rank(self, body: RankRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         """Re-rank `candidates` (or the whole catalogue) for `user_id`."""
         self._authorize(credentials, "rank", "/rank")
@@ -299,7 +307,8 @@ class Ingress:
             return JSONResponse({"detail": "ranking this request failed", "request_id": request_id}, status_code=500)
 
     # ------------------------------------------------------------------ /events
-    @app.post("/events", response_model=EventsResponse, responses={401: {}, 403: {}, 413: {}, 503: {}})
+    @app.post("/events", response_model=EventsResponse,
+              responses={**KEYED, 400: UNPARSABLE, 413: {"description": "body over 1 MiB"}, 503: RETRY_LATER})
     async def events(self, body: EventsRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         """Store behaviour events: one atomic Redis step each, one round trip for the request."""
         self._authorize(credentials, "events", "/events")
@@ -323,7 +332,8 @@ class Ingress:
         return EventsResponse(accepted=accepted, duplicates=len(applied) - accepted)
 
     # ------------------------------------------------------------------ status
-    @app.get("/healthz", response_model=HealthResponse)
+    @app.get("/healthz", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse, "description": "no model loaded"}})
     async def healthz(self):
         """Is Redis reachable, is a model loaded, what is the trainer doing? 200 (ok or degraded),
         503 without a model. A stuck scorer or trainer never hangs it (2 s bounds). No key needed."""
@@ -350,7 +360,7 @@ class Ingress:
         )
         return JSONResponse(health.model_dump(), status_code=200 if version else 503)
 
-    @app.get("/model", response_model=ModelInfo, responses={401: {}, 403: {}})
+    @app.get("/model", response_model=ModelInfo, responses=KEYED)
     async def model(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ModelInfo:
         """The weights a scorer replica serves: version, source, loaded_at, trained_until, meta."""
         from rerank.online import model_freshness
@@ -363,7 +373,8 @@ class Ingress:
         return ModelInfo(**info)
 
     # ------------------------------------------------------------------ admin (online learning)
-    @app.post("/admin/rollback", responses={401: {}, 403: {}, 404: {}, 409: {}})
+    @app.post("/admin/rollback", responses={**KEYED, 400: UNPARSABLE, 404: {"description": "no such version"},
+                                            409: {"description": "the app has no registry"}})
     async def admin_rollback(self, body: RollbackRequest,
                              credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """Point the registry's LATEST at `version` and pin it (or `unpin: true` to release the pin);
@@ -387,7 +398,7 @@ class Ingress:
         ptr = registry.pointer()
         return {"latest": ptr.version if ptr else None, "pinned": bool(ptr and ptr.pinned)}
 
-    @app.get("/admin/trainer", responses={401: {}, 403: {}, 404: {}})
+    @app.get("/admin/trainer", responses={**KEYED, 404: {"description": "the app runs without a trainer"}})
     async def admin_trainer(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """The online trainer's counters, state, lag and event -> publish delays. Needs the admin scope."""
         self._authorize(credentials, "admin", "/admin/trainer")

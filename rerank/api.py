@@ -125,7 +125,7 @@ class RankRequest(_Strict):
 
     user_id: ShopId
     candidates: list[ShopId] | None = Field(None, description="item ids to re-rank; omitted = whole catalogue")
-    k: int = Field(20, ge=1, le=MAX_K, description="number of items to return")
+    k: int = Field(20, ge=1, le=MAX_K, strict=True, description="number of items to return (a JSON integer)")
     context: dict[ContextKey, ContextValue] | None = Field(
         None,
         max_length=MAX_CONTEXT_KEYS,
@@ -238,7 +238,7 @@ class EventIn(_Strict):
     user_id: ShopId
     item_id: ShopId
     type: EventType
-    ts: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    ts: float | None = Field(None, ge=0.0, allow_inf_nan=False, strict=True)  # a number, not true/false
 
 
 class EventsRequest(_Strict):
