@@ -72,15 +72,19 @@ async def hammer(url: str, bodies: list[dict], clients: int, seconds: float, sta
 
 
 def replica_pid(name: str) -> int:
-    """Pid of the app's replica of deployment `name` (Ray titles it ray::ServeReplica:APP:NAME)."""
+    """Pid of this stack's replica of deployment `name`: a descendant of this process (the local
+    Ray it started) titled ray::ServeReplica:APP:NAME (".method" appended while it is busy)."""
     import psutil
 
     title = f"ray::ServeReplica:rerank:{name}"
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if cmdline and (cmdline[0] == title or cmdline[0].startswith(title + ".")):  # ".method" while busy
-            return int(proc.info["pid"])
-    raise RuntimeError(f"no live {name} replica ({title})")
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
+        if cmdline and (cmdline[0] == title or cmdline[0].startswith(title + ".")):
+            return proc.pid
+    raise RuntimeError(f"no live {name} replica of this stack ({title})")
 
 
 def main() -> int:
