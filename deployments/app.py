@@ -44,6 +44,7 @@ from deployments.ingress import Ingress, IngressSettings
 from deployments.online_trainer import OnlineTrainer, online_config
 from deployments.ranker import Ranker
 from deployments.scorer import Scorer
+from rerank.auth import ApiKeys
 from rerank.experiments import Variant
 from rerank.feature_store import DEFAULT_PREFIX
 
@@ -243,8 +244,6 @@ def build_app(raw_args: dict) -> serve.Application:
     if args.online.enabled:
         trainer = OnlineTrainer.options(ray_actor_options={"num_cpus": args.online.num_cpus}).bind(
             redis_url, registry_uri, args.redis_prefix, args.online.options(), lease_ttl_s=args.online.lease_ttl_s)
-    from rerank.auth import ApiKeys
-
     keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
     if not keys.enabled:
         logger.warning("rerank: no API keys configured: every route is open (bind the HTTP proxy to loopback)")
