@@ -11,7 +11,9 @@ its online trainer) and runs each scenario with real processes and signals:
   Retry-After, the ingress replica's memory before and after;
 - redis_freeze: Redis SIGSTOPped for 10 s (then SIGCONT) under 16-way /rank load and an
   /events writer: /rank statuses and degraded answers, /events statuses, seconds until both
-  answer normally again after Redis returns.
+  answer normally again after Redis returns;
+- redis_kill: the same with `kill -9` of the embedded Redis, which the stack's supervisor
+  restarts (same port, append-only file): seconds from the kill until both answer normally.
 Prints one JSON object and writes benchmarks/results/faults.json. Numbers, not verdicts.
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SCENARIOS = ("bad_neighbour", "scorer_kill", "overload", "redis_freeze")
+SCENARIOS = ("bad_neighbour", "scorer_kill", "overload", "redis_freeze", "redis_kill")
 
 
 async def hammer(url: str, bodies: list[dict], clients: int, seconds: float, stats: dict, bad: dict | None = None,
@@ -158,10 +160,13 @@ def main() -> int:
                 "ingress_rss_mb_after": round(ingress.memory_info().rss / 2**20, 1),
             }
 
-        if "redis_freeze" in only:
+        for scenario_name in ("redis_freeze", "redis_kill"):
+            if scenario_name not in only:
+                continue
             import httpx
 
             redis_proc = psutil.Process(stack._redis.pid)
+            kill = scenario_name == "redis_kill"
             stats = {}
             events: Counter = Counter()
             retry_after: set = set()
@@ -185,6 +190,10 @@ def main() -> int:
 
             async def freeze_then_thaw() -> None:
                 await asyncio.sleep(2)
+                if kill:  # the supervisor restarts it: measure from the kill
+                    redis_proc.send_signal(signal.SIGKILL)
+                    timeline["thawed_at"] = time.monotonic()
+                    return
                 redis_proc.send_signal(signal.SIGSTOP)
                 await asyncio.sleep(freeze_s)
                 redis_proc.send_signal(signal.SIGCONT)
@@ -207,7 +216,7 @@ def main() -> int:
 
             asyncio.run(scenario())
             timeline.pop("thawed_at", None)
-            result["redis_freeze"] = {"freeze_s": freeze_s, "rank_statuses": dict(stats["good"]),
+            result[scenario_name] = {"freeze_s": None if kill else freeze_s, "rank_statuses": dict(stats["good"]),
                                       "rank_degraded": stats["degraded"], "events_statuses": dict(events),
                                       "events_retry_after": sorted(x for x in retry_after if x), **timeline}
     result["load_average"] = os.getloadavg()

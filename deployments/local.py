@@ -196,6 +196,8 @@ class LocalStack:
         check_bind(cfg.host, keys, cfg.insecure)  # before anything starts
 
         self.redis_url, self._redis = resolve_redis(cfg.redis_url, data_dir=None)
+        if self._redis is not None:
+            self._redis.supervise()  # a killed embedded Redis comes back on its own
         print(f"rerank: Redis at {self.redis_url}{' (embedded)' if self._redis else ''}", file=sys.stderr)
         # Serve flags before ray.init: every Ray process (proxy, controller, replicas) inherits them
         if cfg.throughput_optimized:

@@ -21,7 +21,7 @@ class RedisOwner:
     def __init__(self, data_dir: str) -> None:
         from rerank.redis_server import EmbeddedRedis
 
-        self.server = EmbeddedRedis(data_dir=Path(data_dir)).start()
+        self.server = EmbeddedRedis(data_dir=Path(data_dir)).start().supervise()  # restarted when it dies
 
     def url(self) -> str:
         if not self.server.running:

@@ -130,6 +130,9 @@ class EmbeddedRedis:
     from another thread is not tied (it would die with a short-lived worker thread).
     `maxmemory` (bytes or "256mb"-style; None or 0 = no limit) caps the server's memory,
     with maxmemory-policy noeviction always (see the module docstring).
+    `supervise()` restarts a server that died on its own (kill -9, OOM killer) on the same port
+    and data directory, so clients reconnect and the append-only file brings the data back;
+    `stop()` is deliberate and is not undone.
     """
 
     def __init__(
@@ -151,6 +154,10 @@ class EmbeddedRedis:
         self.binary = binary or find_redis_server_binary()
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
+        self._wanted = False  # start() sets it, stop() clears it: the supervisor restarts only a wanted server
+        self._lock = threading.RLock()
+        self._supervisor: threading.Event | None = None
+        self.restarts = 0  # by the supervisor
         atexit.register(self.close)
 
     @property
@@ -191,8 +198,13 @@ class EmbeddedRedis:
 
         A port picked automatically that someone else took in the meantime is replaced by
         another free one on the first start (later restarts keep the port clients know)."""
-        if self.running:
-            return self
+        with self._lock:
+            self._wanted = True
+            if self.running:
+                return self
+            return self._start_with_retries()
+
+    def _start_with_retries(self) -> "EmbeddedRedis":
         for attempt in range(3):
             try:
                 self._start_once()
@@ -204,8 +216,26 @@ class EmbeddedRedis:
                 self.port = free_port()
         return self
 
+    def supervise(self, every_s: float = 0.5) -> "EmbeddedRedis":
+        """Check every `every_s` seconds and restart the server when it died while wanted."""
+        if self._supervisor is None:
+            self._supervisor = threading.Event()
+            threading.Thread(target=self._watch, args=(self._supervisor, every_s), name="redis-supervisor",
+                             daemon=True).start()
+        return self
+
+    def _watch(self, stopped: threading.Event, every_s: float) -> None:
+        while not stopped.wait(every_s):
+            with self._lock:
+                if self._wanted and not self.running:
+                    try:
+                        self._start_with_retries()
+                        self.restarts += 1
+                    except RedisServerError:
+                        pass  # try again at the next check
+
     def _start_once(self) -> None:
-        self.stop()  # reap a server that died on its own
+        self._reap()  # a server that died on its own
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             self._command(),
@@ -253,7 +283,13 @@ class EmbeddedRedis:
         return (err + " " + log).strip() or f"(no log at {self.log_path})"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the server (SIGTERM: Redis flushes the AOF and exits); keeps data_dir."""
+        """Stop the server (SIGTERM: Redis flushes the AOF and exits); keeps data_dir. Deliberate:
+        a supervisor does not restart it."""
+        with self._lock:
+            self._wanted = False
+            self._reap(timeout_s)
+
+    def _reap(self, timeout_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -268,7 +304,9 @@ class EmbeddedRedis:
             proc.stderr.close()
 
     def close(self) -> None:
-        """Stop the server and remove the data directory if it was a temporary one."""
+        """Stop the server (and its supervisor) and remove the data directory if it was a temporary one."""
+        if self._supervisor is not None:
+            self._supervisor.set()
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -214,3 +214,30 @@ def test_resolve_passes_maxmemory_to_the_embedded_server(monkeypatch):
         assert _memory_config(url) == (32 * 1024**2, "noeviction")
     finally:
         server.close()
+
+
+def test_a_supervised_server_killed_with_sigkill_comes_back_with_its_data(tmp_path):
+    import os
+    import signal
+    import time
+
+    import redis
+
+    from rerank.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(data_dir=tmp_path / "supervised").start().supervise(every_s=0.1)
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.set("kept", "1")
+        time.sleep(1.2)  # appendfsync everysec: on disk within a second
+        os.kill(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not server.running:
+            time.sleep(0.05)
+        assert server.running and server.restarts == 1
+        assert client.get("kept") == b"1"  # same port, data replayed from the append-only file
+        server.stop()  # deliberate: not restarted
+        time.sleep(0.5)
+        assert not server.running and server.restarts == 1
+    finally:
+        server.close()
