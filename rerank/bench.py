@@ -165,6 +165,19 @@ def _client(max_connections: int, timeout_s: float, headers: Mapping[str, str] |
                              headers={"content-type": "application/json", **(headers or {})})
 
 
+async def _post_and_record(client, url: str, body: bytes, since: float, latencies: list[float],
+                           batch_sizes: list[int], errors: list[str]) -> None:
+    """POST one body; record its latency in ms from `since` (send time, or the scheduled time in
+    the open loop) and the scorer batch size it reports, or the error."""
+    ok, payload, message = await _post(client, url, body)
+    if ok:
+        latencies.append((time.perf_counter() - since) * 1000.0)
+        if (size := _batch_size(payload)) is not None:
+            batch_sizes.append(size)
+    else:
+        errors.append(message)
+
+
 async def _post(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[bool, object, str]:
     """POST one body: (ok, parsed JSON payload or None, error message or "")."""
     try:
@@ -207,14 +220,7 @@ async def run_load(url: str, bodies: Sequence[bytes], config: LoadConfig) -> Loa
                     return
                 body = bodies[counter % len(bodies)]
                 counter += 1
-                start = time.perf_counter()
-                ok, payload, message = await _post(client, url, body)
-                if ok:
-                    latencies.append((time.perf_counter() - start) * 1000.0)
-                    if (size := _batch_size(payload)) is not None:
-                        batch_sizes.append(size)
-                else:
-                    errors.append(message)
+                await _post_and_record(client, url, body, time.perf_counter(), latencies, batch_sizes, errors)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(config.concurrency)))
@@ -284,13 +290,7 @@ async def run_open_loop(
             nonlocal in_flight
             try:
                 lags.append((time.perf_counter() - scheduled) * 1000.0)
-                ok, payload, message = await _post(client, url, body)
-                if ok:
-                    latencies.append((time.perf_counter() - scheduled) * 1000.0)
-                    if (size := _batch_size(payload)) is not None:
-                        batch_sizes.append(size)
-                else:
-                    errors.append(message)
+                await _post_and_record(client, url, body, scheduled, latencies, batch_sizes, errors)
             finally:
                 in_flight -= 1
 
