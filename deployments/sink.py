@@ -1,0 +1,79 @@
+"""EventSink: rerank.sink.StreamSink in a thread of one Serve replica (streams -> Parquet).
+
+A Redis outage never kills the replica: the loop backs off exponentially (up to 5 s) and
+recovers pending entries when Redis is back; the state and the last error show in `stats()`.
+Exactly-once needs a single sink per output directory, hence one replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ray import serve
+
+from rerank.auth import redact
+from rerank.feature_store import DEFAULT_PREFIX
+from rerank.sink import SinkConfig, StreamSink
+
+logger = logging.getLogger("ray.serve")
+MAX_BACKOFF_S = 5.0
+
+
+@serve.deployment(name="EventSink", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+                  max_ongoing_requests=4, health_check_period_s=5, graceful_shutdown_timeout_s=30,
+                  logging_config={"enable_access_log": False})
+class EventSink:
+    def __init__(self, redis_url: str, out_dir: str, prefix: str = DEFAULT_PREFIX, keep_days: int | None = None,
+                 batch: int = 5000) -> None:
+        self._redis_url = redis_url
+        self.sink = StreamSink(SinkConfig(redis_url=redis_url, prefix=prefix, out_dir=out_dir, batch=batch,
+                                          keep_days=keep_days))
+        self.state = "running"  # running | backoff | stopped
+        self._backoff = 0.5
+        self._error: str | None = None
+        self._error_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-sink", daemon=True)
+        self._thread.start()
+
+    def _on_pass(self, counts: dict) -> None:
+        self.state, self._backoff = "running", 0.5
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sink.run(self._stop, on_pass=self._on_pass)
+            except Exception as err:  # Redis unreachable, disk full: retry, never die
+                self._error = redact(f"{type(err).__name__}: {err}", [self._redis_url])
+                self._error_at = time.time()
+                self.state = "backoff"
+                logger.warning("event sink: %s; retrying in %.1f s", self._error, self._backoff)
+                self._stop.wait(self._backoff)
+                self._backoff = min(MAX_BACKOFF_S, self._backoff * 2)
+        self.state = "stopped"
+
+    def stats(self) -> dict:
+        """State, counts and lag per stream, last flush time, last error."""
+        return {**self.sink.stats(), "state": self.state, "error": self._error, "error_at": self._error_at}
+
+    def check_health(self) -> None:
+        """Serve restarts the replica when the loop thread is gone (it never exits on errors)."""
+        if not self._thread.is_alive() and not self._stop.is_set():
+            raise RuntimeError(f"event sink loop thread died; last error: {self._error}")
+
+    def stop(self) -> dict:
+        """Stop the loop, then persist what the streams hold now in a last pass."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        try:
+            self.sink.run_once(block_ms=0)
+        except Exception as err:  # pending entries stay in the stream; the next sink recovers them
+            logger.warning("event sink: stop without a last flush: %s", redact(str(err), [self._redis_url]))
+        self.sink.close()
+        return self.stats()
+
+    def __del__(self) -> None:  # Serve's graceful shutdown (redeploy, serve delete)
+        if hasattr(self, "_stop") and not self._stop.is_set():
+            self.stop()
