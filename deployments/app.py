@@ -16,6 +16,14 @@ the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
   cache themselves. When it is empty, the builder publishes `model` as v1.
 - online: the trainer: {enabled, num_cpus, lease_ttl_s, and any rerank.online.OnlineConfig
   field: lr, publish_every_s, guard_margin, holdout_every, ...}. Needs registry_uri.
+- experiments: name -> {type: ab|interleave, traffic, salt, arms: {name: {weight, model | registry_uri,
+  rules, online}}} (rerank.experiments, docs/EXPERIMENTS.md): seeded into the Redis book, changed live
+  with PUT/DELETE /admin/experiments/NAME. An arm with `online` gets its own OnlineTrainer
+  (deployment `OnlineTrainer-EXP-ARM`) trained on that arm's events only.
+- record_impressions / attribution_window_s / impressions_maxlen: every /rank answer is an
+  impression on `{prefix}impressions`; events are attributed to them (rerank.attribution).
+- sink: {enabled, out_dir, keep_days}: the EventSink replica persists impressions and events to
+  Parquet by day (rerank.sink); GET /experiments/NAME/report reads it.
 - api_keys: scoped API keys (rerank.auth), plus RERANK_API_KEY (rank+events) and
   RERANK_ADMIN_KEY (all scopes) from the environment of the node that builds the app; none =
   auth off, for loopback-only use.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -44,23 +53,29 @@ from deployments.ingress import Ingress, IngressSettings
 from deployments.online_trainer import OnlineTrainer, online_config
 from deployments.ranker import Ranker
 from deployments.scorer import Scorer
+from deployments.sink import EventSink
 from rerank.auth import ApiKeys
-from rerank.experiments import Variant
+from rerank.attribution import AttributionConfig
+from rerank.experiments import EXPERIMENT_NAME, Experiment, ExperimentSpec, check_traffic, servable
 from rerank.feature_store import DEFAULT_PREFIX
 
 logger = logging.getLogger("ray.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # role -> Serve deployment name (what serve_config.yaml / cluster/ override per deployment)
 DEPLOYMENT_NAMES = {"ingress": Ingress.name, "features": FeatureFetch.name, "scorer": Scorer.name,
-                    "ranker": Ranker.name, "trainer": OnlineTrainer.name}
+                    "ranker": Ranker.name, "trainer": OnlineTrainer.name, "sink": EventSink.name}
 LAYOUTS = ("inline", "split")
 APP_IMPORT_PATH = "deployments.app:build_app"
 
 
-class VariantArgs(BaseModel):
+class SinkArgs(BaseModel):
+    """The EventSink replica: impressions and events from Redis to Parquet (rerank.sink)."""
+
     model_config = ConfigDict(extra="forbid")
-    weight: float = Field(1.0, gt=0)
-    diversity: float | None = Field(None, ge=0, le=1)
+    enabled: bool = False
+    out_dir: str = "artifacts/sink"
+    keep_days: int | None = Field(None, ge=1, description="delete day partitions older than this")
+    num_cpus: float = Field(0.1, gt=0)
 
 
 class OnlineArgs(BaseModel):
@@ -116,7 +131,13 @@ class AppArgs(BaseModel):
     scorer_num_cpus: float = Field(0.5, gt=0)
     scorer_torch_threads: int = Field(1, ge=0)
     catalogue_refresh_s: float = Field(15.0, ge=0)
-    variants: dict[str, VariantArgs] = Field(default_factory=lambda: {"default": VariantArgs()})
+    experiments: dict[str, ExperimentSpec] = Field(
+        default_factory=dict, description="name -> experiment (rerank.experiments); written to the Redis book "
+        "at build, changed live with PUT/DELETE /admin/experiments/NAME")
+    record_impressions: bool = True
+    attribution_window_s: float = Field(1800.0, gt=0, description="how long an impression can earn clicks")
+    impressions_maxlen: int = Field(1_000_000, ge=1000, description="cap of the impressions stream (MAXLEN ~)")
+    sink: SinkArgs = Field(default_factory=SinkArgs)
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppArgs":
@@ -130,9 +151,18 @@ class AppArgs(BaseModel):
                 f"scorer_max_batch_size ({self.scorer_max_batch_size}) must be >= ingress_max_batch_size "
                 f"({self.ingress_max_batch_size}): one ingress batch is one scorer call"
             )
-        if not self.variants:
-            raise ValueError("variants must name at least one variant")
+        check_traffic([Experiment(name, spec) for name, spec in self.experiments.items()])
+        for name, spec in self.experiments.items():
+            if not re.match(EXPERIMENT_NAME, name):
+                raise ValueError(f"experiment name {name!r}: letters, digits, '_', '.', '-' (at most 64)")
+            if self.layout == "split" and servable(name, spec, "split", self.arm_trainers()):
+                raise ValueError(f"experiment {name!r}: {servable(name, spec, 'split', self.arm_trainers())}")
         return self
+
+    def arm_trainers(self) -> tuple[str, ...]:
+        """"experiment/arm" of every arm with its own online trainer."""
+        return tuple(f"{name}/{arm}" for name, spec in self.experiments.items()
+                     for arm, a in spec.arms.items() if a.online is not None and spec.status == "running")
 
 
 def _absolute(path: str | None) -> str | None:
@@ -218,6 +248,39 @@ def prepare_store(redis_url: str, prefix: str, model: str | None, registry_uri: 
     return n_items
 
 
+def absolute_experiments(experiments: dict[str, ExperimentSpec]) -> dict[str, ExperimentSpec]:
+    """The experiments with every arm's model / registry path resolved against the project root."""
+    out = {}
+    for name, spec in experiments.items():
+        arms = {arm: a.model_copy(update={"model": _absolute(a.model), "registry_uri": _absolute(a.registry_uri)})
+                for arm, a in spec.arms.items()}
+        out[name] = spec.model_copy(update={"arms": arms})
+    return out
+
+
+def prepare_experiments(redis_url: str, prefix: str, experiments: dict[str, ExperimentSpec],
+                        app_model: str | None, app_registry: str | None) -> None:
+    """Write the configured experiments into the Redis book (the config wins for its names; others
+    added live stay) and give every arm registry that is empty the app's model as v1."""
+    import redis as redis_lib
+
+    from rerank.experiments import write_experiment
+    from rerank.feature_store import Keys
+    from rerank.registry import ModelRegistry, resolve_model_dir
+
+    for spec in experiments.values():
+        for arm in spec.arms.values():
+            if arm.registry_uri and ModelRegistry(arm.registry_uri).latest() is None:
+                start_dir, _ = resolve_model_dir(app_model, app_registry)
+                ModelRegistry(arm.registry_uri).publish_dir(start_dir, {"note": "the app's model, the arm's start"})
+    client = redis_lib.Redis.from_url(redis_url, socket_timeout=5.0)
+    try:
+        for name, spec in experiments.items():
+            write_experiment(client, Keys(prefix).experiments, name, spec)
+    finally:
+        client.close()
+
+
 def build_app(raw_args: dict) -> serve.Application:
     """Build the graph from `raw_args` (validated into AppArgs)."""
     args = AppArgs.model_validate(raw_args or {})
@@ -230,6 +293,8 @@ def build_app(raw_args: dict) -> serve.Application:
     if args.data:
         ensure_loaded(redis_url, _absolute(args.data), args.redis_prefix)
     n_items = prepare_store(redis_url, args.redis_prefix, model, registry_uri)
+    experiments = absolute_experiments(args.experiments)
+    prepare_experiments(redis_url, args.redis_prefix, experiments, model, registry_uri)
     scorer = Scorer.options(
         ray_actor_options={"num_cpus": args.scorer_num_cpus, "num_gpus": args.scorer_num_gpus}
     ).bind(
@@ -244,6 +309,18 @@ def build_app(raw_args: dict) -> serve.Application:
     if args.online.enabled:
         trainer = OnlineTrainer.options(ray_actor_options={"num_cpus": args.online.num_cpus}).bind(
             redis_url, registry_uri, args.redis_prefix, args.online.options(), lease_ttl_s=args.online.lease_ttl_s)
+    arm_trainers = {}
+    for arm in args.arm_trainers():  # an experiment arm's own trainer, on its arm's events
+        exp_name, _, arm_name = arm.partition("/")
+        spec = experiments[exp_name].arms[arm_name]
+        arm_trainers[arm] = OnlineTrainer.options(
+            name=f"{OnlineTrainer.name}-{exp_name}-{arm_name}", ray_actor_options={"num_cpus": args.online.num_cpus},
+        ).bind(redis_url, spec.registry_uri, args.redis_prefix, spec.online, lease_ttl_s=args.online.lease_ttl_s,
+               arm=arm)
+    sink = None
+    if args.sink.enabled:
+        sink = EventSink.options(ray_actor_options={"num_cpus": args.sink.num_cpus}).bind(
+            redis_url, _absolute(args.sink.out_dir), prefix=args.redis_prefix, keep_days=args.sink.keep_days)
     keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
     if not keys.enabled:
         logger.warning("rerank: no API keys configured: every route is open (bind the HTTP proxy to loopback)")
@@ -265,6 +342,10 @@ def build_app(raw_args: dict) -> serve.Application:
         batch_wait_s=args.ingress_batch_wait_s,
         max_concurrent_batches=args.ingress_max_concurrent_batches,
         adaptive_wait=args.adaptive_wait,
-        variants=[Variant(name, v.weight, v.diversity) for name, v in args.variants.items()],
+        arm_trainers=tuple(arm_trainers),
+        record_impressions=args.record_impressions,
+        attribution=AttributionConfig(window_s=args.attribution_window_s, impressions_maxlen=args.impressions_maxlen),
+        sink_dir=_absolute(args.sink.out_dir) if args.sink.enabled else None,
     )
-    return Ingress.bind(scorer, settings, features=features, ranker=ranker, trainer=trainer)
+    return Ingress.bind(scorer, settings, features=features, ranker=ranker, trainer=trainer,
+                        arm_trainers=arm_trainers, sink=sink)

@@ -24,10 +24,12 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
+import redis
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -49,10 +51,30 @@ from rerank.api import (
     check_rank_limits,
 )
 from rerank.auth import ApiKeys, AuthError, Scope, redact
-from rerank.experiments import Variant, assign_variant
+from rerank.attribution import AttributionConfig, ImpressionLog
+from rerank.experiments import (
+    EXPERIMENT_NAME,
+    Assignment,
+    ExperimentSpec,
+    LiveBook,
+    read_book,
+    servable,
+    stop_experiment,
+    write_experiment,
+)
 from rerank.feature_store import DEFAULT_PREFIX, Event, FeatureStore, FeatureStoreUnavailable
 from rerank.ranking import RankingRules
-from rerank.serving import FeatureFetcher, RankedBatch, ScoredBatch, rank_batch, serving_catalogue
+from rerank.records import Impression
+from rerank.serving import (
+    FeatureFetcher,
+    ModelScores,
+    RankedBatch,
+    RankPlan,
+    ScoredBatch,
+    rank_batch,
+    score_groups,
+    serving_catalogue,
+)
 
 logger = logging.getLogger("ray.serve")
 bearer = HTTPBearer(auto_error=False, description="API key: Authorization: Bearer <key>")
@@ -132,20 +154,56 @@ class IngressSettings:
     score_timeout_s: float = 2.0  # a slower scorer call gives a degraded (popularity) ranking
     retry_after_s: int = 1
     keys: ApiKeys = field(default_factory=ApiKeys)  # no keys = auth off (loopback only, see rerank.auth)
-    variants: list[Variant] = field(default_factory=lambda: [Variant("default")])
+    experiments_refresh_s: float = 1.0  # how soon a changed experiment book reaches this replica
+    arm_trainers: tuple[str, ...] = ()  # "experiment/arm" of the arms whose own trainer the app runs
+    record_impressions: bool = True
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    sink_dir: str | None = None  # the Parquet the sink writes (GET /experiments/{name}/report reads it)
 
 
 @dataclass
 class _Pending:
     request: RankRequest
-    rules: RankingRules
-    variant: str
+    plan: RankPlan
+    assignment: Assignment
+    request_id: str
     arrived: float
+
+
+def _arm_rules(body: RankRequest, assignment: Assignment, arm: str) -> RankingRules:
+    """The request's rules, with the arm's defaults where the request does not set them."""
+    diversity = body.rules.diversity
+    arm_spec = assignment.spec.arms[arm] if assignment.spec is not None else None
+    if "diversity" not in body.rules.model_fields_set and arm_spec is not None and arm_spec.rules.diversity is not None:
+        diversity = arm_spec.rules.diversity
+    return RankingRules(k=body.k, diversity=diversity, exclude_purchased=body.rules.exclude_purchased,
+                        exclude_items=list(body.rules.exclude), boost=dict(body.rules.boost))
+
+
+def rank_plan(body: RankRequest, assignment: Assignment, request_id: str, models: bool = True) -> RankPlan:
+    """How this request is ranked in its arm. `models=False` (split layout): arms differ in rules only."""
+    spec = assignment.spec
+    if spec is None:
+        return RankPlan.single(_arm_rules(body, assignment, ""))
+    if assignment.interleaved and models:
+        names = tuple(spec.arms)
+        return RankPlan(tuple(_arm_rules(body, assignment, n) for n in names),
+                        tuple(spec.arms[n].model_key for n in names), teams=names, seed=int(request_id[:12], 16))
+    if assignment.interleaved:
+        return RankPlan.single(_arm_rules(body, assignment, next(iter(spec.arms))))
+    key = spec.arms[assignment.arm].model_key if models else ""
+    return RankPlan.single(_arm_rules(body, assignment, assignment.arm), key)
 
 
 async def _resolve(response):
     """Await a DeploymentResponse inside a coroutine (so asyncio.wait_for can bound it)."""
     return await response
+
+
+async def _trainer_stats(trainer: DeploymentHandle) -> dict:
+    stats = await asyncio.wait_for(_resolve(trainer.stats.remote()), timeout=5.0)
+    stats["error"] = redact(stats["error"]) if stats.get("error") else None
+    return stats
 
 
 def _limit_error(err: RequestLimitError) -> HTTPException:
@@ -168,7 +226,8 @@ def _unavailable(what: str, retry_after_s: int) -> JSONResponse:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, scorer: DeploymentHandle, settings: IngressSettings, features: DeploymentHandle | None = None,
-                 ranker: DeploymentHandle | None = None, trainer: DeploymentHandle | None = None) -> None:
+                 ranker: DeploymentHandle | None = None, trainer: DeploymentHandle | None = None,
+                 arm_trainers: dict[str, DeploymentHandle] | None = None, sink: DeploymentHandle | None = None) -> None:
         if settings.layout not in ("inline", "split"):
             raise ValueError(f"layout {settings.layout!r}: expected inline or split")
         if settings.layout == "split" and (features is None or ranker is None):
@@ -177,6 +236,8 @@ class Ingress:
         self.feature_fetch = features
         self.ranker = ranker
         self.trainer = trainer
+        self.arm_trainers = arm_trainers or {}  # "experiment/arm" -> that arm's own OnlineTrainer
+        self.sink = sink
         self.settings = settings
         self.store = FeatureStore(settings.redis_url, prefix=settings.prefix, item_capacity=settings.item_capacity)
         self.catalogue = serving_catalogue(settings.model, settings.registry_uri, self.store,
@@ -185,7 +246,10 @@ class Ingress:
             self.fetcher = FeatureFetcher(self.store, self.catalogue, settings.history_len)
         self.metrics = ServingMetrics()
         self._in_flight = 0
-        self._model_version = "none"  # the last version the scorer answered with (for degraded answers)
+        self._model_versions: dict[str, str] = {}  # model key -> last version it answered with (degraded answers)
+        self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.book = LiveBook(self._redis, self.store.keys.experiments, settings.experiments_refresh_s)
+        self.impressions = ImpressionLog(self._redis, self.store.keys, settings.attribution)
         # the batch queue is built per replica so that every knob comes from the app's args
         self._rank_batch = serve.batch(
             max_batch_size=settings.max_batch_size,
@@ -216,52 +280,62 @@ class Ingress:
         if self._in_flight >= self.settings.max_in_flight:  # shed now rather than queue without bound
             self.metrics.requests.inc(tags={"route": "/rank", "status": "503"})
             return _unavailable("overloaded", self.settings.retry_after_s)
-        variant = assign_variant(body.user_id, self.settings.variants)
-        diversity = body.rules.diversity
-        if "diversity" not in body.rules.model_fields_set and variant.diversity is not None:
-            diversity = variant.diversity
-        rules = RankingRules(
-            k=body.k,
-            diversity=diversity,
-            exclude_purchased=body.rules.exclude_purchased,
-            exclude_items=list(body.rules.exclude),
-            boost=dict(body.rules.boost),
-        )
+        assignment = self.book.assign(body.user_id)
+        request_id = uuid.uuid4().hex
+        plan = rank_plan(body, assignment, request_id, models=self.settings.layout == "inline")
         self._in_flight += 1
         if self.settings.adaptive_wait:  # alone: no point waiting for company
             self._rank_batch.set_batch_wait_timeout_s(self.settings.batch_wait_s if self._in_flight > 1 else 0.0)
         try:
-            response = await self._rank_batch(_Pending(body, rules, variant.name, time.perf_counter()))
+            response = await self._rank_batch(_Pending(body, plan, assignment, request_id, time.perf_counter()))
         finally:
             self._in_flight -= 1
         self.metrics.requests.inc(tags={"route": "/rank", "status": str(response.status_code)})
         return response
 
-    async def _scores(self, fetched) -> ScoredBatch:
-        """The scorer's answer for an inline batch, or NaN scores (popularity ranking, degraded)
-        when it fails or takes longer than score_timeout_s."""
+    async def _scores(self, fetched, model_key: str, indices: list[int]) -> ModelScores:
+        """The scorer's answer for the requests `indices` of an inline batch by one model, or NaN
+        scores (popularity ranking, degraded) when it fails or takes longer than score_timeout_s."""
         try:
-            scored = await asyncio.wait_for(_resolve(self.scorer.score.remote(fetched.score_inputs())),
-                                            timeout=self.settings.score_timeout_s)
-            self._model_version = scored.model_version
-            return scored
-        except Exception as err:  # timeout, dead replica, ...: rank without the model
+            call = self.scorer.score.remote(fetched.score_inputs(indices), model_key)
+            scored = await asyncio.wait_for(_resolve(call), timeout=self.settings.score_timeout_s)
+            self._model_versions[model_key] = scored.model_version
+        except Exception as err:  # timeout, dead replica, unloadable arm model ...: rank without the model
             logger.warning("scorer call failed (%s): degraded ranking for %d requests", type(err).__name__,
-                           len(fetched.items))
-            nan = [np.full(len(f.candidate_ids), np.nan, dtype=np.float32) for f in fetched.items]
-            return ScoredBatch(nan, self._model_version, len(fetched.items), 0.0, degraded=True)
+                           len(indices))
+            nan = [np.full(len(fetched.items[i].candidate_ids), np.nan, dtype=np.float32) for i in indices]
+            scored = ScoredBatch(nan, self._model_versions.get(model_key, "none"), len(indices), 0.0, degraded=True)
+        return ModelScores(indices, scored)
 
     async def _ranked(self, batch: list[_Pending]) -> RankedBatch:
-        """Features, scores and ranking of one batch, one handle call per hop of the layout."""
+        """Features, scores and ranking of one batch, one handle call per hop of the layout (inline:
+        one scorer call per model the batch's experiment arms need, concurrently)."""
         requests = [(p.request.user_id, p.request.candidates) for p in batch]
-        rules = [p.rules for p in batch]
+        plans = [p.plan for p in batch]
         if self.settings.layout == "inline":
             fetched = await asyncio.to_thread(self.fetcher.fetch, requests)  # never block the event loop
-            return rank_batch(fetched, await self._scores(fetched), rules, self.catalogue)
+            groups = score_groups(plans)
+            answers = await asyncio.gather(*(self._scores(fetched, key, idx) for key, idx in groups.items()))
+            return rank_batch(fetched, dict(zip(groups, answers)), plans, self.catalogue)
         # split: chained calls, results travel between replicas by reference; one await per batch
         fetched = self.feature_fetch.fetch.remote(requests)
         scored = self.scorer.score_features.remote(fetched)
-        return await self.ranker.rank.remote(fetched, scored, rules)
+        return await self.ranker.rank.remote(fetched, scored, plans)
+
+    async def _record(self, done: RankedBatch, batch: list[_Pending]) -> None:
+        """Impressions of the answered requests (one Redis round trip); a failure is counted, the
+        answers still go out."""
+        now = time.time()
+        shown = [Impression(p.request_id, p.request.user_id, p.assignment.experiment, p.assignment.arm,
+                            done.model_versions[i], now,
+                            [(item, score, team) for (item, score), team in zip(done.items[i], done.teams[i])])
+                 for i, p in enumerate(batch) if done.errors[i] is None]
+        try:
+            await asyncio.to_thread(self.impressions.record, shown)
+            self.metrics.impressions.inc(len(shown), tags={"result": "recorded"})
+        except Exception as err:
+            logger.warning("recording %d impressions failed: %s", len(shown), type(err).__name__)
+            self.metrics.impressions.inc(len(shown), tags={"result": "lost"})
 
     async def _rank_many(self, batch: list[_Pending]) -> list[JSONResponse]:
         """One batch of /rank requests (called through the serve.batch queue `_rank_batch`).
@@ -279,10 +353,12 @@ class Ingress:
         for stage, value in done.timings_ms.items():
             self.metrics.stage_ms.observe(value, tags={"stage": stage})
         stages = {k: round(v, 3) for k, v in done.timings_ms.items()}
+        if self.settings.record_impressions and any(e is None for e in done.errors):
+            await self._record(done, batch)
         return [self._response(done, i, p, stages, end) for i, p in enumerate(batch)]
 
     def _response(self, done: RankedBatch, i: int, p: _Pending, stages: dict, end: float) -> JSONResponse:
-        request_id = uuid.uuid4().hex
+        request_id = p.request_id
         try:
             if done.errors[i] is not None:
                 raise RuntimeError(done.errors[i])
@@ -294,12 +370,13 @@ class Ingress:
             # built as plain JSON (the RankResponse shape): skips re-validating our own output
             return JSONResponse({
                 "items": [{"item_id": item, "score": score} for item, score in done.items[i]],
-                "model_version": done.model_version,
+                "model_version": done.model_versions[i],
                 "feature_age_ms": done.feature_age_ms[i],
                 "degraded": degraded,
                 "timings_ms": {**stages, "total": round(total, 3)},
                 "request_id": request_id,
-                "variant": p.variant,
+                "experiment": p.assignment.experiment,
+                "arm": p.assignment.arm,
                 "scorer_batch_size": done.scorer_batch_size,
             })
         except Exception as err:  # this request only; the rest of the batch is answered
@@ -312,11 +389,10 @@ class Ingress:
     async def events(self, body: EventsRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         """Store behaviour events: one atomic Redis step each, one round trip for the request."""
         self._authorize(credentials, "events", "/events")
-        events = [Event(user_id=e.user_id, item_id=e.item_id, type=e.type, ts=e.ts, event_id=e.event_id)
-                  for e in body.events]
         try:
+            events = await asyncio.to_thread(self._attributed, body.events)
             written = await asyncio.to_thread(self.store.write_events_detailed, events)
-        except FeatureStoreUnavailable:
+        except (FeatureStoreUnavailable, redis.RedisError):
             self.metrics.requests.inc(tags={"route": "/events", "status": "503"})
             return _unavailable("feature store unavailable, events not stored", self.settings.retry_after_s)
         except ValueError as err:
@@ -330,6 +406,25 @@ class Ingress:
                 self.metrics.events.inc(count, tags={"result": result})
         self.metrics.requests.inc(tags={"route": "/events", "status": "200"})
         return EventsResponse(accepted=accepted, duplicates=len(applied) - accepted)
+
+    def _attributed(self, events: list) -> list[Event]:
+        """Events with their attribution fields: the impression that showed the item (by request_id,
+        else the user's latest within the window), or else the user's current assignment."""
+        found = self.impressions.attribute([(e.user_id, e.item_id, e.request_id) for e in events])
+        for how, count in Counter(hit.how or "none" for hit in found).items():
+            self.metrics.attributed.inc(count, tags={"how": how})
+        out = []
+        for e, hit in zip(events, found):
+            if hit.how:
+                extra = hit.fields()
+            else:  # not shown by us (or too long ago): the user's arm, the client's claim kept
+                assignment = self.book.assign(e.user_id)
+                extra = {"request_id": e.request_id or "", "position": "" if e.position is None else str(e.position),
+                         "experiment": assignment.experiment, "arm": assignment.arm, "team": "", "attributed": ""}
+            extra["value"] = "" if e.value is None else repr(float(e.value))
+            out.append(Event(user_id=e.user_id, item_id=e.item_id, type=e.type, ts=e.ts, event_id=e.event_id,
+                             extra=extra))
+        return out
 
     # ------------------------------------------------------------------ status
     @app.get("/healthz", response_model=HealthResponse,
@@ -402,8 +497,65 @@ class Ingress:
     async def admin_trainer(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """The online trainer's counters, state, lag and event -> publish delays. Needs the admin scope."""
         self._authorize(credentials, "admin", "/admin/trainer")
-        if self.trainer is None:
+        if self.trainer is None and not self.arm_trainers:
             raise HTTPException(404, detail="this app runs without an online trainer")
-        stats = await asyncio.wait_for(_resolve(self.trainer.stats.remote()), timeout=5.0)
-        stats["error"] = redact(stats["error"]) if stats.get("error") else None
+        stats = await _trainer_stats(self.trainer) if self.trainer is not None else {}
+        if self.arm_trainers:  # experiment arms' own trainers
+            stats["arms"] = {arm: await _trainer_stats(handle) for arm, handle in self.arm_trainers.items()}
         return stats
+
+    @app.get("/admin/sink", responses={**KEYED, 404: {"description": "the app runs without a sink"}})
+    async def admin_sink(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        """The Parquet sink's state and counters. Needs the admin scope."""
+        self._authorize(credentials, "admin", "/admin/sink")
+        if self.sink is None:
+            raise HTTPException(404, detail="this app runs without a sink")
+        return await asyncio.wait_for(_resolve(self.sink.stats.remote()), timeout=5.0)
+
+    # ------------------------------------------------------------------ experiments
+    @app.get("/experiments", responses=KEYED)
+    async def experiments(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        """The experiment book (rerank.experiments), in assignment order. Needs the admin scope."""
+        self._authorize(credentials, "admin", "/experiments")
+        book = await asyncio.to_thread(read_book, self._redis, self.store.keys.experiments)
+        return {"experiments": {e.name: e.spec.model_dump() for e in book}}
+
+    @app.put("/admin/experiments/{name}", responses={**KEYED, 400: UNPARSABLE, 409: {
+        "description": "the layout or the app cannot serve it (split layout with models, or an online arm "
+                       "without its trainer)"}})
+    async def put_experiment(self, body: ExperimentSpec, name: str = Path(pattern=EXPERIMENT_NAME),
+                             credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        """Add or change an experiment (ramp weights, add arms); replicas follow within a second."""
+        self._authorize(credentials, "admin", "/admin/experiments")
+        problem = servable(name, body, self.settings.layout, self.settings.arm_trainers)
+        if problem:
+            raise HTTPException(409, detail=problem)
+        try:
+            book = await asyncio.to_thread(write_experiment, self._redis, self.store.keys.experiments, name, body)
+        except ValueError as err:
+            raise HTTPException(422, detail=[{"loc": ["body", "traffic"], "msg": str(err), "type": "value_error"}])
+        self.book.refresh()
+        return {"experiments": [e.name for e in book]}
+
+    @app.delete("/admin/experiments/{name}", responses={**KEYED, 404: {"description": "no such experiment"}})
+    async def delete_experiment(self, name: str = Path(pattern=EXPERIMENT_NAME),
+                              credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        """Stop an experiment: its users get the default ranking; it stays in the book for the readout."""
+        self._authorize(credentials, "admin", "/admin/experiments")
+        stopped = await asyncio.to_thread(stop_experiment, self._redis, self.store.keys.experiments, name)
+        if stopped is None:
+            raise HTTPException(404, detail=f"no experiment {name!r}")
+        self.book.refresh()
+        return {"name": name, "status": stopped.status}
+
+    @app.get("/experiments/{name}/report", responses={**KEYED, 404: {"description": "no sink data configured"}})
+    async def experiment_report(self, name: str = Path(pattern=EXPERIMENT_NAME),
+                                credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        """The readout of an experiment from the sink's Parquet (rerank.readout). Admin scope."""
+        from rerank.readout import load_parquet, report
+
+        self._authorize(credentials, "admin", "/experiments/report")
+        if not self.settings.sink_dir:
+            raise HTTPException(404, detail="this app runs without a sink (set sink.enabled and sink.out_dir)")
+        impressions, events = await asyncio.to_thread(load_parquet, self.settings.sink_dir)
+        return await asyncio.to_thread(report, name, impressions, events)

@@ -17,6 +17,10 @@ class ServingMetrics:
         )
         self.degraded = Counter("rerank_degraded", description="/rank answers served without the feature store")
         self.events = Counter("rerank_events", description="events stored / duplicates", tag_keys=("result",))
+        self.impressions = Counter("rerank_impressions", description="/rank answers recorded as impressions "
+                                   "(recorded) or not, Redis failing (lost)", tag_keys=("result",))
+        self.attributed = Counter("rerank_events_attributed", description="events by attribution: request_id, "
+                                  "window or none", tag_keys=("how",))
         self.stage_ms = Histogram(
             "rerank_stage_latency_ms",
             description="latency per stage of /rank (features, score, rank, total)",

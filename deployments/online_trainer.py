@@ -47,7 +47,8 @@ def online_config(options: dict | None) -> OnlineConfig:
                   logging_config={"enable_access_log": False})
 class OnlineTrainer:
     def __init__(self, redis_url: str, registry_uri: str, prefix: str = DEFAULT_PREFIX, options: dict | None = None,
-                 claim_idle_ms: int = 5_000, lease_ttl_s: float = 10.0, torch_threads: int = 1) -> None:
+                 claim_idle_ms: int = 5_000, lease_ttl_s: float = 10.0, torch_threads: int = 1,
+                 arm: str | None = None) -> None:
         import redis
         import torch
         from ray.util.metrics import Counter, Gauge, Histogram
@@ -60,7 +61,11 @@ class OnlineTrainer:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         keys = Keys(prefix)
-        self.config = online_config(options)
+        self.config = online_config({**(options or {}), **({"only_arm": arm} if arm else {})})
+        group, lease_key = GROUP, keys.trainer_lease
+        if arm:  # an experiment arm's own trainer: its own consumer group and lease, its arm's events only
+            experiment, _, arm_name = arm.partition("/")
+            group, lease_key = f"{GROUP}:{arm}", keys.arm_trainer_lease(experiment, arm_name)
         self.delays: list[float] = []  # recent per-event stream -> publish delays (s)
         self._delay_hist = Histogram("rerank_online_event_to_publish_s", boundaries=DELAY_BOUNDARIES_S,
                                      description="seconds from an event's XADD to a published version containing it")
@@ -70,11 +75,11 @@ class OnlineTrainer:
         self._lag = Gauge("rerank_online_lag_events", description="stream entries after the last checkpoint")
         self._version = Gauge("rerank_online_version", description="newest version the trainer stands on")
         self._make_loop = lambda: OnlineLoop(
-            EventStream(StreamConfig(url=redis_url, stream=keys.events, group=GROUP, consumer=CONSUMER,
+            EventStream(StreamConfig(url=redis_url, stream=keys.events, group=group, consumer=CONSUMER,
                                      claim_idle_ms=claim_idle_ms)),
             ModelRegistry(registry_uri), self.config, on_publish=self._on_publish)
         client = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        self.lease = RedisLease(client, keys.trainer_lease, lease_ttl_s)
+        self.lease = RedisLease(client, lease_key, lease_ttl_s)
         self.loop: OnlineLoop | None = None  # built once the lease is held
         self.state = "starting"  # starting | standby | training | paused | backoff | stopped
         self._seen: dict[str, int] = {}

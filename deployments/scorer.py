@@ -7,6 +7,12 @@ model directory, or from the newest version in a ModelRegistry, which a daemon
 thread polls every `poll_s`; a newer version is loaded in that thread and
 swapped in by one reference assignment, so in-flight batches finish on the old
 weights and no request fails. CUDA is used when the replica has a GPU.
+
+Experiment arms may serve other models: `score(inputs, model_key)` with a key of
+rerank.experiments.ArmSpec.model_key ("dir:PATH" or "registry:URI"; "" = the app's
+model). An arm's model is loaded on its first request (at most MAX_ARM_MODELS kept,
+least recently used dropped), registry arms are polled like the main registry, and
+one forward pass per model serves each merged batch.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from rerank.scoring import ScoreInput, score_batch
 from rerank.serving import FetchedBatch, ScoredBatch
 
 logger = logging.getLogger("ray.serve")
+MAX_ARM_MODELS = 8
 
 
 @dataclass
@@ -37,8 +44,8 @@ class LoadedModel:
 
 
 def _request_count(calls: list) -> int:
-    """batch_size_fn: a call carries a list of requests; count the requests."""
-    return sum(len(call) for call in calls)
+    """batch_size_fn: a call carries (model_key, list of requests); count the requests."""
+    return sum(len(inputs) for _, inputs in calls)
 
 
 @serve.deployment(
@@ -64,11 +71,14 @@ class Scorer:
 
             self.registry = ModelRegistry(registry_uri)
         self.current = self._initial(model_dir)
+        self.arm_models: dict[str, LoadedModel] = {}  # model_key -> model of an experiment arm
+        self._arm_registries: dict[str, object] = {}
+        self._arm_lock = asyncio.Lock()
         self._score_batched.set_max_batch_size(max_batch_size)
         self._batch_wait_s = batch_wait_s
         self._in_flight = 0  # score calls inside this replica: alone = no point waiting for company
         self._stop = threading.Event()
-        if self.registry is not None and poll_s > 0:
+        if poll_s > 0:
             threading.Thread(target=self._poll, args=(poll_s,), name="registry-poll", daemon=True).start()
 
     # ------------------------------------------------------------------ loading
@@ -94,45 +104,97 @@ class Scorer:
         meta = self.registry.meta(version)
         return LoadedModel(model, f"v{version}", f"{self.registry.uri}#v{version}", time.time(), meta)
 
+    def _load_arm(self, key: str) -> LoadedModel:
+        """Load an arm's model: "dir:PATH" (a model directory) or "registry:URI" (its LATEST)."""
+        from rerank.registry import ModelRegistry
+
+        kind, _, where = key.partition(":")
+        if kind == "dir":
+            model = self._prepare(load_model(where))
+            meta = {k: v for k, v in read_config(where).items() if k == "trained_until"}
+            return LoadedModel(model, f"dir:{Path(where).name}", where, time.time(), meta)
+        if kind != "registry":
+            raise ValueError(f"model key {key!r}: expected dir:PATH or registry:URI")
+        registry = self._arm_registries.setdefault(key, ModelRegistry(where))
+        version = registry.latest()
+        if version is None:
+            raise ValueError(f"arm registry {where} has no published version")
+        model = self._prepare(registry.load(version))
+        return LoadedModel(model, f"v{version}", f"{registry.uri}#v{version}", time.time(), registry.meta(version))
+
     def _poll(self, poll_s: float) -> None:
-        """Swap in the registry's LATEST whenever it differs from what is served (also a rollback)."""
+        """Swap in the registry's LATEST whenever it differs from what is served (also a rollback);
+        the same for every arm model that follows a registry."""
         while not self._stop.wait(poll_s):
             try:
-                latest = self.registry.latest()
+                latest = self.registry.latest() if self.registry is not None else None
                 if latest is not None and f"v{latest}" != self.current.version:
                     loaded = self._load_version(latest)
                     self.current = loaded  # atomic reference swap; running batches keep theirs
                     logger.info("scorer: now serving %s (%s)", loaded.version, type(loaded.model).__name__)
             except Exception:
                 logger.exception("scorer: registry poll failed; keeping %s", self.current.version)
+            for key, registry in list(self._arm_registries.items()):
+                try:
+                    latest = registry.latest()
+                    served = self.arm_models.get(key)
+                    if served is not None and latest is not None and f"v{latest}" != served.version:
+                        self.arm_models[key] = self._load_arm(key)
+                except Exception:
+                    logger.exception("scorer: arm registry poll failed; keeping %s", key)
+
+    async def _model(self, key: str) -> LoadedModel:
+        """The model of `key` ("" = the app's), loaded on first use off the event loop."""
+        if not key:
+            return self.current
+        loaded = self.arm_models.get(key)
+        if loaded is None:
+            async with self._arm_lock:
+                loaded = self.arm_models.get(key)
+                if loaded is None:
+                    loaded = await asyncio.to_thread(self._load_arm, key)
+                    while len(self.arm_models) >= MAX_ARM_MODELS:
+                        dropped = next(iter(self.arm_models))
+                        self.arm_models.pop(dropped)
+                        self._arm_registries.pop(dropped, None)
+                    self.arm_models[key] = loaded
+        else:  # most recently used last
+            self.arm_models[key] = self.arm_models.pop(key)
+        return loaded
 
     # ------------------------------------------------------------------ serving
-    async def score(self, inputs: list[ScoreInput]) -> ScoredBatch:
-        """Scores for one ingress batch (possibly merged with other calls into one forward pass;
-        the batch wait applies only while other calls are in flight, adaptive like the ingress)."""
+    async def score(self, inputs: list[ScoreInput], model_key: str = "") -> ScoredBatch:
+        """Scores for one ingress batch by the model of `model_key` (possibly merged with other
+        calls into one forward pass per model; the batch wait applies only while other calls are
+        in flight, adaptive like the ingress)."""
+        await self._model(model_key)  # load an arm's model before queueing
         self._in_flight += 1
         self._score_batched.set_batch_wait_timeout_s(self._batch_wait_s if self._in_flight > 1 else 0.0)
         try:
-            return await self._score_batched(inputs)
+            return await self._score_batched((model_key, inputs))
         finally:
             self._in_flight -= 1
 
     async def score_features(self, fetched: FetchedBatch) -> ScoredBatch:
         """score() for FeatureFetch's output, so the `split` ingress can chain the two calls."""
-        return await self.score(fetched.score_inputs())
+        return await self.score(fetched.score_inputs())  # split layout: the app's model only
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=1,
                  batch_size_fn=_request_count)
-    async def _score_batched(self, calls: list[list[ScoreInput]]) -> list[ScoredBatch]:
-        loaded = self.current  # one model for the whole forward pass
-        flat = [x for call in calls for x in call]
-        began = time.perf_counter()
-        scores = await asyncio.to_thread(score_batch, loaded.model, flat, self.history_len)
-        elapsed = (time.perf_counter() - began) * 1000.0
-        out, start = [], 0
-        for call in calls:
-            out.append(ScoredBatch(scores[start : start + len(call)], loaded.version, len(flat), elapsed))
-            start += len(call)
+    async def _score_batched(self, calls: list[tuple[str, list[ScoreInput]]]) -> list[ScoredBatch]:
+        out: list[ScoredBatch | None] = [None] * len(calls)
+        for key in dict.fromkeys(k for k, _ in calls):  # one forward pass per model
+            mine = [i for i, (k, _) in enumerate(calls) if k == key]
+            loaded = await self._model(key)  # one model for the whole forward pass
+            flat = [x for i in mine for x in calls[i][1]]
+            began = time.perf_counter()
+            scores = await asyncio.to_thread(score_batch, loaded.model, flat, self.history_len)
+            elapsed = (time.perf_counter() - began) * 1000.0
+            start = 0
+            for i in mine:
+                n = len(calls[i][1])
+                out[i] = ScoredBatch(scores[start : start + n], loaded.version, len(flat), elapsed)
+                start += n
         return out
 
     def current_version(self) -> dict:

@@ -226,19 +226,28 @@ class RankResponse(BaseModel):
     feature_age_ms: float | None = Field(description="now - the user's last event; null for a user with none")
     degraded: bool = Field(description="true when the feature store was unreachable (no-history ranking)")
     timings_ms: Timings
-    request_id: str
-    variant: str = Field(description="experiment variant this user is assigned to")
+    request_id: str = Field(description="names this answer: send it with the events it leads to (attribution)")
+    experiment: str = Field(description="the experiment the user is in; empty outside experiments")
+    arm: str = Field(description="the user's arm ('default' outside experiments, 'interleaved' under interleaving)")
     scorer_batch_size: int = Field(description="number of requests scored in the same forward pass")
 
 
 class EventIn(_Strict):
-    """One behaviour event. `event_id` makes retries idempotent; `ts` is Unix seconds (default now)."""
+    """One behaviour event. `event_id` makes retries idempotent; `ts` is Unix seconds (default now).
+    `request_id` (+ `position`) attribute it to the ranking that showed the item; without it the
+    user's last impression of the item within the attribution window is used."""
 
     event_id: str | None = Field(None, min_length=1, max_length=128)
     user_id: ShopId
     item_id: ShopId
     type: EventType
     ts: float | None = Field(None, ge=0.0, allow_inf_nan=False, strict=True)  # a number, not true/false
+    request_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[0-9a-f]+$",
+                                   description="the /rank answer that showed the item (its request_id)")
+    position: int | None = Field(None, ge=1, le=MAX_K, strict=True,
+                                 description="1-based position of the item in that answer (as the client saw it)")
+    value: float | None = Field(None, ge=0.0, le=1e9, allow_inf_nan=False,
+                                description="revenue of a purchase (for the experiment readout)")
 
 
 class EventsRequest(_Strict):

@@ -8,7 +8,7 @@ import sys
 
 # Each module defines `register(subparsers)`, which adds its subcommand(s) and sets
 # `func` on the parser to a callable taking the parsed args and returning an exit code.
-COMMAND_MODULES = ("data", "train", "evaluate", "up", "bench", "replay", "model")
+COMMAND_MODULES = ("data", "train", "evaluate", "up", "bench", "replay", "model", "simulate", "sink", "experiment")
 
 
 class CommandError(Exception):

@@ -26,7 +26,12 @@ Key schema (prefix `P`, default "rr:"; all keys of one store share it):
                                     item_capacity: not in any history or counter), type, ts, and
                                     seq = the user's recent "item_idx:type_code" pairs BEFORE
                                     this event, oldest first, space separated, at most
-                                    stream_seq_len (see `parse_stream_seq`)
+                                    stream_seq_len (see `parse_stream_seq`); plus the event's
+                                    `extra` fields (attribution, rerank.records)
+    P impressions            stream one entry per /rank answer (rerank.attribution, rerank.records)
+    P imp:{request_id}       hash   what one answer showed, for attribution; TTL = the window
+    P u:{user_id}:imps       list   the user's recent request ids; TTL = the window
+    P experiments            hash   the experiment book (rerank.experiments)
 
 Binary records keep the hot read path to one HMGET/LRANGE per batch plus one
 `np.frombuffer`; `decode_seq`/`ITEM_RECORD` document the layout for other readers.
@@ -109,6 +114,7 @@ def _is_transient(err: Exception) -> bool:
 # ARGV: 1 event_id, 2 user_id, 3 item_id, 4 type code, 5 type name, 6 ts, 7 max_history, 8 user_ttl_s,
 #       9 event_ttl_s, 10 stream_maxlen, 11 stream_seq_len, 12 item_capacity (0 = none),
 #       13 "1" = the client sent event_id: check and set the marker KEYS[1]; "0" = a server id: no marker
+#       14.. extra stream fields as name, value pairs (attribution: rerank.records.ATTRIBUTION_FIELDS)
 # Returns 0 duplicate, else applied: 1 known item, 2 new item (got the next idx), 3 new item over
 # item_capacity (idx 0: stream entry only).
 # Reads first, writes last: Redis does not roll a script back, so nothing is written before
@@ -157,9 +163,10 @@ if idx > 0 then
     redis.call('EXPIRE', KEYS[7], ARGV[8])
   end
 end
-redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*',
-  'event_id', ARGV[1], 'user_id', ARGV[2], 'item_id', ARGV[3], 'item_idx', tostring(idx),
-  'type', ARGV[5], 'ts', ARGV[6], 'seq', table.concat(parts, ' '))
+local entry = {'event_id', ARGV[1], 'user_id', ARGV[2], 'item_id', ARGV[3], 'item_idx', tostring(idx),
+  'type', ARGV[5], 'ts', ARGV[6], 'seq', table.concat(parts, ' ')}
+for i = 14, #ARGV do entry[#entry + 1] = ARGV[i] end
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*', unpack(entry))
 if keyed then redis.call('SET', KEYS[1], '1', 'EX', ARGV[9]) end
 if new_item then return 2 end
 if idx == 0 then return 3 end
@@ -199,6 +206,7 @@ class Event:
     type: str
     ts: float | None = None  # Unix seconds; None = now
     event_id: str | None = None  # idempotency key; None = a server uuid, no marker (a retry applies it twice)
+    extra: dict[str, str] = field(default_factory=dict)  # more stream fields (attribution), stored as given
 
 
 @dataclass
@@ -271,12 +279,27 @@ class Keys:
     item_stats: str = field(init=False)
     next_item_idx: str = field(init=False)
     events: str = field(init=False)
+    impressions: str = field(init=False)
+    experiments: str = field(init=False)
     trainer_lease: str = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("item_idx", "item_id", "item_attrs", "item_stats", "next_item_idx", "events"):
+        for name in ("item_idx", "item_id", "item_attrs", "item_stats", "next_item_idx", "events", "impressions",
+                     "experiments"):
             object.__setattr__(self, name, self.prefix + name)
         object.__setattr__(self, "trainer_lease", self.prefix + "trainer:lease")
+
+    def arm_trainer_lease(self, experiment: str, arm: str) -> str:
+        """The lease of an experiment arm's own online trainer."""
+        return f"{self.prefix}trainer:lease:{experiment}:{arm}"
+
+    def impression(self, request_id: str) -> str:
+        """Hash of one shown list for attribution: item_id -> "position|team", plus _user/_exp/_arm."""
+        return f"{self.prefix}imp:{request_id}"
+
+    def user_impressions(self, user_id: str) -> str:
+        """List of the user's recent request_ids, newest first (attribution by window)."""
+        return f"{self.prefix}u:{user_id}:imps"
 
     def user_seq(self, user_id: str) -> str:
         return f"{self.prefix}u:{user_id}:seq"
@@ -523,6 +546,7 @@ class FeatureStore:
                         keys.user_seq(event.user_id), keys.user_bought(event.user_id), keys.events,
                         event_id, event.user_id, event.item_id, EVENT_CODE[event.type], event.type, repr(ts),
                         *static_args, "0" if event.event_id is None else "1",
+                        *(x for pair in event.extra.items() for x in pair),
                     )  # fmt: skip
                 replies = pipe.execute(raise_on_error=False)
             except _UNAVAILABLE as err:

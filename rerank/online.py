@@ -85,6 +85,7 @@ class OnlineConfig:
     guard_min_holdout: int = 10  # fewer held-out examples: only the finiteness check
     read_count: int = 512
     max_param_abs: float = 1e4  # weights beyond this are treated like NaN by the guard
+    only_arm: str = ""  # "experiment/arm": train on that experiment arm's events only (an arm's own trainer)
 
 
 @dataclass
@@ -133,6 +134,13 @@ def parse_seq(text: str) -> tuple[np.ndarray, np.ndarray]:
         else:
             raise ValueError(f"seq token {tok!r}: unknown event type {typ!r}")
     return np.asarray(items, dtype=np.int64), np.asarray(types, dtype=np.int64)
+
+
+def in_arm(fields: dict[str, str], only_arm: str) -> bool:
+    """Whether a stream entry belongs to the experiment arm "experiment/arm" (its attribution
+    fields, rerank.records: the impression's arm, else the user's assignment at event time)."""
+    experiment, _, arm = only_arm.partition("/")
+    return fields.get("experiment") == experiment and fields.get("arm") == arm
 
 
 def example_from_entry(entry: "StreamEntry") -> Example:
@@ -360,7 +368,8 @@ class PublishGuard:
 class LoopStats:
     version: int | None = None
     trained_until_id: str | None = None  # stream id of the last entry in the checkpoint
-    events_applied: int = 0  # every stream entry, counted once: trained + held out + invalid
+    events_applied: int = 0  # every stream entry, counted once: trained + held out + invalid + other arm
+    events_other_arm: int = 0  # entries of other experiment arms (an arm's own trainer skips them)
     events_trained: int = 0
     events_heldout: int = 0
     events_invalid: int = 0
@@ -378,7 +387,7 @@ class LoopStats:
 
 
 COUNTERS = ("events_applied", "events_trained", "events_heldout", "events_invalid", "events_refused",
-            "versions_published", "guard_refusals", "items_added")
+            "versions_published", "guard_refusals", "items_added", "events_other_arm")
 
 
 def stream_time_s(entry_id: str) -> float:
@@ -488,6 +497,9 @@ class OnlineLoop:
         examples are already in the guard's window."""
         train: list[Example] = []
         for e in entries:
+            if self.config.only_arm and not in_arm(e.fields, self.config.only_arm):
+                self.stats.events_other_arm += 1
+                continue
             try:
                 ex = example_from_entry(e)
             except ValueError as err:

@@ -5,11 +5,14 @@ Both layouts of the app run this same code (deployments/app.py):
   one Serve hop, to the Scorer;
 - `split`: the FeatureFetch and Ranker deployments wrap them, one handle call per batch per hop.
 
-A batch flows as   requests -> FetchedBatch -> (Scorer) ScoredBatch -> RankedBatch.
+A batch flows as   requests -> FetchedBatch -> (Scorer) ScoredBatch per model -> RankedBatch.
+Each request has a RankPlan: its rules and the model(s) that score it (experiment arms may
+serve other models; an interleaving experiment merges two arms' lists by team draft).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +41,10 @@ class FetchedBatch:
     items: list[FetchedFeatures]
     elapsed_ms: float  # time spent in fetch() (Redis round trip or fallback)
 
-    def score_inputs(self) -> list[ScoreInput]:
-        """What the Scorer needs of each request (item_idx arrays only, no id strings)."""
-        return [ScoreInput(f.features.history, f.features.history_types, f.features.candidates) for f in self.items]
+    def score_inputs(self, indices: list[int] | None = None) -> list[ScoreInput]:
+        """What the Scorer needs of each request (or of `indices`): item_idx arrays, no id strings."""
+        chosen = self.items if indices is None else [self.items[i] for i in indices]
+        return [ScoreInput(f.features.history, f.features.history_types, f.features.candidates) for f in chosen]
 
 
 @dataclass
@@ -63,6 +67,8 @@ class RankedBatch:
     scorer_batch_size: int
     timings_ms: dict[str, float]  # time spent inside each stage: features, score, rank
     errors: list[str | None] = field(default_factory=list)  # per request: why ranking it failed, or None
+    teams: list[list[str]] = field(default_factory=list)  # per request, per item: interleaving team or ""
+    model_versions: list[str] = field(default_factory=list)  # per request ("a+b" when interleaved)
 
 
 def _empty_features(user_id: str, candidate_idx: np.ndarray) -> UserFeatures:
@@ -124,39 +130,94 @@ class FeatureFetcher:
         return FetchedBatch(items, (time.perf_counter() - start) * 1000.0)
 
 
-def rank_batch(fetched: FetchedBatch, scored: ScoredBatch, rules: list[RankingRules],
+@dataclass(frozen=True)
+class RankPlan:
+    """How one request is ranked: by one model (`model_keys` of one entry), or by two whose
+    lists are team-draft interleaved (`teams` names the arms). `model_keys` are the scorer's
+    (rerank.experiments.ArmSpec.model_key; "" = the app's model)."""
+
+    rules: tuple[RankingRules, ...]
+    model_keys: tuple[str, ...] = ("",)
+    teams: tuple[str, ...] = ()
+    seed: int = 0  # interleaving coin flips
+
+    @staticmethod
+    def single(rules: RankingRules, model_key: str = "") -> "RankPlan":
+        return RankPlan((rules,), (model_key,))
+
+
+@dataclass
+class ModelScores:
+    """A scorer answer for the requests `indices` of a batch (one model key)."""
+
+    indices: list[int]
+    scored: ScoredBatch
+
+
+def score_groups(plans: list[RankPlan]) -> dict[str, list[int]]:
+    """Which requests of a batch each model key has to score (one scorer call per key)."""
+    groups: dict[str, list[int]] = {}
+    for i, plan in enumerate(plans):
+        for key in plan.model_keys:
+            groups.setdefault(key, []).append(i)
+    return groups
+
+
+def rank_batch(fetched: FetchedBatch, scores: dict[str, ModelScores], plans: list[RankPlan],
                catalogue: RefreshingCatalogue) -> RankedBatch:
-    """Rank each request of the batch (about 1 ms of numpy for 200 candidates). A request whose
-    ranking raises gets an empty list and its error; the others are ranked as usual."""
+    """Rank each request of the batch by its plan (about 1 ms of numpy for 200 candidates). A
+    request whose ranking raises gets an empty list and its error; the others are ranked as usual."""
+    from rerank.interleaving import team_draft
+
     start = time.perf_counter()
     current = catalogue.current
+    position = {key: {i: j for j, i in enumerate(s.indices)} for key, s in scores.items()}
     ranked: list[list[tuple[str, float]]] = []
+    teams: list[list[str]] = []
+    versions: list[str] = []
+    degraded: list[bool] = []
     errors: list[str | None] = []
-    for f, scores, r in zip(fetched.items, scored.scores, rules):
+    for i, (f, plan) in enumerate(zip(fetched.items, plans)):
         features = f.features
+        answers = [scores[key].scored for key in plan.model_keys]
+        versions.append("+".join(a.model_version for a in answers))
+        degraded.append(f.degraded or any(a.degraded for a in answers))
         try:
-            ranked.append(rank(
+            lists = [rank(
                 f.candidate_ids,
                 features.candidates,
-                scores,
-                rules=r,
+                answer.scores[position[key][i]],
+                rules=rules,
                 purchased_idx=features.purchased,
                 attributes=current.attributes_of(features.candidates),
                 popularity=popularity_prior(features.candidate_stats, len(f.candidate_ids)),
-            ))
+            ) for key, answer, rules in zip(plan.model_keys, answers, plan.rules)]
+            if plan.teams:  # interleaving: each item keeps the score of the list it came from
+                score_of = [dict(items) for items in lists]
+                merged = team_draft([x for x, _ in lists[0]], [x for x, _ in lists[1]], plan.rules[0].k,
+                                    random.Random(plan.seed), names=plan.teams)
+                ranked.append([(x, score_of[plan.teams.index(t)][x]) for x, t in merged])
+                teams.append([t for _, t in merged])
+            else:
+                ranked.append(lists[0])
+                teams.append([""] * len(lists[0]))
             errors.append(None)
         except Exception as err:  # this request only
             ranked.append([])
+            teams.append([])
             errors.append(f"{type(err).__name__}: {err}")
     elapsed = (time.perf_counter() - start) * 1000.0
+    answers = [s.scored for s in scores.values()]
     return RankedBatch(
         items=ranked,
-        degraded=[f.degraded or scored.degraded for f in fetched.items],
+        degraded=degraded,
         feature_age_ms=[f.features.feature_age_ms for f in fetched.items],
-        model_version=scored.model_version,
-        scorer_batch_size=scored.batch_size,
-        timings_ms={"features": fetched.elapsed_ms, "score": scored.elapsed_ms, "rank": elapsed},
+        model_version=versions[0] if versions else "",
+        scorer_batch_size=max((a.batch_size for a in answers), default=0),
+        timings_ms={"features": fetched.elapsed_ms, "score": sum(a.elapsed_ms for a in answers), "rank": elapsed},
         errors=errors,
+        teams=teams,
+        model_versions=versions,
     )
 
 

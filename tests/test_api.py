@@ -1,4 +1,4 @@
-"""The HTTP models (rerank.api), variant assignment, and the serving helpers without Ray."""
+"""The HTTP models (rerank.api) and the serving helpers without Ray."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from rerank.api import (
 )
 from rerank.bench import make_rank_bodies
 from rerank.catalogue import Catalogue
-from rerank.experiments import Variant, assign_variant
 
 
 def _fields(err: ValidationError) -> set[str]:
@@ -97,16 +96,6 @@ def test_events_request_needs_events():
     assert "events" in _fields(info.value)
     ok = EventsRequest.model_validate({"events": [{"user_id": 1, "item_id": 2, "type": "purchase", "ts": 10}]})
     assert ok.events[0].user_id == "1" and ok.events[0].ts == 10.0
-
-
-def test_variant_assignment_is_stable_and_follows_weights():
-    variants = [Variant("a", 3.0), Variant("b", 1.0, diversity=0.3)]
-    first = [assign_variant(f"user{i}", variants).name for i in range(4000)]
-    assert first == [assign_variant(f"user{i}", variants).name for i in range(4000)]
-    share_a = first.count("a") / len(first)
-    assert 0.70 < share_a < 0.80  # weight 3:1
-    with pytest.raises(ValueError):
-        assign_variant("u", [])
 
 
 def test_rank_bodies_are_valid_requests():

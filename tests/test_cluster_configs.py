@@ -461,7 +461,13 @@ def test_cluster_launcher_has_cpu_and_gpu_node_types():
         ({"model": "m", "registry_uri": "r", "layout": "splitt"}, "layout"),
         ({"model": "m", "max_candidate": 10}, "max_candidate"),
         ({"model": "m", "scorer_num_gpus": -1}, "scorer_num_gpus"),
-        ({"model": "m", "variants": {}}, "variants"),
+        ({"model": "m", "online": {"enabled": False}, "experiments": {"a": {"traffic": 0.6, "arms": {"x": {}}},
+                                                                        "b": {"traffic": 0.6, "arms": {"y": {}}}}},
+         "traffic"),
+        ({"model": "m", "online": {"enabled": False}, "experiments": {"t": {"type": "interleave", "arms": {"x": {}}}}},
+         "exactly two arms"),
+        ({"model": "m", "registry_uri": "r", "layout": "split",
+          "experiments": {"t": {"arms": {"x": {"model": "/m2"}, "y": {}}}}}, "layout split"),
     ],
 )
 def test_app_args_refuse_bad_config_naming_it(args, message):

@@ -1,0 +1,150 @@
+"""Experiment assignment and the Redis book (rerank.experiments), impressions and attribution
+(rerank.attribution), on a real Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+from pydantic import ValidationError
+
+from rerank.attribution import AttributionConfig, ImpressionLog
+from rerank.experiments import (
+    DEFAULT_ARM,
+    INTERLEAVED_ARM,
+    Experiment,
+    ExperimentSpec,
+    LiveBook,
+    assign,
+    read_book,
+    servable,
+    stop_experiment,
+    write_experiment,
+)
+from rerank.feature_store import Event, FeatureStore, Keys
+from rerank.records import Impression, event_row
+
+USERS = [f"user{i}" for i in range(6000)]
+
+
+def _exp(name: str, **spec) -> Experiment:
+    return Experiment(name, ExperimentSpec.model_validate(spec))
+
+
+def test_assignment_is_stable_and_follows_weights():
+    book = [_exp("t", arms={"a": {"weight": 3}, "b": {"weight": 1}})]
+    first = [assign(u, book).arm for u in USERS]
+    assert first == [assign(u, book).arm for u in USERS]
+    assert 0.72 < first.count("a") / len(first) < 0.78  # weight 3:1
+    assert {assign(u, book).experiment for u in USERS} == {"t"}
+
+
+def test_traffic_layers_split_users_and_a_stopped_experiment_keeps_its_range():
+    book = [_exp("one", traffic=0.3, arms={"a": {}, "b": {}}), _exp("two", traffic=0.5, arms={"c": {}})]
+    where = [assign(u, book).experiment for u in USERS]
+    assert 0.27 < where.count("one") / len(USERS) < 0.33
+    assert 0.47 < where.count("two") / len(USERS) < 0.53
+    assert 0.17 < where.count("") / len(USERS) < 0.23
+    stopped = [Experiment("one", book[0].spec.model_copy(update={"status": "stopped"})), book[1]]
+    after = [assign(u, stopped) for u in USERS]
+    assert [a.experiment for a in after if a.experiment] == ["two"] * where.count("two")  # "two" unmoved
+    assert all(a.arm == DEFAULT_ARM for a, w in zip(after, where) if w == "one")
+
+
+def test_a_new_salt_reshuffles_arms_and_experiments_are_independent():
+    a = [assign(u, [_exp("t", salt="s1", arms={"x": {}, "y": {}})]).arm for u in USERS]
+    b = [assign(u, [_exp("t", salt="s2", arms={"x": {}, "y": {}})]).arm for u in USERS]
+    same = sum(x == y for x, y in zip(a, b)) / len(USERS)
+    assert 0.45 < same < 0.55  # independent halves
+
+
+def test_interleave_experiments_put_everyone_in_the_interleaved_arm_and_ramping_to_zero_works():
+    inter = [_exp("i", type="interleave", arms={"a": {}, "b": {"model": "/m"}})]
+    assert {assign(u, inter).arm for u in USERS[:100]} == {INTERLEAVED_ARM}
+    ramped = [_exp("t", arms={"a": {"weight": 1}, "b": {"weight": 0}})]
+    assert {assign(u, ramped).arm for u in USERS[:500]} == {"a"}
+
+
+def test_specs_refuse_what_cannot_work():
+    for bad, needle in [({"arms": {}}, "arms"), ({"type": "interleave", "arms": {"a": {}}}, "two arms"),
+                        ({"arms": {"default": {}}}, "reserved"), ({"arms": {"a": {"weight": 0}}}, "weight > 0"),
+                        ({"arms": {"a": {"model": "/m", "registry_uri": "/r"}}}, "not both"),
+                        ({"arms": {"a": {"online": {"lr": 0.01}}}}, "registry_uri"),
+                        ({"arms": {"a": {}}, "traffic": 1.5}, "traffic")]:
+        with pytest.raises(ValidationError, match=needle):
+            ExperimentSpec.model_validate(bad)
+    spec = ExperimentSpec.model_validate({"arms": {"a": {}, "b": {"model": "/m"}}})
+    assert servable("t", spec, "inline", ()) is None
+    assert "split" in servable("t", spec, "split", ())
+    online = ExperimentSpec.model_validate({"arms": {"a": {"registry_uri": "/r", "online": {}}}})
+    assert "serve deploy" in servable("t", online, "inline", ())
+    assert servable("t", online, "inline", ("t/a",)) is None
+    relative = ExperimentSpec.model_validate({"arms": {"a": {"model": "models/m"}}})
+    assert "absolute" in servable("t", relative, "inline", ())
+
+
+def test_book_in_redis_round_trips_refuses_over_full_traffic_and_live_book_follows(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    key = f"t{uuid.uuid4().hex[:8]}:experiments"
+    write_experiment(client, key, "b", ExperimentSpec.model_validate({"traffic": 0.5, "arms": {"x": {}}}))
+    write_experiment(client, key, "a", ExperimentSpec.model_validate({"traffic": 0.5, "arms": {"y": {}}}))
+    assert [e.name for e in read_book(client, key)] == ["b", "a"]  # configured order, not sorted
+    with pytest.raises(ValueError, match="traffic"):
+        write_experiment(client, key, "c", ExperimentSpec.model_validate({"traffic": 0.1, "arms": {"z": {}}}))
+    live = LiveBook(client, key, refresh_s=0.05)
+    try:
+        before = {live.assign(u).experiment for u in USERS[:300]}
+        assert before == {"a", "b"}
+        assert stop_experiment(client, key, "a").status == "stopped"
+        assert stop_experiment(client, key, "nope") is None
+        deadline = time.time() + 5
+        while time.time() < deadline and "a" in {live.assign(u).experiment for u in USERS[:300]}:
+            time.sleep(0.05)
+        assert {live.assign(u).experiment for u in USERS[:300]} == {"b", ""}
+    finally:
+        live.close()
+
+
+def test_impressions_are_recorded_and_events_attributed_by_request_id_then_window(redis_url):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(redis_url)
+    log = ImpressionLog(client, keys, AttributionConfig(window_s=60, recent_per_user=3))
+    now = time.time()
+    log.record([
+        Impression("aa01", "u1", "t", "treat", "v3", now - 10, [("i1", 2.0, ""), ("i2", 1.0, ""), ("i3", 0.5, "")]),
+        Impression("aa02", "u1", "t", "treat", "v3", now, [("i9", 2.0, ""), ("i2", 1.5, "")]),
+        Impression("bb01", "u2", "i", "interleaved", "v1+v2", now, [("i5", 1.0, "a"), ("i6", 0.9, "b")]),
+    ])
+    assert client.xlen(keys.impressions) == 3
+    got = log.attribute([
+        ("u1", "i3", "aa01"),  # by request_id
+        ("u1", "i2", None),  # by window: the newest impression that showed i2 (aa02, position 2)
+        ("u1", "i7", "aa01"),  # never shown: not attributed
+        ("u2", "i1", "aa01"),  # someone else's request id: not attributed
+        ("u2", "i6", "bb01"),  # interleaving: the team that contributed the item
+    ], now=now)
+    assert [(a.request_id, a.position, a.how) for a in got] == [
+        ("aa01", 3, "request_id"), ("aa02", 2, "window"), ("", None, ""), ("", None, ""), ("bb01", 2, "request_id")]
+    assert (got[0].experiment, got[0].arm) == ("t", "treat")
+    assert got[4].team == "b"
+    # outside the window: an impression older than window_s no longer earns clicks
+    assert log.attribute([("u1", "i1", "aa01")], now=now + 55)[0].how == ""
+    # bounded: each user's list is trimmed, hashes expire with the window
+    log.record([Impression(f"cc{i:02d}", "u3", "", "default", "v3", now, [("i1", 1.0, "")]) for i in range(10)])
+    assert client.llen(keys.user_impressions("u3")) == 3
+    assert 0 < client.ttl(keys.impression("aa01")) <= 60
+
+
+def test_attribution_fields_reach_the_event_stream_and_parse(redis_url):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    store = FeatureStore(redis_url, prefix=prefix)
+    extra = {"request_id": "aa01", "position": "3", "experiment": "t", "arm": "treat", "team": "",
+             "attributed": "request_id", "value": "19.5"}
+    store.write_events([Event("u1", "i1", "purchase", ts=100.0, extra=extra), Event("u1", "i2", "view", ts=101.0)])
+    entries = redis.Redis.from_url(redis_url, decode_responses=True).xrange(store.keys.events)
+    rows = [event_row(stream_id, fields) for stream_id, fields in entries]
+    assert (rows[0]["request_id"], rows[0]["position"], rows[0]["arm"], rows[0]["value"]) == ("aa01", 3, "treat", 19.5)
+    assert (rows[1]["request_id"], rows[1]["position"], rows[1]["attributed"], rows[1]["value"]) == (None, None, "", None)
