@@ -97,6 +97,24 @@ class ShopTruth:
             interest_concentration=cfg.interest_concentration,
         )
 
+    def with_new_successors(self, seed: int) -> ShopTruth:
+        """The same shop after its "what follows what" pattern changed: every item gets new
+        successors, drawn uniformly from its own category (two) and the next one (the rest), as
+        the shop draws them. A model trained before the change cannot know them; one that keeps
+        learning from the clicks can."""
+        rng = np.random.default_rng(seed)
+        successors = np.zeros_like(self.successors)
+        k = self.successors.shape[1]
+        for i in range(1, self.n_items + 1):
+            same = self.members[self.category[i]]
+            same = same[same != i]
+            nxt = self.members[(self.category[i] + 1) % self.n_categories]
+            picks = list(rng.choice(same, size=min(k - 1, len(same)), replace=False)) if len(same) else []
+            picks += list(rng.choice(nxt, size=k - len(picks)))
+            successors[i] = picks
+        return ShopTruth(self.item_ids, self.category, self.weight, successors, self.price, self.n_categories,
+                         self.interest_concentration)
+
 
 @dataclass
 class SimUser:

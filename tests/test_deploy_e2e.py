@@ -61,7 +61,8 @@ def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny
     # serve_config.yaml as shipped, with this test's data, model, Redis, registry, prefix and port
     config = write_serve_config(tmp_path / "serve_config.yaml", {
         "model": str(tiny[1]), "data": str(tiny[0]), "redis_url": redis_url, "redis_prefix": "served:",
-        "registry_uri": str(tmp_path / "registry"), "registry_poll_s": 0.2, "online": {"publish_every_s": 0.3}},
+        "registry_uri": str(tmp_path / "registry"), "registry_poll_s": 0.2, "online": {"publish_every_s": 0.3},
+        "sink": {"enabled": True, "out_dir": str(tmp_path / "sink")}},
         port=port)
     served_app = ServeRun(config, log=tmp_path / "serve-run.log")
     base = f"http://127.0.0.1:{port}"
@@ -82,6 +83,19 @@ def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny
             assert served != "v1", "no new version reached the scorers"
             info = client.get("/model").json()
             assert info["meta"]["events_applied"] >= 30
+            # the shipped config's sink persists the answers and the events to Parquet, attributed
+            from rerank.readout import load_parquet
+            from tests.online_helpers import wait_until
+
+            def sunk():
+                impressions, sunk_events = load_parquet(tmp_path / "sink")
+                return sunk_events.num_rows >= 30 and impressions.num_rows >= 2 and (impressions, sunk_events)
+
+            impressions, sunk_events = wait_until(sunk, "the sink to write impressions and events", timeout_s=60)
+            assert first["request_id"] in impressions["request_id"].to_pylist()
+            shown = {item["item_id"] for item in first["items"]}
+            for item_id, how in zip(sunk_events["item_id"].to_pylist(), sunk_events["attributed"].to_pylist()):
+                assert how == ("window" if item_id in shown else "")  # clicks on what the first answer showed
         stream = redis.Redis.from_url(redis_url)
         assert stream.xlen("served:events") == 30 and not stream.exists("rr:events")  # keys follow the prefix
         assert stream.exists("served:trainer:lease")

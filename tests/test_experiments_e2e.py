@@ -213,3 +213,18 @@ def test_an_arm_with_online_learning_trains_on_its_arms_events_only(service):
     if frozen:
         a = client.post("/rank", json={"user_id": frozen[0], "candidates": service["items"][:60]}).json()
         assert a["model_version"] == "dir:model"
+
+
+def test_the_simulator_drives_the_live_service_and_its_events_are_attributed(service, serve_url):
+    from rerank.simulate import SimConfig, ShopTruth, simulate
+
+    r = service["redis"]
+    before = r.xlen(f"{PREFIX}events")
+    truth = ShopTruth.from_dataset(service["shop"] / "data")
+    summary = simulate(truth, SimConfig(url=f"{serve_url}/xp", n_users=30, requests=120, concurrency=4, seed=11),
+                       progress=False)
+    assert summary["ok"] == 120 and not summary["errors"]["rank"] and not summary["errors"]["events"]
+    assert summary["events_posted"] > 0 and r.xlen(f"{PREFIX}events") - before == summary["events_posted"]
+    sim_events = [f for _, f in r.xrevrange(f"{PREFIX}events", count=summary["events_posted"])]
+    assert all(f["attributed"] == "request_id" for f in sim_events)  # the simulator sends request_id + position
+    assert set(summary["arms"]) <= {"control", "pop", "interleaved", "frozen", "learner", "default"}

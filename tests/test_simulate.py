@@ -267,3 +267,20 @@ def test_cli_errors(tmp_path, data_dir, capsys):
     assert "synth_config.json" in capsys.readouterr().err
     assert main(["simulate", "--url", "x:8000", "--data", str(data_dir)]) == 2
     assert main(["simulate", "--url", "http://x", "--data", str(data_dir), "--users", "0"]) == 2
+
+
+def test_a_changed_shop_has_new_successors_in_the_same_categories(tmp_path):
+    from rerank.simulate import ShopTruth
+    from rerank.synth import SynthConfig, write_synth
+
+    write_synth(tmp_path / "shop", SynthConfig(n_users=20, n_items=200, seed=2))
+    truth = ShopTruth.from_dataset(tmp_path / "shop")
+    changed = truth.with_new_successors(seed=5)
+    assert changed.successors.shape == truth.successors.shape
+    assert (changed.successors[1:] != truth.successors[1:]).any(axis=1).mean() > 0.9
+    n_cat = truth.n_categories
+    for i in range(1, truth.n_items + 1):
+        cats = set(truth.category[changed.successors[i]])
+        assert cats <= {truth.category[i], (truth.category[i] + 1) % n_cat}
+        assert i not in changed.successors[i]
+    assert (changed.with_new_successors(5).successors == truth.with_new_successors(5).successors).all()

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--drift-every", type=int, default=20,
                         help="a user's interests may drift every N of its requests, 0 = never (default 20)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request (default 10)")
+    parser.add_argument("--new-successors", type=int, metavar="SEED",
+                        help="simulate a changed shop: new successors for every item, drawn with SEED "
+                        "(what online learning has to pick up)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(func=run_simulate)
 
@@ -75,6 +78,8 @@ def run_simulate(args) -> int:
     cfg = _config(args)
     try:
         truth = ShopTruth.from_dataset(args.data)
+        if args.new_successors is not None:
+            truth = truth.with_new_successors(args.new_successors)
     except (OSError, ValueError, TypeError) as err:
         raise CommandError(f"--data {args.data}: {err}") from None
     summary = simulate(truth, cfg, progress=True)

@@ -1,0 +1,284 @@
+"""Experiments measured on the live simulator: is the readout honest, how much traffic does each
+design need, does online learning pay, and what does recording cost.
+
+    python benchmarks/experiments_sim.py [--only aa,ab,interleave,online,overhead] [--aa-runs 20] [--json]
+
+Starts the local stack (deployments/local.py: local Ray, an embedded real Redis, the app on the
+demo shop with its trained SASRec; the app-wide trainer off so arms stay fixed) plus a popularity
+model, then, each scenario a live change of the experiment book (PUT /admin/experiments):
+- aa: `--aa-runs` A/A experiments (two identical arms, a new salt and new users each run);
+  how many are significant at 5% (the readout's always-valid test, a look every 5 s);
+- ab: the trained model against popularity, users split 50/50: ground-truth and observed CTR,
+  and the impressions the always-valid test needed to call it;
+- interleave: the same two models team-draft interleaved: preference share and impressions needed;
+- online: an arm with its own online trainer against a frozen arm after the shop changed (every
+  item's successors re-drawn, `ShopTruth.with_new_successors`), interests drifting: CTR per arm
+  per time window with the uplift's always-valid interval;
+- overhead: /rank with and without impression recording, interleaved, c=1 and c=8 (same run).
+Impressions and events are read back from the Redis streams of each run. Prints one JSON object
+and writes benchmarks/results/experiments_sim.json (+ PNGs). Numbers, not verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SCENARIOS = ("aa", "ab", "interleave", "online", "overhead")
+OUT = ROOT / "benchmarks" / "results" / "experiments_sim.json"
+POP_MODEL = ROOT / "artifacts" / "models" / "demo-shop-pop"
+
+
+def ensure_pop_model(data: Path) -> Path:
+    if not (POP_MODEL / "config.json").is_file():
+        from rerank.train import train
+
+        train("pop", data, POP_MODEL, evaluate_valid=False)
+    return POP_MODEL
+
+
+class Book:
+    """The live experiment book of the stack, over its admin route."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.specs: dict[str, dict] = {}
+
+    def put(self, name: str, spec: dict) -> None:
+        r = self.client.put(f"/admin/experiments/{name}", json=spec)
+        r.raise_for_status()
+        self.specs[name] = spec
+
+    def only(self, name: str | None) -> None:
+        """Traffic 1.0 to `name`, 0 to every other experiment (lowered first: the book stays <= 100%)."""
+        for other, spec in self.specs.items():
+            if other != name and spec.get("traffic", 1.0) > 0:
+                self.put(other, {**spec, "traffic": 0.0})
+        if name is not None:
+            self.put(name, {**self.specs[name], "traffic": 1.0})
+        time.sleep(1.5)  # replicas re-read the book every second
+
+
+def read_streams(redis_url: str, prefix: str, since_ms: int):
+    """Impressions and events added to the streams since `since_ms` (rerank.records tables)."""
+    import redis
+
+    from rerank.feature_store import Keys
+    from rerank.records import event_row, events_table, impression_row, impressions_table
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = Keys(prefix)
+
+    def rows(stream: str, parse) -> list[dict]:
+        out, start = [], f"{since_ms}-0"
+        while True:
+            batch = client.xrange(stream, min=start, count=10_000)
+            out.extend(parse(i, f) for i, f in batch)
+            if len(batch) < 10_000:
+                return out
+            ms, seq = batch[-1][0].split("-")
+            start = f"{ms}-{int(seq) + 1}"
+
+    return impressions_table(rows(keys.impressions, impression_row)), events_table(rows(keys.events, event_row))
+
+
+def simulate(url: str, truth, seed: int, requests: int, users: int, concurrency: int = 8, drift_every: int = 20):
+    from rerank.simulate import Drift, SimConfig, simulate as run
+
+    cfg = SimConfig(url=url, n_users=users, requests=requests, concurrency=concurrency, seed=seed,
+                    drift=Drift(every=drift_every))
+    return run(truth, cfg, progress=True)
+
+
+def _ctr_test(report: dict) -> dict:
+    return next(c for c in report["comparisons"] if c["metric"] == "ctr")
+
+
+def scenario_aa(ctx: dict, runs: int, requests: int) -> dict:
+    results = []
+    for i in range(runs):
+        ctx["book"].put("aa", {"salt": f"aa-{i}", "traffic": 1.0, "arms": {"a": {}, "b": {}}})
+        ctx["book"].only("aa")
+        since = int(time.time() * 1000)
+        sim = simulate(ctx["url"], ctx["truth"], seed=1000 + i, requests=requests, users=300)
+        rep = ctx["report"]("aa", *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=["a", "b"],
+                            look_every_s=5.0)
+        test = _ctr_test(rep)
+        results.append({"run": i, "impressions": rep["impressions"], "diff": test["diff"], "p": test["p"],
+                        "significant": test["significant"], "sim_errors": sim["errors"]})
+        print(f"aa run {i}: p={test['p']:.3f} diff={test['diff']:+.4f}", file=sys.stderr)
+    significant = sum(r["significant"] for r in results)
+    return {"runs": runs, "requests_per_run": requests, "significant_at_5pct": significant,
+            "p_values": [round(r["p"], 4) for r in results], "per_run": results}
+
+
+def scenario_ab(ctx: dict, requests: int) -> dict:
+    book = ctx["book"]
+    book.put("ab", {"traffic": 0.0, "arms": {"model": {}, "pop": {"model": str(ctx["pop"])}}})
+    book.only("ab")
+    since = int(time.time() * 1000)
+    sim = simulate(ctx["url"], ctx["truth"], seed=2000, requests=requests, users=600)
+    rep = ctx["report"]("ab", *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=["pop", "model"],
+                        look_every_s=2.0)
+    ctx["reports"]["ab"] = rep
+    test = _ctr_test(rep)
+    return {"requests": requests, "truth": {arm: {k: sim["arms"][arm][k] for k in ("expected_ctr", "ctr")}
+                                             for arm in sim["arms"]},
+            "arms": {a["arm"]: {"impressions": a["impressions"], "ctr": a["ctr"]} for a in rep["arms"]},
+            "ctr_diff": test["diff"], "ci": test["ci"], "p": test["p"],
+            "first_significant_impressions": test["first_significant_impressions"]}
+
+
+def scenario_interleave(ctx: dict, requests: int) -> dict:
+    book = ctx["book"]
+    book.put("il", {"type": "interleave", "traffic": 0.0, "arms": {"model": {}, "pop": {"model": str(ctx["pop"])}}})
+    book.only("il")
+    since = int(time.time() * 1000)
+    simulate(ctx["url"], ctx["truth"], seed=3000, requests=requests, users=600)
+    rep = ctx["report"]("il", *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=["model", "pop"],
+                        look_every_s=2.0)
+    ctx["reports"]["il"] = rep
+    il = rep["interleaving"]
+    return {"requests": requests, "impressions": rep["impressions"], "wins": il["wins"], "ties": il["ties"],
+            "share_model": il["share"], "share_ci": il["share_ci"], "p": il["p"],
+            "first_significant_impressions": il["first_significant_impressions"]}
+
+
+def scenario_online(ctx: dict, requests: int, window_s: float) -> dict:
+    """Learner vs frozen after the shop changed; CTR and uplift per time window (not cumulative)."""
+    import pyarrow.compute as pc
+
+    ctx["book"].only("learn")
+    changed = ctx["truth"].with_new_successors(seed=7)
+    since = int(time.time() * 1000)
+    sim = simulate(ctx["url"], changed, seed=4000, requests=requests, users=400, drift_every=20)
+    impressions, events = read_streams(ctx["redis_url"], ctx["prefix"], since)
+    t0, t1 = pc.min(impressions["ts"]).as_py(), pc.max(impressions["ts"]).as_py()
+    windows = []
+    start = t0
+    while start < t1:
+        part = impressions.filter(pc.and_(pc.greater_equal(impressions["ts"], start),
+                                          pc.less(impressions["ts"], start + window_s)))
+        rep = ctx["report"]("learn", part, events, arms=["frozen", "learner"], look_every_s=window_s * 10)
+        test = _ctr_test(rep)
+        arms = {a["arm"]: a["ctr"] for a in rep["arms"]}
+        windows.append({"from_s": round(start - t0, 1), "impressions": rep["impressions"], "ctr": arms,
+                        "uplift": test["diff"], "ci": test["ci"], "p": test["p"]})
+        start += window_s
+    whole = ctx["report"]("learn", impressions, events, arms=["frozen", "learner"], look_every_s=window_s)
+    ctx["reports"]["learn"] = whole
+    test = _ctr_test(whole)
+    trainer = ctx["client"].get("/admin/trainer").json().get("arms", {}).get("learn/learner", {})
+    return {"requests": requests, "window_s": window_s, "windows": windows, "overall_uplift": test["diff"],
+            "overall_ci": test["ci"], "p": test["p"],
+            "truth": {arm: sim["arms"][arm]["expected_ctr"] for arm in sim["arms"]},
+            "learner_trainer": {k: trainer.get(k) for k in ("version", "events_trained", "events_other_arm",
+                                                            "versions_published", "guard_refusals")}}
+
+
+def scenario_overhead(ctx: dict, duration_s: float, rounds: int) -> dict:
+    """/rank with and without impression recording on the same stack, alternating run by run
+    (`rounds` times at c=1 and c=8); medians over the rounds."""
+    import statistics
+
+    from rerank.bench import LoadConfig, compare, make_rank_bodies
+
+    ctx["book"].only(None)
+    truth = ctx["truth"]
+    bodies = make_rank_bodies([f"bench-u{i}" for i in range(500)], truth.item_ids[1:], 200, k=20)
+    targets = {"record": f"{ctx['url']}/rank", "no_record": f"{ctx['url']}/norecord/rank"}
+    rows = []
+    for _ in range(rounds):
+        rows += compare(targets, bodies, [1, 8], LoadConfig(duration_s=duration_s), baseline=None)["rows"]
+    out = {"rounds": rounds, "duration_s": duration_s, "candidates": 200}
+    for c in (1, 8):
+        point = {}
+        for name in targets:
+            mine = [r for r in rows if r["concurrency"] == c and r["target"] == name]
+            point[name] = {key: round(statistics.median(r[key] for r in mine), 3)
+                           for key in ("p50_ms", "p99_ms", "requests_per_s")}
+        point["p50_overhead_ms"] = round(point["record"]["p50_ms"] - point["no_record"]["p50_ms"], 3)
+        out[f"c{c}"] = point
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SCENARIOS))
+    parser.add_argument("--aa-runs", type=int, default=20)
+    parser.add_argument("--aa-requests", type=int, default=1500)
+    parser.add_argument("--ab-requests", type=int, default=6000)
+    parser.add_argument("--interleave-requests", type=int, default=3000)
+    parser.add_argument("--online-requests", type=int, default=9000)
+    parser.add_argument("--online-window-s", type=float, default=20.0)
+    parser.add_argument("--overhead-seconds", type=float, default=10.0)
+    parser.add_argument("--overhead-rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    only = [s for s in args.only.split(",") if s]
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
+
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.local import DEMO_DATA, DEMO_MODEL, LocalStack, LocalStackConfig, ensure_demo_data, ensure_model
+    from rerank.readout import plot_report, report
+    from rerank.simulate import ShopTruth
+
+    data = ensure_demo_data(DEMO_DATA)
+    ensure_model(data, DEMO_MODEL)
+    pop = ensure_pop_model(data)
+    learner_registry = tempfile.mkdtemp(prefix="rerank-learner-")
+    learn = {"traffic": 0.0, "arms": {"frozen": {}, "learner": {
+        "registry_uri": learner_registry, "online": {"publish_every_s": 2.0, "lr": 0.001}}}}
+    prefix = "rr:"
+    config = LocalStackConfig(port=args.port, online=False, app_args={
+        "experiments": {"learn": learn}, "redis_prefix": prefix, "catalogue_refresh_s": 5.0})
+    results: dict = {"scenarios": only}
+    with LocalStack(config) as stack:
+        app = {**stack.app_args(), "record_impressions": False, "experiments": {}}
+        serve.run(build_app(app), name="rerank-norecord", route_prefix="/norecord")
+        client = httpx.Client(base_url=stack.url, timeout=30)
+        book = Book(client)
+        book.specs["learn"] = learn
+        ctx = {"url": stack.url, "client": client, "book": book, "truth": ShopTruth.from_dataset(data),
+               "pop": pop, "redis_url": stack.redis_url, "prefix": prefix, "report": report, "reports": {}}
+        started = time.time()
+        if "aa" in only:
+            results["aa"] = scenario_aa(ctx, args.aa_runs, args.aa_requests)
+        if "ab" in only:
+            results["ab"] = scenario_ab(ctx, args.ab_requests)
+        if "interleave" in only:
+            results["interleave"] = scenario_interleave(ctx, args.interleave_requests)
+        if "ab" in results and "interleave" in results:
+            ab_n = results["ab"]["first_significant_impressions"]
+            il_n = results["interleave"]["first_significant_impressions"]
+            results["interleave_vs_ab_impressions"] = il_n / ab_n if ab_n and il_n else None
+        if "online" in only:
+            results["online"] = scenario_online(ctx, args.online_requests, args.online_window_s)
+        if "overhead" in only:
+            results["overhead"] = scenario_overhead(ctx, args.overhead_seconds, args.overhead_rounds)
+        results["wall_s"] = round(time.time() - started, 1)
+        plots = []
+        for name, rep in ctx["reports"].items():
+            plots += [str(p.relative_to(ROOT)) for p in plot_report(rep, OUT.parent / f"experiments_{name}")]
+        results["plots"] = plots
+        client.close()
+    previous = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    OUT.write_text(json.dumps({**previous, **results}, indent=2) + "\n")
+    print(json.dumps(results, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
