@@ -71,6 +71,8 @@ def deployments_in_app(args: AppArgs) -> set[str]:
     roles = {"ingress", "scorer"} | ({"features", "ranker"} if args.layout == "split" else set())
     if args.online.enabled:
         roles.add("trainer")
+    if args.sink.enabled:
+        roles.add("sink")
     return {DEPLOYMENT_NAMES[r] for r in roles}
 
 
