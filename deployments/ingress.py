@@ -77,6 +77,7 @@ from rerank.serving import (
 )
 
 logger = logging.getLogger("ray.serve")
+SPLIT_CHAIN_TIMEOUTS = 3  # the split layout's three chained hops get score_timeout_s each
 bearer = HTTPBearer(auto_error=False, description="API key: Authorization: Bearer <key>")
 
 
@@ -317,10 +318,12 @@ class Ingress:
             groups = score_groups(plans)
             answers = await asyncio.gather(*(self._scores(fetched, key, idx) for key, idx in groups.items()))
             return rank_batch(fetched, dict(zip(groups, answers)), plans, self.catalogue)
-        # split: chained calls, results travel between replicas by reference; one await per batch
+        # split: chained calls, results travel between replicas by reference; one await per batch,
+        # bounded (a hop that hangs gives the batch a retryable 503, not a wait without end)
         fetched = self.feature_fetch.fetch.remote(requests)
         scored = self.scorer.score_features.remote(fetched)
-        return await self.ranker.rank.remote(fetched, scored, plans)
+        ranked = self.ranker.rank.remote(fetched, scored, plans)
+        return await asyncio.wait_for(_resolve(ranked), timeout=SPLIT_CHAIN_TIMEOUTS * self.settings.score_timeout_s)
 
     async def _record(self, done: RankedBatch, batch: list[_Pending]) -> None:
         """Impressions of the answered requests (one Redis round trip); a failure is counted, the
