@@ -146,14 +146,16 @@ class OnlineTrainer:
 
     # ------------------------------------------------------------------ handle methods
     def stats(self) -> dict:
-        """State, counters, the version it stands on, lag, delay percentiles, last error."""
-        with self._lock:
-            out = self.loop.stats.to_dict() if self.loop is not None else {}
-            if self.loop is not None:
-                try:
-                    out["lag_events"] = self.loop.lag()
-                except Exception:  # Redis down: the lag is unknown, the rest still answers
-                    out["lag_events"] = None
+        """State, counters, the version it stands on, lag, delay percentiles, last error. Without
+        the loop's lock: a step or a publish in progress must not make /healthz wait (the counters
+        are a snapshot that may be mid-update)."""
+        loop = self.loop
+        out = loop.stats.to_dict() if loop is not None else {}
+        if loop is not None:
+            try:
+                out["lag_events"] = loop.lag()
+            except Exception:  # Redis down: the lag is unknown, the rest still answers
+                out["lag_events"] = None
         d = np.asarray(self.delays[-5000:])
         out["event_to_publish_s"] = ({"p50": float(np.percentile(d, 50)), "p99": float(np.percentile(d, 99)),
                                       "n": int(len(d))} if len(d) else None)

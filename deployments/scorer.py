@@ -6,7 +6,9 @@ replicas) into one forward pass, run off the event loop. Weights come from a
 model directory, or from the newest version in a ModelRegistry, which a daemon
 thread polls every `poll_s`; a newer version is loaded in that thread and
 swapped in by one reference assignment, so in-flight batches finish on the old
-weights and no request fails. CUDA is used when the replica has a GPU.
+weights and no request fails. A replica whose registry LATEST does not load
+(missing or corrupt weights) starts on the newest older version that does and
+keeps polling for LATEST. CUDA is used when the replica has a GPU.
 
 Experiment arms may serve other models: `score(inputs, model_key)` with a key of
 rerank.experiments.ArmSpec.model_key ("dir:PATH" or "registry:URI"; "" = the app's
@@ -32,6 +34,7 @@ from rerank.serving import FetchedBatch, ScoredBatch
 
 logger = logging.getLogger("ray.serve")
 MAX_ARM_MODELS = 8
+ARM_RETRY_S = 30.0  # an arm model that failed to load is tried again after this long
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Scorer:
         self.arm_models: dict[str, LoadedModel] = {}  # model_key -> model of an experiment arm
         self._arm_registries: dict[str, object] = {}
         self._arm_lock = asyncio.Lock()
+        self._arm_failures: dict[str, tuple[float, Exception]] = {}  # model_key -> (when, why) it did not load
         self._score_batched.set_max_batch_size(max_batch_size)
         self._batch_wait_s = batch_wait_s
         self._in_flight = 0  # score calls inside this replica: alone = no point waiting for company
@@ -91,13 +95,34 @@ class Scorer:
         if self.registry is not None:
             version = self.registry.latest()
             if version is not None:
-                return self._load_version(version)
+                return self._load_loadable(version)
         if not model_dir:
             raise ValueError("Scorer needs `model` (a model directory) or a registry with a published version")
         config = read_config(model_dir)
         model = self._prepare(load_model(model_dir))
         meta = {k: config[k] for k in ("trained_until",) if k in config}
         return LoadedModel(model, f"dir:{Path(model_dir).name}", str(model_dir), time.time(), meta)
+
+    def _load_loadable(self, latest: int) -> LoadedModel:
+        """LATEST, else the newest older version that loads (a warning names each broken one);
+        RegistryError when none does. The poll thread keeps trying LATEST."""
+        from rerank.registry import RegistryError
+
+        unloadable = (OSError, ValueError, RegistryError)  # ModelLoadError is a ValueError
+        try:
+            return self._load_version(latest)
+        except unloadable as err:
+            first = err
+            logger.warning("scorer: registry LATEST v%s does not load (%s); trying older versions", latest, err)
+        for version in sorted((v for v in self.registry.versions() if v < latest), reverse=True):
+            try:
+                loaded = self._load_version(version)
+            except unloadable as err:
+                logger.warning("scorer: registry v%s does not load either (%s)", version, err)
+                continue
+            logger.warning("scorer: serving v%s until LATEST v%s loads", version, latest)
+            return loaded
+        raise RegistryError(f"{self.registry.uri}: no version loads (LATEST v{latest}: {first})") from first
 
     def _load_version(self, version: int) -> LoadedModel:
         model = self._prepare(self.registry.load(version))
@@ -149,10 +174,18 @@ class Scorer:
             return self.current
         loaded = self.arm_models.get(key)
         if loaded is None:
+            failed = self._arm_failures.get(key)
+            if failed is not None and time.monotonic() - failed[0] < ARM_RETRY_S:
+                raise failed[1]  # a model that just failed to load: fail fast (degraded), retry later
             async with self._arm_lock:
                 loaded = self.arm_models.get(key)
                 if loaded is None:
-                    loaded = await asyncio.to_thread(self._load_arm, key)
+                    try:
+                        loaded = await asyncio.to_thread(self._load_arm, key)
+                    except Exception as err:
+                        self._arm_failures[key] = (time.monotonic(), err)
+                        raise
+                    self._arm_failures.pop(key, None)
                     while len(self.arm_models) >= MAX_ARM_MODELS:
                         dropped = next(iter(self.arm_models))
                         self.arm_models.pop(dropped)

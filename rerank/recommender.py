@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -240,7 +241,7 @@ def load_model(path: str | os.PathLike) -> Recommender:
         raise
     except FileNotFoundError as err:
         raise ModelLoadError(f"{root}: weights file missing: {err.filename or err}") from None
-    except (KeyError, ValueError, RuntimeError, OSError) as err:
+    except (KeyError, ValueError, RuntimeError, OSError, pickle.UnpicklingError, EOFError) as err:
         raise ModelLoadError(f"{root}: cannot load {config['kind']!r} weights: {err}") from None
     if model.n_items != config["n_items"]:
         raise ModelLoadError(f"{root}: weights hold {model.n_items} items, config.json says {config['n_items']}")

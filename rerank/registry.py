@@ -476,6 +476,14 @@ class ModelRegistry:
         for path in trash:  # out of the lock: a rollback waits for the renames only
             if path is not None:
                 self.fs.delete_dir(path)
+        if self.is_local:  # staging copies a killed publisher left behind
+            now = time.time()
+            for p in Path(self.root).glob(".v*.partial"):
+                try:
+                    if now - p.stat().st_mtime > STALE_PARTIAL_S:
+                        shutil.rmtree(p, ignore_errors=True)
+                except FileNotFoundError:
+                    pass
         return deleted
 
     def describe(self) -> list[dict]:

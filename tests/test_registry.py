@@ -287,3 +287,34 @@ def test_resolve_model_dir_without_a_version_needs_a_model_directory(tiny, tmp_p
         resolve_model_dir(None, empty)
     with pytest.raises(RegistryError, match="not a model directory"):
         resolve_model_dir(str(tmp_path), None)
+
+
+def test_prune_removes_staging_copies_a_killed_publisher_left_but_not_fresh_ones(tiny, tmp_path):
+    import os
+    import time
+
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    stale = tmp_path / "reg" / ".v000009.deadbeef.partial"
+    fresh = tmp_path / "reg" / ".v000010.cafe.partial"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / "weights.pt").write_bytes(b"half")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    registry.prune()
+    assert not stale.exists() and fresh.exists()  # a publish in progress keeps its staging copy
+    assert registry.latest() == 1
+
+
+def test_garbage_weights_are_a_model_load_error(tiny, tmp_path):
+    import shutil
+
+    from rerank.recommender import ModelLoadError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny[1], broken)
+    for weights in broken.glob("*.pt"):
+        weights.write_bytes(b"not a pickle at all")
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model(broken)
