@@ -13,8 +13,22 @@ its online trainer) and runs each scenario with real processes and signals:
   /events writer: /rank statuses and degraded answers, /events statuses, seconds until both
   answer normally again after Redis returns;
 - redis_kill: the same with `kill -9` of the embedded Redis, which the stack's supervisor
-  restarts (same port, append-only file): seconds from the kill until both answer normally.
-Prints one JSON object and writes benchmarks/results/faults.json. Numbers, not verdicts.
+  restarts (same port, append-only file): seconds from the kill until both answer normally;
+- trainer_kill: the OnlineTrainer replica is `kill -9`ed `--tk-kills` times while a replay
+  writer posts `--tk-events` demo-shop events (unique event ids) at `--tk-rate` events/s, an
+  equal burst per kill: each burst starts once the (restarted) trainer trains, the kill is aimed
+  at the publish it causes (alternately: as soon as the version's staging directory appears in
+  the registry, and as soon as the new version directory appears), and the rest of the burst
+  is posted while the trainer is dead. Serve restarts the replica. Once the trainer's
+  checkpoint covers the stream head with nothing pending it checks exactly-once from
+  the registry and Redis: stream entries beyond the final checkpoint or left pending (lost),
+  per consecutive published version the events_applied delta against the stream entries in
+  (previous trained_until_id, trained_until_id] (surplus = trained twice, shortfall = lost),
+  and that every version LATEST ever pointed to loads while GET /model (sampled every 0.5 s)
+  kept answering. With trainer_kill among the scenarios the trainer publishes every 0.3 s or
+  100 events and its lease lasts 2 s (a killed holder's successor waits that long).
+Prints one JSON object and merges it into benchmarks/results/faults.json (the scenarios run
+replace their own entries, each stamped with the command that produced it). Numbers, not verdicts.
 """
 
 from __future__ import annotations
@@ -23,15 +37,23 @@ import argparse
 import asyncio
 import json
 import os
+import queue
+import re
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SCENARIOS = ("bad_neighbour", "scorer_kill", "overload", "redis_freeze", "redis_kill")
+SCENARIOS = ("bad_neighbour", "scorer_kill", "overload", "redis_freeze", "redis_kill", "trainer_kill")
+TRAINER_KILL_ONLINE = {"publish_every_s": 0.3, "publish_every_events": 100, "lease_ttl_s": 2.0}
+VERSION_DIR = re.compile(r"^v(\d{6})$")
+STAGING_DIR = re.compile(r"^\.v(\d{6})\.[0-9a-f]+\.partial$")  # ModelRegistry._upload's temporary name
 
 
 async def hammer(url: str, bodies: list[dict], clients: int, seconds: float, stats: dict, bad: dict | None = None,
@@ -88,12 +110,303 @@ def replica_pid(name: str) -> int:
             return proc.pid
     raise RuntimeError(f"no live {name} replica of this stack ({title})")
 
+# ---------------------------------------------------------------------------- trainer_kill
+def registry_dirs(root: Path) -> tuple[set[int], dict[str, int]]:
+    """(complete-or-not version dirs, staging dir name -> version) at the registry root now."""
+    versions, staging = set(), {}
+    for entry in os.scandir(root):
+        if m := VERSION_DIR.match(entry.name):
+            versions.add(int(m.group(1)))
+        elif m := STAGING_DIR.match(entry.name):
+            staging[entry.name] = int(m.group(1))
+    return versions, staging
+
+
+class RegistryWatch(threading.Thread):
+    """Follows a local registry every `every_s`: each version's meta (read once, before retention
+    prunes it) and each version LATEST points to, copied aside to be loaded at the end."""
+
+    def __init__(self, root: Path, snapshots: Path, every_s: float = 0.02) -> None:
+        super().__init__(name="registry-watch", daemon=True)
+        self.root, self.snapshots, self.every_s = root, snapshots, every_s
+        self.metas: dict[int, dict] = {}
+        self.latest: list[int] = []  # every version LATEST pointed to, in order
+        self.missed: list[int] = []  # LATEST versions pruned before they could be copied
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        for v in sorted(registry_dirs(self.root)[0] - set(self.metas)):
+            try:
+                self.metas[v] = json.loads((self.root / f"v{v:06d}" / "meta.json").read_text())
+            except (OSError, ValueError):  # pruned meanwhile
+                pass
+        try:
+            latest = int(json.loads((self.root / "LATEST").read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            return
+        if not self.latest or self.latest[-1] != latest:
+            self.latest.append(latest)
+            if latest not in self.missed and not (self.snapshots / f"v{latest:06d}").exists():
+                try:
+                    shutil.copytree(self.root / f"v{latest:06d}", self.snapshots / f"v{latest:06d}")
+                except (OSError, shutil.Error):
+                    self.missed.append(latest)
+
+
+def healthz_trainer(url: str) -> dict:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).json().get("trainer") or {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def wait_trainer_training(url: str, old_pid: int | None, timeout_s: float = 300.0) -> int:
+    """Pid of a trainer replica other than `old_pid` once /healthz says it trains."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid = replica_pid("OnlineTrainer")
+        except RuntimeError:
+            pid = None
+        if pid is not None and pid != old_pid and healthz_trainer(url).get("state") == "training":
+            return pid
+        time.sleep(0.2)
+    raise TimeoutError(f"the OnlineTrainer did not train again within {timeout_s:.0f} s")
+
+
+def kill_in_publish(root: Path, pid: int, aim: str, timeout_s: float = 30.0) -> dict:
+    """SIGKILL `pid` as soon as the next publish shows in the registry (`aim`: "staging" = its
+    version directory being written, "version" = the new version directory renamed into place),
+    then name the window the kill landed in, from what the registry holds once it is dead."""
+    import psutil
+
+    versions, staging = registry_dirs(root)
+    deadline = time.monotonic() + timeout_s
+    seen_staging, version = None, None
+    while time.monotonic() < deadline and version is None:
+        now_versions, now_staging = registry_dirs(root)
+        new_staging = set(now_staging) - set(staging)
+        new_versions = now_versions - versions
+        if new_staging and aim == "staging":
+            seen_staging = min(new_staging)
+            version = now_staging[seen_staging]
+        elif new_versions:
+            version = max(new_versions)
+        else:
+            time.sleep(0.0002)
+    os.kill(pid, signal.SIGKILL)
+    psutil.Process(pid).wait(timeout=30)
+    return {"aim": aim, "version": version, "window": publish_window(root, version, seen_staging)}
+
+
+def publish_window(root: Path, version: int | None, staging: str | None) -> str:
+    """Where a dead trainer stopped in publishing `version` (rerank.online's crash windows)."""
+    if version is None:
+        return "no_publish_seen"
+    if staging is not None and (root / staging).exists():
+        return "version_dir_being_written"
+    if not (root / f"v{version:06d}" / "meta.json").is_file():
+        return "before_version_dir"
+    latest = json.loads((root / "LATEST").read_text())["version"]
+    if latest != version:
+        return "version_written_latest_not_moved"
+    state = json.loads((root / "trainer_state.json").read_text())
+    return "latest_moved_state_not_written" if state.get("version") != version else "after_checkpoint"
+
+
+def replay_bursts(url: str, events: list[dict], rate: float, bursts: "queue.Queue[int | None]") -> dict:
+    """POST `events` at `rate` (unique event ids), as many as each number taken from `bursts`
+    says, in order, until None is taken."""
+    from rerank.replay import ReplayConfig, replay_async
+
+    config = ReplayConfig(url=url, rate=rate, batch=20, concurrency=8, progress=False)
+    totals: Counter = Counter()
+    while (size := bursts.get()) is not None:
+        start = totals["sent"]
+        burst = [{**events[i % len(events)], "event_id": f"trainer-kill-{i}"} for i in range(start, start + size)]
+        summary = asyncio.run(replay_async(burst, config))
+        totals.update({k: getattr(summary, k) for k in ("sent", "accepted", "duplicates", "errors", "retries")})
+        totals["seconds"] += summary.seconds
+    return dict(totals)
+
+
+class ModelSampler(threading.Thread):
+    """GET /model every `every_s`: statuses and the versions served."""
+
+    def __init__(self, url: str, every_s: float = 0.5) -> None:
+        super().__init__(name="model-sampler", daemon=True)
+        self.url, self.every_s = url, every_s
+        self.statuses: Counter = Counter()
+        self.versions: set[str] = set()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self.stop.wait(self.every_s):
+                try:
+                    r = client.get("/model")
+                    self.statuses[str(r.status_code)] += 1
+                    if r.status_code == 200:
+                        self.versions.add(r.json()["version"])
+                except httpx.HTTPError as err:
+                    self.statuses[type(err).__name__] += 1
+
+
+def count_entries(client, stream: str, after: str | None, until: str) -> int:
+    """Stream entries with after < id <= until (after None: from the start)."""
+    return len(client.xrange(stream, min=f"({after}" if after else "-", max=until))
+
+
+def exactly_once(client, stream: str, group: str, root: Path, watch: RegistryWatch) -> dict:
+    """Lost / trained-twice entries from the published versions' meta, the final checkpoint and Redis."""
+    from rerank.stream import id_key
+
+    state = json.loads((root / "trainer_state.json").read_text())
+    latest_meta = watch.metas[watch.latest[-1]]
+    if checkpoint_until(root) != state["trained_until_id"]:
+        state = latest_meta  # killed between the publish and its state write: the meta is the checkpoint
+    head = client.xrevrange(stream, count=1)[0][0]
+    final = state["trained_until_id"]
+    chain, v = [], watch.latest[-1]
+    while v is not None and v in watch.metas and watch.metas[v].get("trained_until_id"):
+        chain.append(v)
+        v = watch.metas[v].get("parent")
+    base = watch.metas.get(v, {})  # the offline version the online line descends from
+    points = [(base.get("trained_until_id"), int(base.get("events_applied") or 0))]
+    points += [(watch.metas[v]["trained_until_id"], watch.metas[v]["events_applied"]) for v in reversed(chain)]
+    points.append((final, state["events_applied"]))  # the final checkpoint (may be past LATEST)
+    twice, short = 0, 0
+    for (after, applied_before), (until, applied) in zip(points, points[1:]):
+        diff = (applied - applied_before) - count_entries(client, stream, after, until)
+        twice, short = twice + max(diff, 0), short + max(-diff, 0)
+    beyond = count_entries(client, stream, final, head) if id_key(head) > id_key(final) else 0
+    pending = int(client.xpending(stream, group)["pending"])
+    return {"stream_entries": client.xlen(stream), "final_trained_until_id": final, "stream_head_id": head,
+            "final_events_applied": state["events_applied"], "entries_beyond_final_checkpoint": beyond,
+            "pending_in_group": pending, "versions_in_chain": len(chain),
+            "chain_reaches_offline_base": v in watch.metas, "lost": short + beyond, "double_trained": twice}
+
+
+def unloadable(snapshots: Path, versions: list[int]) -> list[int]:
+    """The versions (copied aside by RegistryWatch) that rerank.recommender.load_model refuses."""
+    from rerank.recommender import load_model
+
+    broken = []
+    for v in versions:
+        try:
+            load_model(snapshots / f"v{v:06d}")
+        except Exception:
+            broken.append(v)
+    return broken
+
+
+def trainer_kill(url: str, redis_url: str, prefix: str, registry: Path, events: list[dict], args) -> dict:
+    """The trainer_kill scenario (see the module docstring)."""
+    import redis
+
+    from deployments.online_trainer import GROUP
+    from rerank.feature_store import Keys
+
+    stream = Keys(prefix).events
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    snapshots = Path(tempfile.mkdtemp(prefix="rerank-trainer-kill-"))
+    watch, sampler = RegistryWatch(registry, snapshots), ModelSampler(url)
+    pid = wait_trainer_training(url, None)
+    entries_before = client.xlen(stream)
+    watch.start()
+    sampler.start()
+    writer_result: dict = {}
+    bursts: queue.Queue = queue.Queue()
+    writer = threading.Thread(target=lambda: writer_result.update(
+        replay_bursts(url, events, args.tk_rate, bursts)), name="replay-writer")
+    writer.start()
+    per_kill = args.tk_events // max(1, args.tk_kills)
+    kills, restart_s = [], []
+    try:
+        for n in range(args.tk_kills):  # a burst of events per kill: posted on while the trainer is dead
+            bursts.put(per_kill)
+            kills.append(kill_in_publish(registry, pid, "staging" if n % 2 == 0 else "version"))
+            killed_at = time.monotonic()
+            pid = wait_trainer_training(url, pid)
+            restart_s.append(time.monotonic() - killed_at)
+    finally:
+        bursts.put(args.tk_events - per_kill * len(kills))
+        bursts.put(None)
+        writer.join()
+    caught_up = wait_caught_up(client, stream, GROUP, registry)
+    time.sleep(1.0)  # a last sample of GET /model after the final publish
+    sampler.stop.set()
+    watch.stop.set()
+    watch.join()
+    watch.poll()
+    windows = Counter(k["window"] for k in kills)
+    in_publish = sum(n for w, n in windows.items() if w not in ("after_checkpoint", "no_publish_seen"))
+    served_latest = sorted(set(watch.latest))
+    result = {
+        "kills": len(kills), "kills_during_publish": in_publish,
+        "kills_while_version_dir_written": windows["version_dir_being_written"], "kill_windows": dict(windows),
+        "restart_s": {"p50": round(sorted(restart_s)[len(restart_s) // 2], 2), "max": round(max(restart_s), 2)}
+        if restart_s else None,
+        "writer": writer_result, "entries_of_run": client.xlen(stream) - entries_before, "caught_up_s": caught_up,
+        "versions_published": len([v for v, m in watch.metas.items() if m.get("trained_until_id")]),
+        "orphan_versions": sorted(v for v, m in watch.metas.items()
+                                  if m.get("trained_until_id") and v not in served_latest),
+        **exactly_once(client, stream, GROUP, registry, watch),
+        "latest_versions": len(served_latest), "latest_versions_not_copied": watch.missed,
+        "unloadable_versions_served": unloadable(snapshots, [v for v in served_latest if v not in watch.missed]),
+        "model_statuses": dict(sampler.statuses), "model_versions_seen": len(sampler.versions),
+        "model_versions_seen_never_latest": sorted(set(sampler.versions) - {f"v{v}" for v in served_latest}),
+    }
+    shutil.rmtree(snapshots, ignore_errors=True)
+    return result
+
+
+def checkpoint_until(root: Path) -> str:
+    """The trainer's final checkpoint: the state file's trained_until_id, or LATEST's meta when
+    that is further (a kill between a publish and its state write), as rerank.online reads it."""
+    from rerank.stream import id_key
+
+    state = json.loads((root / "trainer_state.json").read_text())["trained_until_id"] or "0-0"
+    latest = json.loads((root / "LATEST").read_text())["version"]
+    meta = json.loads((root / f"v{latest:06d}" / "meta.json").read_text()).get("trained_until_id") or "0-0"
+    return max(state, meta, key=id_key)
+
+
+def wait_caught_up(client, stream: str, group: str, root: Path, timeout_s: float = 600.0) -> float | None:
+    """Seconds until the trainer's checkpoint covers the stream head with nothing pending (None: not
+    within `timeout_s`). Read from the registry and Redis: the trainer's own stats may be too busy
+    to answer /healthz in time."""
+    from rerank.stream import id_key
+
+    began = time.monotonic()
+    head = client.xrevrange(stream, count=1)[0][0]
+    while time.monotonic() - began < timeout_s:
+        try:
+            covered = id_key(checkpoint_until(root)) >= id_key(head)
+        except (OSError, ValueError, KeyError):  # a file being replaced
+            covered = False
+        if covered and int(client.xpending(stream, group)["pending"]) == 0:
+            return round(time.monotonic() - began, 2)
+        time.sleep(0.5)
+    return None
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=20.0, help="load per scenario (default 20)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+    p.add_argument("--tk-kills", type=int, default=20, help="trainer_kill: kill -9s of the trainer (default 20)")
+    p.add_argument("--tk-events", type=int, default=6000, help="trainer_kill: events posted at least (default 6000)")
+    p.add_argument("--tk-rate", type=float, default=200.0, help="trainer_kill: events/s (default 200)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -104,13 +417,20 @@ def main() -> int:
 
     import psutil
 
-    from deployments.local import LocalStack, LocalStackConfig
+    from deployments.local import LocalStack, LocalStackConfig, config_app_args
     from rerank.bench import LoadConfig, make_rank_bodies, run_load, run_open_loop
     from rerank.dataset import load_dataset
     from rerank.redis_server import free_port
+    from rerank.replay import dataset_events
 
-    result: dict = {"command": " ".join(["python", *sys.argv]), "seconds": args.seconds, "clients": args.clients}
-    with LocalStack(LocalStackConfig(port=free_port(), online=True)) as stack:
+    command = " ".join(["python", *sys.argv])
+    result: dict = {"command": command, "seconds": args.seconds, "clients": args.clients}
+    work = Path(tempfile.mkdtemp(prefix="rerank-faults-"))
+    registry = work / "registry"  # the stack's registry, read by trainer_kill
+    online = TRAINER_KILL_ONLINE if "trainer_kill" in only else {}
+    config = LocalStackConfig(port=free_port(), online=True, online_options=online,
+                              app_args={"registry_uri": str(registry)})
+    with LocalStack(config) as stack:
         url = stack.url
         dataset = load_dataset(stack.data)
         raw = make_rank_bodies(list(dataset.user_ids[1:]), list(dataset.item_ids[1:]), 200, 20, n_bodies=64)
@@ -219,10 +539,20 @@ def main() -> int:
             result[scenario_name] = {"freeze_s": None if kill else freeze_s, "rank_statuses": dict(stats["good"]),
                                       "rank_degraded": stats["degraded"], "events_statuses": dict(events),
                                       "events_retry_after": sorted(x for x in retry_after if x), **timeline}
+
+        if "trainer_kill" in only:
+            prefix = config_app_args().get("redis_prefix", "rr:")
+            events = dataset_events(dataset, offset=max(0, dataset.events.num_rows - 20_000))
+            result["trainer_kill"] = {"online": online, "kills_asked": args.tk_kills, "rate": args.tk_rate,
+                                      **trainer_kill(url, stack.redis_url, prefix, registry, events, args)}
+    shutil.rmtree(work, ignore_errors=True)
     result["load_average"] = os.getloadavg()
+    for name in only:
+        result[name]["command"] = command
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    merged = json.loads(out.read_text()) if out.is_file() else {}  # other scenarios' results stay
+    out.write_text(json.dumps({**merged, **result}, indent=2) + "\n")
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
