@@ -11,6 +11,8 @@ model, then, each scenario a live change of the experiment book (PUT /admin/expe
 - ab: the trained model against popularity, users split 50/50: ground-truth and observed CTR,
   and the impressions the always-valid test needed to call it;
 - interleave: the same two models team-draft interleaved: preference share and impressions needed;
+- close: both designs again for a smaller difference (the model against itself with MMR
+  diversity 0.5);
 - online: an arm with its own online trainer against a frozen arm after the shop changed (every
   item's successors re-drawn, `ShopTruth.with_new_successors`), interests drifting: CTR per arm
   per time window with the uplift's always-valid interval;
@@ -30,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SCENARIOS = ("aa", "ab", "interleave", "online", "overhead")
+SCENARIOS = ("aa", "ab", "interleave", "close", "online", "overhead")
 OUT = ROOT / "benchmarks" / "results" / "experiments_sim.json"
 POP_MODEL = ROOT / "artifacts" / "models" / "demo-shop-pop"
 
@@ -88,11 +90,12 @@ def read_streams(redis_url: str, prefix: str, since_ms: int):
     return impressions_table(rows(keys.impressions, impression_row)), events_table(rows(keys.events, event_row))
 
 
-def simulate(url: str, truth, seed: int, requests: int, users: int, concurrency: int = 8, drift_every: int = 20):
+def simulate(url: str, truth, seed: int, requests: int, users: int, concurrency: int = 8, drift_every: int = 20,
+             post_views: bool = False):
     from rerank.simulate import Drift, SimConfig, simulate as run
 
     cfg = SimConfig(url=url, n_users=users, requests=requests, concurrency=concurrency, seed=seed,
-                    drift=Drift(every=drift_every))
+                    drift=Drift(every=drift_every), post_views=post_views)
     return run(truth, cfg, progress=True)
 
 
@@ -118,15 +121,15 @@ def scenario_aa(ctx: dict, runs: int, requests: int) -> dict:
             "p_values": [round(r["p"], 4) for r in results], "per_run": results}
 
 
-def scenario_ab(ctx: dict, requests: int) -> dict:
+def scenario_ab(ctx: dict, name: str, arms: dict, order: list[str], requests: int, seed: int) -> dict:
+    """A/B of `arms` (users split by weight); `order[0]` is the baseline of the readout."""
     book = ctx["book"]
-    book.put("ab", {"traffic": 0.0, "arms": {"model": {}, "pop": {"model": str(ctx["pop"])}}})
-    book.only("ab")
+    book.put(name, {"traffic": 0.0, "arms": arms})
+    book.only(name)
     since = int(time.time() * 1000)
-    sim = simulate(ctx["url"], ctx["truth"], seed=2000, requests=requests, users=600)
-    rep = ctx["report"]("ab", *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=["pop", "model"],
-                        look_every_s=2.0)
-    ctx["reports"]["ab"] = rep
+    sim = simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=600)
+    rep = ctx["report"](name, *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=order, look_every_s=2.0)
+    ctx["reports"][name] = rep
     test = _ctr_test(rep)
     return {"requests": requests, "truth": {arm: {k: sim["arms"][arm][k] for k in ("expected_ctr", "ctr")}
                                              for arm in sim["arms"]},
@@ -135,29 +138,37 @@ def scenario_ab(ctx: dict, requests: int) -> dict:
             "first_significant_impressions": test["first_significant_impressions"]}
 
 
-def scenario_interleave(ctx: dict, requests: int) -> dict:
+def scenario_interleave(ctx: dict, name: str, arms: dict, requests: int, seed: int) -> dict:
+    """The two `arms` team-draft interleaved in every list."""
     book = ctx["book"]
-    book.put("il", {"type": "interleave", "traffic": 0.0, "arms": {"model": {}, "pop": {"model": str(ctx["pop"])}}})
-    book.only("il")
+    book.put(name, {"type": "interleave", "traffic": 0.0, "arms": arms})
+    book.only(name)
     since = int(time.time() * 1000)
-    simulate(ctx["url"], ctx["truth"], seed=3000, requests=requests, users=600)
-    rep = ctx["report"]("il", *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=["model", "pop"],
+    simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=600)
+    rep = ctx["report"](name, *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=list(arms),
                         look_every_s=2.0)
-    ctx["reports"]["il"] = rep
+    ctx["reports"][name] = rep
     il = rep["interleaving"]
     return {"requests": requests, "impressions": rep["impressions"], "wins": il["wins"], "ties": il["ties"],
-            "share_model": il["share"], "share_ci": il["share_ci"], "p": il["p"],
+            "share_first": il["share"], "share_ci": il["share_ci"], "p": il["p"],
             "first_significant_impressions": il["first_significant_impressions"]}
 
 
-def scenario_online(ctx: dict, requests: int, window_s: float) -> dict:
+def _needed_ratio(results: dict, ab: str, il: str) -> float | None:
+    ab_n = results.get(ab, {}).get("first_significant_impressions")
+    il_n = results.get(il, {}).get("first_significant_impressions")
+    return il_n / ab_n if ab_n and il_n else None
+
+
+def scenario_online(ctx: dict, requests: int, window_s: float, post_views: bool) -> dict:
     """Learner vs frozen after the shop changed; CTR and uplift per time window (not cumulative)."""
     import pyarrow.compute as pc
 
     ctx["book"].only("learn")
     changed = ctx["truth"].with_new_successors(seed=7)
     since = int(time.time() * 1000)
-    sim = simulate(ctx["url"], changed, seed=4000, requests=requests, users=400, drift_every=20)
+    sim = simulate(ctx["url"], changed, seed=4000, requests=requests, users=400, drift_every=20,
+                   post_views=post_views)
     impressions, events = read_streams(ctx["redis_url"], ctx["prefix"], since)
     t0, t1 = pc.min(impressions["ts"]).as_py(), pc.max(impressions["ts"]).as_py()
     windows = []
@@ -175,7 +186,8 @@ def scenario_online(ctx: dict, requests: int, window_s: float) -> dict:
     ctx["reports"]["learn"] = whole
     test = _ctr_test(whole)
     trainer = ctx["client"].get("/admin/trainer").json().get("arms", {}).get("learn/learner", {})
-    return {"requests": requests, "window_s": window_s, "windows": windows, "overall_uplift": test["diff"],
+    return {"requests": requests, "window_s": window_s, "lr": ctx["online_lr"], "post_views": post_views,
+            "windows": windows, "overall_uplift": test["diff"],
             "overall_ci": test["ci"], "p": test["p"],
             "truth": {arm: sim["arms"][arm]["expected_ctr"] for arm in sim["arms"]},
             "learner_trainer": {k: trainer.get(k) for k in ("version", "events_trained", "events_other_arm",
@@ -217,6 +229,8 @@ def main() -> int:
     parser.add_argument("--interleave-requests", type=int, default=3000)
     parser.add_argument("--online-requests", type=int, default=9000)
     parser.add_argument("--online-window-s", type=float, default=20.0)
+    parser.add_argument("--online-lr", type=float, default=1e-4, help="the learner arm's learning rate")
+    parser.add_argument("--post-views", action="store_true", help="simulated users also post views of what they examine")
     parser.add_argument("--overhead-seconds", type=float, default=10.0)
     parser.add_argument("--overhead-rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8011)
@@ -240,7 +254,7 @@ def main() -> int:
     pop = ensure_pop_model(data)
     learner_registry = tempfile.mkdtemp(prefix="rerank-learner-")
     learn = {"traffic": 0.0, "arms": {"frozen": {}, "learner": {
-        "registry_uri": learner_registry, "online": {"publish_every_s": 2.0, "lr": 0.001}}}}
+        "registry_uri": learner_registry, "online": {"publish_every_s": 2.0, "lr": args.online_lr}}}}
     prefix = "rr:"
     config = LocalStackConfig(port=args.port, online=False, app_args={
         "experiments": {"learn": learn}, "redis_prefix": prefix, "catalogue_refresh_s": 5.0})
@@ -252,20 +266,27 @@ def main() -> int:
         book = Book(client)
         book.specs["learn"] = learn
         ctx = {"url": stack.url, "client": client, "book": book, "truth": ShopTruth.from_dataset(data),
-               "pop": pop, "redis_url": stack.redis_url, "prefix": prefix, "report": report, "reports": {}}
+               "pop": pop, "redis_url": stack.redis_url, "prefix": prefix, "report": report, "reports": {},
+               "online_lr": args.online_lr}
         started = time.time()
         if "aa" in only:
             results["aa"] = scenario_aa(ctx, args.aa_runs, args.aa_requests)
+        pop_arms = {"model": {}, "pop": {"model": str(pop)}}
+        close_arms = {"model": {}, "diverse": {"rules": {"diversity": 0.5}}}
         if "ab" in only:
-            results["ab"] = scenario_ab(ctx, args.ab_requests)
+            results["ab"] = scenario_ab(ctx, "ab", pop_arms, ["pop", "model"], args.ab_requests, seed=2000)
         if "interleave" in only:
-            results["interleave"] = scenario_interleave(ctx, args.interleave_requests)
+            results["interleave"] = scenario_interleave(ctx, "il", pop_arms, args.interleave_requests, seed=3000)
         if "ab" in results and "interleave" in results:
-            ab_n = results["ab"]["first_significant_impressions"]
-            il_n = results["interleave"]["first_significant_impressions"]
-            results["interleave_vs_ab_impressions"] = il_n / ab_n if ab_n and il_n else None
+            results["interleave_vs_ab_impressions"] = _needed_ratio(results, "ab", "interleave")
+        if "close" in only:  # a smaller difference: the model against itself with strong MMR diversity
+            results["ab_close"] = scenario_ab(ctx, "ab-close", close_arms, ["diverse", "model"], args.ab_requests,
+                                              seed=5000)
+            results["interleave_close"] = scenario_interleave(ctx, "il-close", close_arms, args.interleave_requests,
+                                                              seed=6000)
+            results["close_interleave_vs_ab_impressions"] = _needed_ratio(results, "ab_close", "interleave_close")
         if "online" in only:
-            results["online"] = scenario_online(ctx, args.online_requests, args.online_window_s)
+            results["online"] = scenario_online(ctx, args.online_requests, args.online_window_s, args.post_views)
         if "overhead" in only:
             results["overhead"] = scenario_overhead(ctx, args.overhead_seconds, args.overhead_rounds)
         results["wall_s"] = round(time.time() - started, 1)
