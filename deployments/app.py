@@ -308,14 +308,16 @@ def build_app(raw_args: dict) -> serve.Application:
         ranker = Ranker.bind(model, registry_uri, redis_url, args.redis_prefix, args.catalogue_refresh_s)
     if args.online.enabled:
         trainer = OnlineTrainer.options(ray_actor_options={"num_cpus": args.online.num_cpus}).bind(
-            redis_url, registry_uri, args.redis_prefix, args.online.options(), lease_ttl_s=args.online.lease_ttl_s)
+            redis_url, registry_uri, args.redis_prefix, {"max_items": n_items + args.new_item_allowance,
+                                                         **args.online.options()}, lease_ttl_s=args.online.lease_ttl_s)
     arm_trainers = {}
     for arm in args.arm_trainers():  # an experiment arm's own trainer, on its arm's events
         exp_name, _, arm_name = arm.partition("/")
         spec = experiments[exp_name].arms[arm_name]
         arm_trainers[arm] = OnlineTrainer.options(
             name=f"{OnlineTrainer.name}-{exp_name}-{arm_name}", ray_actor_options={"num_cpus": args.online.num_cpus},
-        ).bind(redis_url, spec.registry_uri, args.redis_prefix, spec.online, lease_ttl_s=args.online.lease_ttl_s,
+        ).bind(redis_url, spec.registry_uri, args.redis_prefix, {"max_items": n_items + args.new_item_allowance,
+                                                                 **spec.online}, lease_ttl_s=args.online.lease_ttl_s,
                arm=arm)
     sink = None
     if args.sink.enabled:

@@ -6,6 +6,10 @@ Three layers, each usable alone:
   the last position: the only new transition an event brings); items beyond the catalogue get
   embedding rows on the fly (reserved `item_capacity` rows, or a grown table), initialised from
   the mean item embedding (their attribute embeddings add on top when attributes are known).
+  A grown table doubles, but never beyond `max_items` + 1 rows (`max_items` > 0: the feature
+  store's item capacity, the highest item_idx it assigns; the loop skips entries naming an
+  item_idx above it, as target or in their seq, counted in `events_invalid` and
+  `events_over_max_items`).
 - `PublishGuard`: 1 in `holdout_every` events is held out, never trained on, and kept in a
   rolling window. The choice is made server-side, by a keyed hash (blake2b) of the stream entry
   id (assigned by Redis, stable across restarts) under a secret salt kept in the registry
@@ -18,6 +22,11 @@ Three layers, each usable alone:
   is refused (counted), the serving version stays, and the trainer goes back to its weights.
 - `OnlineLoop` (Redis stream + registry): reads the stream as one consumer of a group,
   trains, and every `publish_every_s` seconds or `publish_every_events` events publishes.
+  `items_added` counts distinct new items: those a version it publishes is the first to hold,
+  beyond the most items of any version it stood on or published (the high-water mark
+  `items_high`, kept in the state file and the meta); items of a refused candidate are not
+  counted, nor counted again when the trainer regrows them on the serving weights (or after a
+  rollback).
 
 Exactly-once. A *checkpoint* is the trainer state file `trainer_state.json` in the registry
 (`version` = the weights the trainer stands on, `trained_until_id` = the last stream id
@@ -35,12 +44,17 @@ stream entry is counted exactly once in `events_applied` (= trained + held out +
 `events_refused` counts the trained ones whose candidate the guard refused). A checkpoint that
 fails (the registry unreachable, a pin or a concurrent publish at the commit) keeps its entries
 consumed-but-uncheckpointed (not acked, still applied) and, except for a pin/conflict, re-raises
-so the caller backs off; the next checkpoint covers them. (If only the state write after a
-successful publish fails, the version's meta is their checkpoint: they are acked, the error is
-re-raised, and the next checkpoint rewrites the state.) Rollback: see rerank/registry.py;
-while LATEST is pinned the loop reads nothing; when the pin is released (or LATEST moved to
-another version) it reloads LATEST's version, resets the counters to the last checkpoint's and
-re-applies the events it had consumed but not checkpointed, so they are counted once.
+so the caller backs off; the next checkpoint covers them. The backlog is bounded: once
+`max_uncommitted` entries wait for a checkpoint (the registry down for long), poll_once reads
+nothing new (`stats.backlogged`), it only retries the checkpoint, so neither the loop's memory
+nor the group's pending list grows with the outage; unread entries wait in the stream (its
+MAXLEN trimming applies to them as to any lag). Entries recovered at a start are all taken,
+whatever their number. (If only the state write after a successful publish fails, the
+version's meta is their checkpoint: they are acked, the error is re-raised, and the next
+checkpoint rewrites the state.) Rollback: see rerank/registry.py; while LATEST is pinned the
+loop reads nothing; when the pin is released (or LATEST moved to another version) it reloads
+LATEST's version, resets the counters to the last checkpoint's and re-applies the events it had
+consumed but not checkpointed, so they are counted once.
 """
 
 from __future__ import annotations
@@ -86,6 +100,8 @@ class OnlineConfig:
     read_count: int = 512
     max_param_abs: float = 1e4  # weights beyond this are treated like NaN by the guard
     only_arm: str = ""  # "experiment/arm": train on that experiment arm's events only (an arm's own trainer)
+    max_items: int = 0  # highest item_idx the trainer gives a row (the store's item capacity); 0 = no cap
+    max_uncommitted: int = 50_000  # consumed-but-uncheckpointed entries before the loop stops reading; 0 = no bound
 
 
 @dataclass
@@ -189,15 +205,23 @@ def last_position_loss(module, seq: torch.Tensor, types: torch.Tensor, targets: 
     return module.loss(seq, types, y)
 
 
-def ensure_capacity(model: "SequentialRecommender", n_items: int) -> bool:
-    """Make room for item_idx up to n_items: reserved rows first, else a bigger table. True if rebuilt."""
+def ensure_capacity(model: "SequentialRecommender", n_items: int, max_items: int = 0) -> bool:
+    """Make room for item_idx up to n_items: reserved rows first, else a bigger table. True if rebuilt.
+
+    A bigger table doubles the rows (amortised growth), but never beyond `max_items` + 1 rows when
+    `max_items` > 0 (ValueError if n_items itself is beyond it)."""
     from rerank.model import SASRec, SASRecConfig
 
     module = model.module
     if n_items + 1 <= module.config.item_capacity:
         return False
+    if max_items > 0 and n_items > max_items:
+        raise ValueError(f"item_idx {n_items} is beyond max_items {max_items}")
     old_cap = module.config.item_capacity
-    cfg = SASRecConfig.from_dict({**module.config.to_dict(), "item_capacity": max(n_items + 1, old_cap * 2)})
+    capacity = max(n_items + 1, old_cap * 2)
+    if max_items > 0:
+        capacity = min(capacity, max_items + 1)
+    cfg = SASRecConfig.from_dict({**module.config.to_dict(), "item_capacity": capacity})
     new = SASRec(cfg).to(model.device)
     state = module.state_dict()
     new_state = new.state_dict()
@@ -213,7 +237,13 @@ def ensure_capacity(model: "SequentialRecommender", n_items: int) -> bool:
 
 
 class IncrementalTrainer:
-    """Gradient steps on next-item examples for a SequentialRecommender, growing items as they come."""
+    """Gradient steps on next-item examples for a SequentialRecommender, growing items as they come.
+
+    `items_added` counts distinct item_idx this trainer gave rows to beyond the largest catalogue
+    it stood on (a high-water mark: items grown again after a `reset` to weights without them, e.g.
+    after a guard refusal, are not counted again). With `config.max_items` > 0 the table never
+    grows beyond max_items + 1 rows and `step` drops examples whose target is beyond it.
+    """
 
     def __init__(self, model: "SequentialRecommender", config: OnlineConfig | None = None):
         self.model = model
@@ -221,6 +251,7 @@ class IncrementalTrainer:
         self._make_optimizer()
         self.steps = 0
         self.items_added = 0
+        self._items_high = model.n_items  # the most items any weights of this trainer had
 
     def _make_optimizer(self) -> None:
         self.opt = torch.optim.AdamW(self.model.module.parameters(), lr=self.config.lr,
@@ -229,26 +260,35 @@ class IncrementalTrainer:
     def reset(self, model: "SequentialRecommender") -> None:
         """Stand on other weights (after a refusal or a rollback); fresh optimizer state."""
         self.model = model
+        self._items_high = max(self._items_high, model.n_items)
         self._make_optimizer()
 
     def grow(self, max_idx: int, attributes: np.ndarray | None = None) -> int:
-        """Start scoring items up to max_idx; new rows start at the mean item embedding. Returns #added."""
+        """Start scoring items up to max_idx; new rows start at the mean item embedding. Returns #rows added
+        to these weights (`items_added` grows only by the items no earlier weights had). ValueError
+        beyond `config.max_items`."""
         model = self.model
         old = model.n_items
         if max_idx <= old:
             return 0
-        if ensure_capacity(model, max_idx):
+        if ensure_capacity(model, max_idx, self.config.max_items):
             self._make_optimizer()
         module = model.module
         with torch.no_grad():
             mean = module.item_emb.weight[1 : old + 1].mean(0)
             module.item_emb.weight[old + 1 : max_idx + 1] = mean
         module.grow_items(max_idx, None if attributes is None else torch.as_tensor(attributes))
-        self.items_added += max_idx - old
+        self.items_added += max(0, max_idx - max(old, self._items_high))
+        self._items_high = max(self._items_high, max_idx)
         return max_idx - old
 
     def step(self, examples: list[Example]) -> float:
-        """One optimizer step per `batch_size` examples; returns the mean loss (nan when none)."""
+        """One optimizer step per `batch_size` examples; returns the mean loss (nan when none).
+
+        Examples whose target is beyond `config.max_items` (> 0) are dropped (the loop skips and
+        counts their entries before they get here)."""
+        if self.config.max_items > 0:
+            examples = [e for e in examples if e.target <= self.config.max_items]
         if not examples:
             return math.nan
         self.grow(max(e.target for e in examples))
@@ -373,21 +413,23 @@ class LoopStats:
     events_trained: int = 0
     events_heldout: int = 0
     events_invalid: int = 0
+    events_over_max_items: int = 0  # of events_invalid: naming an item_idx (target or seq) above max_items
     events_refused: int = 0  # of events_trained: in a candidate the guard refused
     events_skipped_duplicate: int = 0  # redelivered entries already in the checkpoint (acked, not applied)
     versions_published: int = 0
     guard_refusals: int = 0
-    items_added: int = 0
+    items_added: int = 0  # distinct new items first included by a version this trainer published (see _publish)
     last_publish_at: float | None = None
     last_guard: dict = field(default_factory=dict)
     paused: bool = False
+    backlogged: bool = False  # max_uncommitted entries wait for a checkpoint: reading nothing until one succeeds
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 COUNTERS = ("events_applied", "events_trained", "events_heldout", "events_invalid", "events_refused",
-            "versions_published", "guard_refusals", "items_added", "events_other_arm")
+            "versions_published", "guard_refusals", "items_added", "events_other_arm", "events_over_max_items")
 
 
 def stream_time_s(entry_id: str) -> float:
@@ -415,6 +457,8 @@ class OnlineLoop:
         self._last_checkpoint = clock()
         self._items: dict[int, str] = {}  # new item_idx -> item_id seen in the stream
         self._checkpointed: dict[str, int] = {}  # COUNTERS as of the last checkpoint
+        self._items_high = 0  # the most items of any version this loop stood on or published
+        self._warned_over_max_items = False
         self.holdout_salt = b""  # the registry's secret, loaded by start()
 
     # ---------------------------------------------------------------- state
@@ -430,7 +474,7 @@ class OnlineLoop:
                                "(ModelRegistry.publish_dir or `rerank model publish`)")
         meta = self.registry.meta(latest)
         from_meta = {"version": latest, "trained_until_id": meta.get("trained_until_id"),
-                     **{k: int(meta.get(k) or 0) for k in COUNTERS}}
+                     "items_high": meta.get("items_high"), **{k: int(meta.get(k) or 0) for k in COUNTERS}}
         if state is None:
             return from_meta
         ahead = meta.get("trained_until_id")  # None: not a version of this trainer (offline)
@@ -460,6 +504,7 @@ class OnlineLoop:
             self.trainer.reset(model)
         self.stats.version = version
         self._items = {}
+        self._items_high = max(self._items_high, model.n_items)
 
     def start(self) -> list["StreamEntry"]:
         """Load the checkpoint, then recover pending entries: ack those already applied, apply the rest."""
@@ -469,6 +514,7 @@ class OnlineLoop:
         self._checkpointed = {k: getattr(self.stats, k) for k in COUNTERS}
         self.stats.trained_until_id = state.get("trained_until_id")
         self.holdout_salt = self._load_salt()
+        self._items_high = int(state.get("items_high") or 0)
         self._stand_on(int(state["version"]))
         self.stream.ensure_group()
         recovered = self.stream.recover()
@@ -506,6 +552,15 @@ class OnlineLoop:
                 log.warning("skipping invalid stream entry: %s", err)
                 self.stats.events_invalid += 1
                 continue
+            cap = self.config.max_items
+            if cap > 0 and (ex.target > cap or (len(ex.seq) and int(ex.seq.max()) > cap)):
+                if not self._warned_over_max_items:  # once: a flood of new items would flood the log
+                    log.warning("skipping stream entries naming an item_idx above max_items %d (first: %s)",
+                                cap, e.id)
+                    self._warned_over_max_items = True
+                self.stats.events_invalid += 1
+                self.stats.events_over_max_items += 1
+                continue
             if ex.item_id and ex.target > 0:
                 self._items[ex.target] = ex.item_id
             if ex.target <= 0:
@@ -519,18 +574,34 @@ class OnlineLoop:
         self.stats.events_applied += len(entries)
         if train:
             assert self.trainer is not None
-            before = self.trainer.items_added
             self.trainer.step(train)
             self.stats.events_trained += len(train)
-            self.stats.items_added += self.trainer.items_added - before
             self._window_trained += len(train)
 
+    def _room(self) -> int:
+        """How many more entries may be consumed before the checkpoint (max_uncommitted)."""
+        if self.config.max_uncommitted <= 0:
+            return self.config.read_count
+        return self.config.max_uncommitted - len(self._uncommitted)
+
     def poll_once(self, block_ms: int | None = None) -> int:
-        """Read one batch (unless paused by a rollback pin), train, publish when due. Returns #entries."""
+        """Read one batch (unless paused by a rollback pin), train, publish when due. Returns #entries.
+
+        With `max_uncommitted` entries waiting for a checkpoint (the registry failing), it reads
+        nothing (`stats.backlogged`): it only retries the checkpoint, which re-raises a failure
+        (the caller backs off) or, kept back by a pin or a conflict, waits block_ms."""
+        wait_s = (block_ms if block_ms is not None else self.stream.config.block_ms) / 1000.0
         if self._check_pin():
-            time.sleep((block_ms if block_ms is not None else self.stream.config.block_ms) / 1000.0)
+            time.sleep(wait_s)
             return 0
-        entries = self.stream.read(count=self.config.read_count, block_ms=block_ms)
+        if self._room() <= 0:
+            self.stats.backlogged = True
+            self.checkpoint()
+            if self._room() <= 0:
+                time.sleep(wait_s)
+                return 0
+        self.stats.backlogged = False
+        entries = self.stream.read(count=min(self.config.read_count, self._room()), block_ms=block_ms)
         n = self._consume(entries)
         if self._due():
             self.checkpoint()
@@ -653,10 +724,16 @@ class OnlineLoop:
         ahead of the state file, so checkpoint() still acks the entries (and re-raises)."""
         counters = {k: getattr(self.stats, k) for k in COUNTERS}
         counters["versions_published"] += 1
+        n_items = self.trainer.model.n_items
+        added = max(0, n_items - self._items_high)  # items no version this loop stood on had
+        counters["items_added"] += added
+        high = max(self._items_high, n_items)
         meta = {**counters, "trained_until_id": until, "trained_until": stream_time_s(until),
-                "guard": self.stats.last_guard}
+                "items_high": high, "guard": self.stats.last_guard}
         version = self.registry.publish(self.trainer.model, meta, dataset=self._dataset_for_publish())
         self.stats.versions_published += 1
+        self.stats.items_added += added
+        self._items_high = high
         self.stats.version = version
         self.stats.trained_until_id = until
         self.serving = copy.deepcopy(self.trainer.model)
@@ -669,7 +746,8 @@ class OnlineLoop:
     def _write_state(self, **overrides) -> None:
         """Write the checkpoint: self.stats with `overrides` (applied by the caller once written)."""
         state = {"version": self.stats.version, "trained_until_id": self.stats.trained_until_id,
-                 **{k: getattr(self.stats, k) for k in COUNTERS}, **overrides, "updated_at": self.clock()}
+                 "items_high": self._items_high, **{k: getattr(self.stats, k) for k in COUNTERS}, **overrides,
+                 "updated_at": self.clock()}
         self.registry.write_state(STATE_FILE, state)
 
     def lag(self) -> int:

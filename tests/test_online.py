@@ -408,3 +408,117 @@ def test_model_freshness_counts_events_behind_the_served_version(redis_url):
     assert model_freshness({}, None, redis_url, "rr:events")["events_behind_head"] == 5  # an offline version saw none
     down = model_freshness(meta, 95.0, "redis://127.0.0.1:1/0", "rr:events", now=110.0)  # nothing listens there
     assert down["events_behind_head"] is None and down["version_age_s"] == 10.0
+
+
+# ------------------------------------------------------------------ bounded state
+def test_growth_never_exceeds_max_items(model):
+    from rerank.online import ensure_capacity
+
+    n0, cap0 = model.n_items, model.module.config.item_capacity
+    unbounded = copy.deepcopy(model)
+    assert ensure_capacity(unbounded, cap0) and unbounded.module.config.item_capacity == 2 * cap0  # doubles
+    limit = cap0 + 5  # a store that assigns item_idx up to here
+    trainer = IncrementalTrainer(model, OnlineConfig(max_items=limit))
+    assert trainer.grow(cap0) == cap0 - n0
+    assert model.module.config.item_capacity == limit + 1  # not 2 * cap0
+    assert trainer.grow(limit) == limit - cap0 and model.module.config.item_capacity == limit + 1
+    with pytest.raises(ValueError, match="max_items"):
+        trainer.grow(limit + 1)
+    beyond = [Example(np.array([1, 2], np.int64), np.array([1, 1], np.int64), limit + 3, 1, f"b{i}") for i in range(8)]
+    assert math.isnan(trainer.step(beyond))  # dropped, nothing grows
+    assert model.n_items == limit and model.module.config.item_capacity == limit + 1
+    assert trainer.items_added == limit - n0
+
+
+def _xadd(url: str, targets, seq: str = "1:1 2:1") -> list[str]:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    ids = [client.xadd("rr:events", {"event_id": f"x{i}-{t}", "item_idx": str(t), "type": "view", "seq": seq})
+           for i, t in enumerate(targets)]
+    client.close()
+    return ids
+
+
+def test_entries_beyond_max_items_are_skipped_and_counted(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    base = registry.load()
+    cap0 = base.module.config.item_capacity  # 60 items + reserved rows
+    limit = cap0 + 9
+    new_item = cap0 + 4  # beyond the reserved rows: the table grows, to limit + 1 rows only
+    sent = len(_xadd(redis_url, [i % 50 + 1 for i in range(100)] + [new_item] * 20))
+    sent += len(_xadd(redis_url, [limit + 1] * 7))  # target beyond the cap
+    sent += len(_xadd(redis_url, [3] * 5, seq=f"1:1 {limit + 30}:1"))  # an item beyond it in the seq
+    loop = _loop(redis_url, registry, holdout_every=0, max_items=limit)
+    loop.start()
+    _drain(loop)
+    _counted_once(loop, sent)
+    assert loop.stats.events_over_max_items == 12 and loop.stats.events_invalid == 12
+    assert loop.stats.events_trained == sent - 12
+    published = registry.load()
+    assert published.n_items == new_item and published.module.config.item_capacity == limit + 1
+    assert registry.read_state("trainer_state.json")["events_over_max_items"] == 12
+    assert loop.stats.items_added == new_item - base.n_items
+
+
+def test_a_registry_outage_stops_reading_at_max_uncommitted_and_checkpoints_once_after(redis_url, tiny, tmp_path,
+                                                                                        monkeypatch):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    v1 = registry.publish_dir(tiny[1])
+    sent = _write(redis_url, tiny[0], 400)
+    loop = _loop(redis_url, registry, holdout_every=0, max_uncommitted=150)
+    loop.start()
+
+    def down(*args, **kwargs):
+        raise OSError("S3: service unavailable")
+
+    monkeypatch.setattr(registry, "publish", down)
+    monkeypatch.setattr(registry, "write_state", down)
+    reads = []
+    read = loop.stream.read
+    monkeypatch.setattr(loop.stream, "read", lambda count, block_ms=None: reads.append(count) or read(count, block_ms))
+    for _ in range(10):  # the trainer backs off and retries, for as long as the outage lasts
+        with pytest.raises(OSError, match="service unavailable"):
+            loop.poll_once(block_ms=10)
+    assert reads == [64, 64, 22]  # up to the bound, then nothing: only the checkpoint is retried
+    assert len(loop._uncommitted) == 150 and loop.stream.pending_count() == 150
+    assert loop.stats.backlogged and loop.stats.events_applied == 150 and loop.stats.events_trained == 150
+    assert registry.latest() == v1
+    monkeypatch.undo()  # the registry is back
+    loop.poll_once(block_ms=10)  # the retried checkpoint succeeds, then reading resumes
+    assert not loop.stats.backlogged and registry.latest() > v1
+    assert registry.meta(v1 + 1)["events_applied"] == 150
+    _drain(loop)
+    _counted_once(loop, sent)
+    assert loop.stats.events_trained == sent and loop.stats.events_skipped_duplicate == 0
+
+
+def test_items_added_counts_distinct_new_items_once(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    v1 = registry.publish_dir(tiny[1])
+    n0 = registry.load().n_items
+    loop = _loop(redis_url, registry, holdout_every=0)
+    loop.start()
+    _xadd(redis_url, [n0 + 1 + i % 2 for i in range(16)] + [i % 50 + 1 for i in range(48)])
+    loop.poll_once(block_ms=10)  # v2 with 2 new items
+    assert loop.stats.versions_published == 1 and loop.stats.items_added == 2
+    with torch.no_grad():  # sabotage the candidate: the guard refuses it
+        loop.trainer.model.module.item_emb.weight[1, 0] = math.nan
+    _xadd(redis_url, [n0 + 3 + i % 2 for i in range(16)] + [i % 50 + 1 for i in range(48)])
+    loop.poll_once(block_ms=10)
+    assert loop.stats.guard_refusals == 1 and loop.stats.items_added == 2  # never in a published model
+    # the trainer went back to the serving weights (n0 + 2 items) and grows n0+3, n0+4 again, plus n0+5
+    _xadd(redis_url, [n0 + 3 + i % 3 for i in range(24)] + [i % 50 + 1 for i in range(40)])
+    loop.poll_once(block_ms=10)
+    assert registry.load().n_items == n0 + 5
+    assert loop.stats.items_added == 5 and loop.trainer.items_added == 5  # not 2 + 2 + 3
+    state = registry.read_state("trainer_state.json")
+    assert state["items_added"] == 5 and state["items_high"] == n0 + 5
+    # a rollback to v1 (no new items): regrowing them after the unpin adds nothing new
+    registry.rollback(v1)
+    registry.unpin()
+    _xadd(redis_url, [n0 + 1 + i % 6 for i in range(24)] + [i % 50 + 1 for i in range(40)])
+    loop.poll_once(block_ms=10)
+    assert registry.load().n_items == n0 + 6 and loop.stats.items_added == 6
+    again = _loop(redis_url, registry, consumer="b", holdout_every=0)  # a restart keeps the mark
+    again.start()
+    assert again.stats.items_added == 6 and again._items_high == n0 + 6
