@@ -11,7 +11,9 @@ maxmemory + noeviction, no append-only file) and, for new items, the real traine
   in its own process, over the resulting stream: its RSS, embedding rows, published version size.
 - anonymous_events: events without event_id for existing items (time-capped by --anon-seconds):
   stream XLEN, `evt:*` markers, user sequences, bought sets.
-- impressions: rerank.attribution.ImpressionLog.record: stream XLEN, per-user lists, `imp:*` hashes.
+- impressions: rerank.attribution.ImpressionLog.record: stream XLEN, per-user lists `u:*:imps` and
+  hashes `u:*:shown` (each user gets ~impressions / impression_users = 2 x recent_per_user, so
+  used_memory plateaus once every user is full), and the projected plateau per 100 k users.
 used_memory is sampled ~20 times per scenario. `--scale` multiplies every count and cap (not
 the batch size). Writes the JSON and a PNG (used_memory over events) next to --out.
 """
@@ -60,7 +62,7 @@ class Sizes:
     anon_items: int = 10_000
     anon_stream_maxlen: int = 200_000  # the default 1 M entries (~0.5 GB) + 100 k full users exceed 512 MB
     impressions: int = 1_000_000
-    impression_users: int = 100_000
+    impression_users: int = 25_000  # 40 impressions each: 2 x recent_per_user, so every user fills up
     impressions_maxlen: int = 100_000
     impression_items: int = 10  # items per shown list
     batch: int = 1000
@@ -325,17 +327,28 @@ def impressions_scenario(url: str, sizes: Sizes, progress: bool = True) -> dict:
             flood.refused(err)
             break
         flood.add(n)
-    hashes, lists = scan_keys(client, f"{keys.prefix}imp:*"), scan_keys(client, f"{keys.prefix}u:*:imps")
-    list_len = lengths(client, lists, "llen")
-    per_hash = mean_usage(client, hashes)
+    shown, lists = scan_keys(client, f"{keys.prefix}u:*:shown"), scan_keys(client, f"{keys.prefix}u:*:imps")
+    list_len, fields = lengths(client, lists, "llen"), lengths(client, shown, "hlen")
+    full = [key for key, n in zip(shown, fields) if n == config.recent_per_user]
+    full_lists = [key for key, n in zip(lists, list_len) if n == config.recent_per_user]
+    per_user = (mean_usage(client, full) or 0) + (mean_usage(client, full_lists) or 0)  # a full user's 2 keys
+    stream_bytes = int(client.memory_usage(keys.impressions, samples=0) or 0)
     out = {"impressions_maxlen": sizes.impressions_maxlen, "recent_per_user": config.recent_per_user,
-           "window_s": config.window_s, "xlen": int(client.xlen(keys.impressions)),
-           "stream_bytes": int(client.memory_usage(keys.impressions, samples=0) or 0),
-           "imp_hashes": len(hashes), "imp_hash_bytes": per_hash, "imp_hash_ttl_s": client.ttl(hashes[0]) if hashes else None,
+           "window_s": config.window_s, "users": sizes.impression_users, "xlen": int(client.xlen(keys.impressions)),
+           "stream_bytes": stream_bytes, "imp_keys": len(scan_keys(client, f"{keys.prefix}imp:*")),
+           "shown_hashes": len(shown), "shown_fields_max": max(fields, default=0),
+           "shown_fields_total": sum(fields), "users_full": len(full),
+           "imp_hash_ttl_s": client.ttl(shown[0]) if shown else None,  # of the users' shown hashes
            "user_lists": len(lists), "user_list_len_max": max(list_len, default=0),
+           "lists_match_hashes": sum(list_len) == sum(fields),
+           "full_user_bytes": round(per_user, 1),
+           "bytes_per_kept_impression": round(per_user / config.recent_per_user, 1),
            "dbsize": int(client.dbsize()), "memory": memory_summary(client), **flood.close()}
-    # imp:* hashes are bounded by TTL only: a steady rate r keeps r * window_s of them
-    out["imp_hashes_mb_per_100_rps"] = round(100 * config.window_s * (per_hash or 0) / MB, 1)
+    # bounded by users active within window_s x recent_per_user, whatever the request rate
+    out["projected_plateau_mb_per_100k_users"] = round(100_000 * per_user / MB, 1)
+    curve = out["curve"]
+    half = [p["used_memory"] for p in curve if p["events"] >= sizes.impressions // 2]
+    out["used_memory_growth_second_half_mb"] = round((half[-1] - half[0]) / MB, 1) if half else None
     client.close()
     return out
 

@@ -29,8 +29,10 @@ Key schema (prefix `P`, default "rr:"; all keys of one store share it):
                                     stream_seq_len (see `parse_stream_seq`); plus the event's
                                     `extra` fields (attribution, rerank.records)
     P impressions            stream one entry per /rank answer (rerank.attribution, rerank.records)
-    P imp:{request_id}       hash   what one answer showed, for attribution; TTL = the window
-    P u:{user_id}:imps       list   the user's recent request ids; TTL = the window
+    P u:{user_id}:imps       list   the user's recent request ids (at most recent_per_user),
+                                    newest first; TTL = the window
+    P u:{user_id}:shown      hash   what those answers showed, for attribution: one field per
+                                    listed request id (rerank.attribution); TTL = the window
     P experiments            hash   the experiment book (rerank.experiments)
 
 Binary records keep the hot read path to one HMGET/LRANGE per batch plus one
@@ -293,9 +295,9 @@ class Keys:
         """The lease of an experiment arm's own online trainer."""
         return f"{self.prefix}trainer:lease:{experiment}:{arm}"
 
-    def impression(self, request_id: str) -> str:
-        """Hash of one shown list for attribution: item_id -> "position|team", plus _user/_exp/_arm."""
-        return f"{self.prefix}imp:{request_id}"
+    def user_shown(self, user_id: str) -> str:
+        """Hash of what the user's recent answers showed: request_id -> its shown list (rerank.attribution)."""
+        return f"{self.prefix}u:{user_id}:shown"
 
     def user_impressions(self, user_id: str) -> str:
         """List of the user's recent request_ids, newest first (attribution by window)."""

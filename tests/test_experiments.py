@@ -10,7 +10,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from rerank.attribution import AttributionConfig, ImpressionLog
+from rerank.attribution import AttributionConfig, ImpressionLog, read_shown
 from rerank.experiments import (
     DEFAULT_ARM,
     INTERLEAVED_ARM,
@@ -135,7 +135,71 @@ def test_impressions_are_recorded_and_events_attributed_by_request_id_then_windo
     # bounded: each user's list is trimmed, hashes expire with the window
     log.record([Impression(f"cc{i:02d}", "u3", "", "default", "v3", now, [("i1", 1.0, "")]) for i in range(10)])
     assert client.llen(keys.user_impressions("u3")) == 3
-    assert 0 < client.ttl(keys.impression("aa01")) <= 60
+    assert client.hlen(keys.user_shown("u3")) == 3
+    assert 0 < client.ttl(keys.user_shown("u1")) <= 60 and 0 < client.ttl(keys.user_impressions("u1")) <= 60
+    assert read_shown(client, keys, "u2", "bb01") == {"i5": (1, "a"), "i6": (2, "b")}
+    assert read_shown(client, keys, "u1", "aa01") == {"i1": (1, ""), "i2": (2, ""), "i3": (3, "")}
+    assert read_shown(client, keys, "u2", "aa01") is None
+    assert not client.keys(f"{prefix}imp:*")  # no per-request keys
+
+
+def test_attribution_state_is_bounded_per_user_and_evicted_impressions_leave_nothing(redis_url):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(redis_url)
+    recent = 4
+    log = ImpressionLog(client, keys, AttributionConfig(window_s=60, recent_per_user=recent))
+    now = time.time()
+    # 3 x recent impressions of one user, in several batches; each shows its own item and a common one
+    rids = [f"r{i:02d}" for i in range(3 * recent)]
+    imps = [Impression(rid, "u1", "t", "treat", "v3", now - 30 + i, [(f"own{i}", 2.0, "a"), ("common", 1.0, "b")])
+            for i, rid in enumerate(rids)]
+    for start in range(0, len(imps), 5):
+        log.record(imps[start:start + 5])
+    kept = rids[-recent:]
+    assert [r.decode() for r in client.lrange(keys.user_impressions("u1"), 0, -1)] == kept[::-1]
+    assert sorted(f.decode() for f in client.hkeys(keys.user_shown("u1"))) == sorted(kept)
+    assert set(client.keys(f"{prefix}*")) == {k.encode() for k in
+                                              (keys.impressions, keys.user_impressions("u1"), keys.user_shown("u1"))}
+    got = log.attribute([
+        ("u1", "own0", "r00"),  # evicted request id, its item in no kept impression: none
+        ("u1", "common", "r01"),  # evicted request id, item shown since: the newest kept one by window
+        ("u1", f"own{3 * recent - 1}", rids[-1]),  # a kept one by request_id
+        ("u1", f"own{3 * recent - recent}", None),  # the oldest kept one by window
+    ], now=now)
+    assert [(a.request_id, a.position, a.team, a.how) for a in got] == [
+        ("", None, "", ""), (rids[-1], 2, "b", "window"), (rids[-1], 1, "a", "request_id"),
+        (kept[0], 1, "a", "window")]
+    # re-recording a kept id (a retry) neither duplicates it nor loses a field
+    log.record([imps[-1]])
+    assert client.llen(keys.user_impressions("u1")) == recent and client.hlen(keys.user_shown("u1")) == recent
+    # a hash left with fields no list names (the list lost): the next record drops them
+    client.delete(keys.user_impressions("u1"))
+    log.record([Impression("new", "u1", "t", "treat", "v3", now, [("x", 1.0, "")])])
+    assert [f.decode() for f in client.hkeys(keys.user_shown("u1"))] == ["new"]
+
+
+def test_users_never_attribute_each_others_events(redis_url):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(redis_url)
+    log = ImpressionLog(client, keys, AttributionConfig(window_s=60, recent_per_user=3))
+    now = time.time()
+    log.record([
+        Impression("a1", "ua", "t", "control", "v1", now, [("i1", 2.0, ""), ("i2", 1.0, "")]),
+        Impression("b1", "ub", "t", "treat", "v2", now, [("i3", 2.0, ""), ("i1", 1.0, "")]),
+    ])
+    got = log.attribute([
+        ("ub", "i2", "a1"),  # ua's request id and item: not ub's
+        ("ub", "i2", None),  # ub was never shown i2
+        ("ua", "i3", "b1"),  # ub's request id and item: not ua's
+        ("ub", "i1", "a1"),  # ua's request id, but ub was shown i1 too: ub's own impression, by window
+        ("ua", "i1", "b1"),  # and the other way round
+        ("uc", "i1", "a1"),  # a user without impressions
+    ], now=now)
+    assert [(a.request_id, a.position, a.arm, a.how) for a in got] == [
+        ("", None, "", ""), ("", None, "", ""), ("", None, "", ""), ("b1", 2, "treat", "window"),
+        ("a1", 1, "control", "window"), ("", None, "", "")]
 
 
 def test_attribution_fields_reach_the_event_stream_and_parse(redis_url):

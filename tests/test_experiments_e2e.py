@@ -97,12 +97,15 @@ def test_answers_name_their_arm_serve_its_model_and_are_recorded(service):
 
 def test_interleaved_lists_mix_both_arms_fairly(service):
     answers = _rank_all(service, [f"xi{i}" for i in range(N_USERS)])
-    interleaved = [a for a in answers.values() if a["experiment"] == "il"]
+    from rerank.attribution import read_shown
+    from rerank.feature_store import Keys
+
+    interleaved = [(u, a) for u, a in answers.items() if a["experiment"] == "il"]
     assert interleaved
     leaders = []
-    for a in interleaved:
-        shown = service["redis"].hgetall(f"{PREFIX}imp:{a['request_id']}")
-        teams = [shown[item["item_id"]].partition("|")[2] for item in a["items"]]
+    for user, a in interleaved:
+        shown = read_shown(service["redis"], Keys(PREFIX), user, a["request_id"])
+        teams = [shown[item["item_id"]][1] for item in a["items"]]
         assert set(teams) == {"model", "pop"}
         for n in range(1, len(teams) + 1):  # every prefix: the teams' counts differ by at most one
             assert abs(teams[:n].count("model") - teams[:n].count("pop")) <= 1
