@@ -91,11 +91,12 @@ def read_streams(redis_url: str, prefix: str, since_ms: int):
 
 
 def simulate(url: str, truth, seed: int, requests: int, users: int, concurrency: int = 8, drift_every: int = 20,
-             post_views: bool = False):
-    from rerank.simulate import Drift, SimConfig, simulate as run
+             post_views: bool = False, propensity_sd: float = 0.0):
+    from rerank.simulate import ChoiceModel, Drift, SimConfig, simulate as run
 
     cfg = SimConfig(url=url, n_users=users, requests=requests, concurrency=concurrency, seed=seed,
-                    drift=Drift(every=drift_every), post_views=post_views)
+                    drift=Drift(every=drift_every), post_views=post_views,
+                    choice=ChoiceModel(propensity_sd=propensity_sd))
     return run(truth, cfg, progress=True)
 
 
@@ -127,7 +128,8 @@ def scenario_ab(ctx: dict, name: str, arms: dict, order: list[str], requests: in
     book.put(name, {"traffic": 0.0, "arms": arms})
     book.only(name)
     since = int(time.time() * 1000)
-    sim = simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=600)
+    sim = simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=600,
+                   propensity_sd=ctx["propensity_sd"])
     rep = ctx["report"](name, *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=order, look_every_s=2.0)
     ctx["reports"][name] = rep
     test = _ctr_test(rep)
@@ -144,7 +146,7 @@ def scenario_interleave(ctx: dict, name: str, arms: dict, requests: int, seed: i
     book.put(name, {"type": "interleave", "traffic": 0.0, "arms": arms})
     book.only(name)
     since = int(time.time() * 1000)
-    simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=600)
+    simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=600, propensity_sd=ctx["propensity_sd"])
     rep = ctx["report"](name, *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=list(arms),
                         look_every_s=2.0)
     ctx["reports"][name] = rep
@@ -233,6 +235,10 @@ def main() -> int:
     parser.add_argument("--post-views", action="store_true", help="simulated users also post views of what they examine")
     parser.add_argument("--overhead-seconds", type=float, default=10.0)
     parser.add_argument("--overhead-rounds", type=int, default=3)
+    parser.add_argument("--propensity-sd", type=float, default=0.0,
+                        help="ab/interleave/close: users differ in how much they click (logit sd; default 0)")
+    parser.add_argument("--results-key", default="",
+                        help="store this run's ab/interleave/close results under keys with this suffix")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -267,7 +273,7 @@ def main() -> int:
         book.specs["learn"] = learn
         ctx = {"url": stack.url, "client": client, "book": book, "truth": ShopTruth.from_dataset(data),
                "pop": pop, "redis_url": stack.redis_url, "prefix": prefix, "report": report, "reports": {},
-               "online_lr": args.online_lr}
+               "online_lr": args.online_lr, "propensity_sd": args.propensity_sd}
         started = time.time()
         if "aa" in only:
             results["aa"] = scenario_aa(ctx, args.aa_runs, args.aa_requests)
@@ -295,6 +301,10 @@ def main() -> int:
             plots += [str(p.relative_to(ROOT)) for p in plot_report(rep, OUT.parent / f"experiments_{name}")]
         results["plots"] = plots
         client.close()
+    if args.results_key:  # a variant run (e.g. other users) kept beside the default one
+        results = {(f"{k}_{args.results_key}" if k not in ("scenarios", "wall_s", "plots") else k): v
+                   for k, v in results.items()}
+        results["propensity_sd"] = args.propensity_sd
     previous = json.loads(OUT.read_text()) if OUT.is_file() else {}
     OUT.write_text(json.dumps({**previous, **results}, indent=2) + "\n")
     print(json.dumps(results, indent=None if args.json else 2))

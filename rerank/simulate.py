@@ -9,8 +9,9 @@ of an experiment can be compared against the truth, not only against each other.
 The choice model (`ChoiceModel`), per shown item i at position p (1-based):
 
 * examine(p) = (1/p) ** eta (position bias);
-* attract(i) = sigmoid(b0 + b_interest * log(n_categories * interest[cat(i)] + eps)
-  + b_successor * [i succeeds one of the user's last `memory` clicks] + b_pop * log(weight_i / mean weight));
+* attract(i) = sigmoid(b0 + propensity_u + b_interest * log(n_categories * interest[cat(i)] + eps)
+  + b_successor * [i succeeds one of the user's last `memory` clicks] + b_pop * log(weight_i / mean weight)),
+  with propensity_u ~ Normal(0, propensity_sd) per user (0 by default: all users alike);
 * click = examined and attracted (independent draws); after a click, cart with `cart_rate`,
   then purchase with `purchase_rate` (the synth shop's funnel). A purchase's value is the price.
 
@@ -124,11 +125,14 @@ class SimUser:
     interests: np.ndarray
     recent_clicks: list[int] = field(default_factory=list)
     requests: int = 0
+    propensity: float = 0.0  # the user's own shift of every attractiveness logit (some click more)
 
 
-def new_user(truth: ShopTruth, user_id: str, rng: np.random.Generator) -> SimUser:
-    """A user with Dirichlet interests at the shop's concentration."""
-    return SimUser(user_id, rng.dirichlet(np.full(truth.n_categories, truth.interest_concentration)))
+def new_user(truth: ShopTruth, user_id: str, rng: np.random.Generator, propensity_sd: float = 0.0) -> SimUser:
+    """A user with Dirichlet interests at the shop's concentration and a click propensity
+    ~ Normal(0, propensity_sd) on the logit scale."""
+    interests = rng.dirichlet(np.full(truth.n_categories, truth.interest_concentration))
+    return SimUser(user_id, interests, propensity=float(rng.normal(0.0, propensity_sd)) if propensity_sd else 0.0)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -148,6 +152,7 @@ class ChoiceModel:
     b_successor: float = 2.0  # bonus when the item succeeds one of the last `memory` clicks
     b_pop: float = 0.2  # weight of log(item weight / mean weight)
     memory: int = 3  # recent clicks whose successors attract
+    propensity_sd: float = 0.0  # users differ in how much they click: logit shift ~ Normal(0, sd) per user
     eta: float = 1.0  # position bias: examine(p) = (1/p) ** eta
     cart_rate: float = 0.3  # P(cart | click), as the synth shop
     purchase_rate: float = 0.4  # P(purchase | cart), as the synth shop
@@ -166,6 +171,7 @@ class ChoiceModel:
         popularity = np.log(np.where(known, truth.weight[items], 1.0) / truth.weight[1:].mean())
         logit = (
             self.b0
+            + user.propensity
             + self.b_interest * np.log(truth.n_categories * interest + self.eps)
             + self.b_successor * successor
             + self.b_pop * popularity
@@ -594,7 +600,7 @@ async def run_simulation(truth: ShopTruth, cfg: SimConfig, progress: bool = True
     if cfg.n_users < 1 or cfg.requests < 0 or cfg.concurrency < 1 or cfg.k < 1 or cfg.n_candidates < 1:
         raise ValueError("need n_users >= 1, requests >= 0, concurrency >= 1, k >= 1 and n_candidates >= 1")
     rng = np.random.default_rng(cfg.seed)
-    users = [new_user(truth, f"{cfg.prefix}{u}", rng) for u in range(1, cfg.n_users + 1)]
+    users = [new_user(truth, f"{cfg.prefix}{u}", rng, cfg.choice.propensity_sd) for u in range(1, cfg.n_users + 1)]
     schedule = user_schedule(cfg.n_users, cfg.requests, cfg.user_activity, rng)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)

@@ -284,3 +284,21 @@ def test_a_changed_shop_has_new_successors_in_the_same_categories(tmp_path):
         assert cats <= {truth.category[i], (truth.category[i] + 1) % n_cat}
         assert i not in changed.successors[i]
     assert (changed.with_new_successors(5).successors == truth.with_new_successors(5).successors).all()
+
+
+def test_users_can_differ_in_how_much_they_click(tmp_path):
+    from rerank.simulate import ChoiceModel, ShopTruth, new_user
+    from rerank.synth import SynthConfig, write_synth
+
+    write_synth(tmp_path / "shop", SynthConfig(n_users=20, n_items=200, seed=2))
+    truth = ShopTruth.from_dataset(tmp_path / "shop")
+    rng = np.random.default_rng(0)
+    alike = [new_user(truth, f"u{i}", rng).propensity for i in range(200)]
+    assert set(alike) == {0.0}
+    spread = np.array([new_user(truth, f"u{i}", rng, propensity_sd=1.0).propensity for i in range(2000)])
+    assert 0.9 < spread.std() < 1.1 and abs(spread.mean()) < 0.1
+    user = new_user(truth, "u", np.random.default_rng(1))
+    items = np.arange(1, 51)
+    low = ChoiceModel().attractiveness(truth, user, items)
+    user.propensity = 1.0
+    assert (ChoiceModel().attractiveness(truth, user, items) > low).all()

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("--api-key", default=None,
                         help="send 'Authorization: Bearer KEY' (default: $RERANK_API_KEY when set)")
     parser.add_argument("--post-views", action="store_true", help="also post a view event per examined item")
+    parser.add_argument("--propensity-sd", type=float, default=0.0,
+                        help="users differ in how much they click: per-user logit shift ~ Normal(0, SD) (default 0)")
     parser.add_argument("--drift-every", type=int, default=20,
                         help="a user's interests may drift every N of its requests, 0 = never (default 20)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request (default 10)")
@@ -39,13 +41,15 @@ def register(subparsers) -> None:
 
 
 def _config(args):
-    from rerank.simulate import Drift, SimConfig
+    from rerank.simulate import ChoiceModel, Drift, SimConfig
 
     for flag, value, low in (("--users", args.users, 1), ("--requests", args.requests, 0),
                              ("--concurrency", args.concurrency, 1), ("--k", args.k, 1),
                              ("--candidates", args.candidates, 1), ("--drift-every", args.drift_every, 0)):
         if value < low:
             raise CommandError(f"{flag} {value}: must be >= {low}")
+    if args.propensity_sd < 0:
+        raise CommandError(f"--propensity-sd {args.propensity_sd}: must be >= 0")
     if args.rate is not None and args.rate <= 0:
         raise CommandError(f"--rate {args.rate}: must be > 0")
     if not args.url.startswith(("http://", "https://")):
@@ -55,6 +59,7 @@ def _config(args):
         url=args.url, n_users=args.users, requests=args.requests, concurrency=args.concurrency, rate=args.rate,
         k=args.k, n_candidates=args.candidates, seed=args.seed, api_key=api_key, post_views=args.post_views,
         drift=Drift(every=args.drift_every), timeout_s=args.timeout,
+        choice=ChoiceModel(propensity_sd=args.propensity_sd),
     )
 
 
