@@ -2,13 +2,19 @@
 replica or Redis is killed or frozen, or traffic is several times the capacity.
 
     python benchmarks/faults.py [--seconds 20] [--clients 16] [--only bad_neighbour,scorer_kill,...] [--json]
+                                [--haproxy [--haproxy-server-maxconn 64] [--haproxy-queue-s 1]]
+                                [--overload-rate R]
 
 Starts the local stack (deployments/local.py: local Ray, an embedded real Redis, the app with
 its online trainer) and runs each scenario with real processes and signals:
 - bad_neighbour: 15 clients send good /rank requests, one sends non-finite boosts (NaN, 1e309);
 - scorer_kill: `kill -9` of the Scorer replica's process under 16-way /rank load;
-- overload: an open loop at 4x the measured closed-loop capacity; accepted latency, 503s with
-  Retry-After, the ingress replica's memory before and after;
+- overload: an open loop at 4x the measured closed-loop capacity (or `--overload-rate` req/s) for
+  `--seconds`, one new connection per request (independent clients; a raw asyncio HTTP/1.1
+  client, cheaper than httpx, so the generator keeps its schedule): counts by status, latency of
+  each outcome from its scheduled time (timeouts after 30 s), how many 503s carry Retry-After,
+  the generator's send lag, and the memory (RSS) of the ingress replica, Serve's Python proxy
+  and HAProxy before, right after, and 10 s after;
 - redis_freeze: Redis SIGSTOPped for 10 s (then SIGCONT) under 16-way /rank load and an
   /events writer: /rank statuses and degraded answers, /events statuses, seconds until both
   answer normally again after Redis returns;
@@ -27,6 +33,15 @@ its online trainer) and runs each scenario with real processes and signals:
   and that every version LATEST ever pointed to loads while GET /model (sampled every 0.5 s)
   kept answering. With trainer_kill among the scenarios the trainer publishes every 0.3 s or
   100 events and its lease lasts 2 s (a killed holder's successor waits that long).
+`--haproxy` runs the stack in Serve's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy, not
+Serve's Python proxy, takes HTTP and sends it straight to the ingress replica); the scenarios'
+entries get a `_haproxy` suffix (overload -> overload_haproxy) so the plain-proxy ones stay.
+Serve's HAProxy config puts no `maxconn` on the replica servers, so HAProxy never queues a request
+itself, and it rewrites HAProxy's own 502/503/504 into a 500 page. `--haproxy-server-maxconn N`
+sets one through HAProxy's admin socket after the deploy (`set maxconn server`, benchmark only: a
+reload of the config drops it): at most N requests at a replica, the rest wait in HAProxy's queue
+for at most `timeout queue`, which Serve leaves unset, so it is `timeout connect`
+(RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S, set by `--haproxy-queue-s`); entry suffix `_haproxy_queue`.
 Prints one JSON object and merges it into benchmarks/results/faults.json (the scenarios run
 replace their own entries, each stamped with the command that produced it). Numbers, not verdicts.
 """
@@ -109,6 +124,159 @@ def replica_pid(name: str) -> int:
         if cmdline and (cmdline[0] == title or cmdline[0].startswith(title + ".")):
             return proc.pid
     raise RuntimeError(f"no live {name} replica of this stack ({title})")
+
+
+# ---------------------------------------------------------------------------- overload
+async def open_loop_statuses(host: str, port: int, path: str, bodies: list[bytes], rate: float, seconds: float,
+                             timeout_s: float = 30.0, max_in_flight: int = 15000) -> dict:
+    """POST `path` at `rate` req/s for `seconds`, each request on its own connection (Connection:
+    close), sent at its scheduled time whether or not earlier ones returned. Per outcome (HTTP
+    status, "timeout" after `timeout_s` in all, or the exception's name): count and latency from
+    the scheduled time; 503s with a Retry-After header; the generator's send lag."""
+    import numpy as np
+
+    requests = [b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (path.encode(), host.encode(), port, len(b), b) for b in bodies]
+    latencies: dict[str, list[float]] = {}
+    retry_after: Counter = Counter()
+    lags: list[float] = []
+    dropped, in_flight = 0, 0
+
+    async def one(request: bytes, scheduled: float) -> None:
+        nonlocal in_flight
+        lags.append(time.perf_counter() - scheduled)
+        writer = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(request)
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+                if "content-length" in headers:
+                    await reader.readexactly(int(headers["content-length"]))
+                else:
+                    await reader.read()
+                outcome = head[0].split(" ")[1]
+                if outcome == "503":
+                    retry_after["with" if "retry-after" in headers else "without"] += 1
+        except TimeoutError:
+            outcome = "timeout"
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, IndexError) as err:
+            outcome = type(err).__name__
+        finally:
+            in_flight -= 1
+            if writer is not None:
+                writer.close()
+        latencies.setdefault(outcome, []).append(time.perf_counter() - scheduled)
+
+    n = int(round(rate * seconds))
+    tasks: set[asyncio.Task] = set()
+    start = time.perf_counter() + 0.005
+    for i in range(n):
+        scheduled = start + i / rate
+        if (delay := scheduled - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        if in_flight >= max_in_flight:
+            dropped += 1
+            continue
+        in_flight += 1
+        task = asyncio.create_task(one(requests[i % len(requests)], scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    sent_s = time.perf_counter() - start
+    if tasks:
+        await asyncio.gather(*tasks)
+
+    def pct(values: list[float], q: float) -> float:
+        return round(float(np.percentile(values, q)) * 1000, 1)
+
+    lag = np.asarray(lags)
+    return {
+        "offered_req_s": round(rate, 1), "scheduled": n, "dropped_by_generator": dropped,
+        "achieved_send_req_s": round((n - dropped) / sent_s, 1),
+        "send_lag_ms": {"p50": round(float(np.percentile(lag, 50)) * 1000, 1),
+                        "p99": round(float(np.percentile(lag, 99)) * 1000, 1)} if len(lag) else None,
+        "statuses": {k: len(v) for k, v in sorted(latencies.items())},
+        "latency_ms_from_scheduled": {k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": pct(v, 100)}
+                                      for k, v in sorted(latencies.items())},
+        "accepted_200_req_s": round(len(latencies.get("200", [])) / seconds, 1),
+        "retry_after_on_503": dict(retry_after),
+    }
+
+
+def stack_processes() -> dict:
+    """This stack's ingress replica, Serve's Python proxy and HAProxy (the ones that exist)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = (proc.cmdline() or [""])[0]
+            name = proc.name()
+        except psutil.Error:
+            continue
+        if title.startswith("ray::ServeReplica:rerank:Ingress"):
+            found["ingress_replica"] = proc
+        elif title.startswith("ray::ProxyActor"):
+            found["python_proxy"] = proc
+        elif name == "haproxy":
+            found["haproxy"] = proc  # the newest (a reload leaves the old one draining)
+    return found
+
+
+def rss_mb(procs: dict) -> dict:
+    import psutil
+
+    out = {}
+    for name, proc in procs.items():
+        try:
+            out[name] = round(proc.memory_info().rss / 2**20, 1)
+        except psutil.Error:
+            out[name] = None
+    return out
+
+
+def haproxy_admin(command: str) -> str:
+    """One command on this stack's HAProxy admin socket (its `stats socket`, read from its config)."""
+    import socket
+
+    proc = stack_processes()["haproxy"]
+    cmdline = proc.cmdline()
+    config = Path(cmdline[cmdline.index("-f") + 1]).read_text()
+    sock_path = re.search(r"^\s*stats socket (\S+)", config, re.M).group(1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(sock_path)
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def haproxy_rank_servers() -> list[tuple[str, str]]:
+    """(backend, server) of the rerank app's servers: its replicas and the backup (Serve's Python
+    proxy, which takes everything when HAProxy marks the replicas down, e.g. a health check too
+    slow under overload)."""
+    import csv
+    import io
+
+    rows = csv.DictReader(io.StringIO(haproxy_admin("show stat").lstrip("# ")))
+    return [(r["pxname"], r["svname"]) for r in rows if r["pxname"] == "http-rerank"
+            and r["svname"] not in ("FRONTEND", "BACKEND")]
+
+
+def haproxy_backend_stats() -> dict:
+    """The rerank backend's queue and response counters (HAProxy `show stat`)."""
+    import csv
+    import io
+
+    keep = ("qcur", "qmax", "qtime", "slim", "scur", "smax", "stot", "hrsp_2xx", "hrsp_5xx", "eresp", "econ",
+            "dreq", "wredis", "status", "chkdown", "lastchg", "downtime")
+    rows = csv.DictReader(io.StringIO(haproxy_admin("show stat").lstrip("# ")))
+    return {f"{r['pxname']}/{r['svname']}": {k: r.get(k) for k in keep} for r in rows
+            if r["pxname"] in ("http-rerank", "http_frontend")}
+
 
 # ---------------------------------------------------------------------------- trainer_kill
 def registry_dirs(root: Path) -> tuple[set[int], dict[str, int]]:
@@ -407,6 +575,16 @@ def main() -> int:
     p.add_argument("--tk-kills", type=int, default=20, help="trainer_kill: kill -9s of the trainer (default 20)")
     p.add_argument("--tk-events", type=int, default=6000, help="trainer_kill: events posted at least (default 6000)")
     p.add_argument("--tk-rate", type=float, default=200.0, help="trainer_kill: events/s (default 200)")
+    p.add_argument("--haproxy", action="store_true",
+                   help="Serve's HAProxy mode (haproxy on PATH); entries get a _haproxy suffix")
+    p.add_argument("--haproxy-server-maxconn", type=int, default=None,
+                   help="with --haproxy: per-replica maxconn set through HAProxy's admin socket, so HAProxy "
+                        "queues the rest (entries get _haproxy_queue)")
+    p.add_argument("--haproxy-queue-s", type=int, default=None,
+                   help="with --haproxy: RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S, which is HAProxy's `timeout queue` "
+                        "too (Serve sets none); default Serve's 5")
+    p.add_argument("--overload-rate", type=float, default=None,
+                   help="overload: offered req/s (default 4x the measured closed-loop capacity)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -414,11 +592,14 @@ def main() -> int:
     unknown = set(only) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown scenario(s) {sorted(unknown)}")
+    if (args.haproxy_server_maxconn or args.haproxy_queue_s) and not args.haproxy:
+        p.error("--haproxy-server-maxconn / --haproxy-queue-s need --haproxy")
+    suffix = ("_haproxy" + ("_queue" if args.haproxy_server_maxconn else "")) if args.haproxy else ""
 
     import psutil
 
     from deployments.local import LocalStack, LocalStackConfig, config_app_args
-    from rerank.bench import LoadConfig, make_rank_bodies, run_load, run_open_loop
+    from rerank.bench import LoadConfig, make_rank_bodies, run_load
     from rerank.dataset import load_dataset
     from rerank.redis_server import free_port
     from rerank.replay import dataset_events
@@ -428,8 +609,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="rerank-faults-"))
     registry = work / "registry"  # the stack's registry, read by trainer_kill
     online = TRAINER_KILL_ONLINE if "trainer_kill" in only else {}
+    haproxy_env = {"RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S": str(args.haproxy_queue_s)} if args.haproxy_queue_s else {}
     config = LocalStackConfig(port=free_port(), online=True, online_options=online,
-                              app_args={"registry_uri": str(registry)})
+                              app_args={"registry_uri": str(registry)}, haproxy=args.haproxy, haproxy_env=haproxy_env)
     with LocalStack(config) as stack:
         url = stack.url
         dataset = load_dataset(stack.data)
@@ -443,7 +625,7 @@ def main() -> int:
             asyncio.run(hammer(url, bodies, args.clients - 1, args.seconds, stats, bad=bad))
             raw_bad = json.dumps(bodies[1])[:-1].encode() + b', "rules": {"boost": {"%s": 1e309}}}' % item.encode()
             asyncio.run(hammer(url, bodies, args.clients - 1, args.seconds / 2, stats, bad_raw=raw_bad))
-            result["bad_neighbour"] = {"good_clients": dict(stats["good"]), "bad_client": dict(stats["bad"])}
+            result["bad_neighbour" + suffix] = {"good_clients": dict(stats["good"]), "bad_client": dict(stats["bad"])}
 
         if "scorer_kill" in only:
             stats = {}
@@ -459,26 +641,36 @@ def main() -> int:
             asyncio.run(both())
             total = sum(stats["good"].values())
             non200 = total - stats["good"].get("200", 0)
-            result["scorer_kill"] = {"killed_pid": pid, "requests": total, "statuses": dict(stats["good"]),
+            result["scorer_kill" + suffix] = {"killed_pid": pid, "requests": total, "statuses": dict(stats["good"]),
                                      "non_200_share": round(non200 / max(total, 1), 5), "degraded": stats["degraded"],
                                      "new_scorer_pid": replica_pid("Scorer")}
 
         if "overload" in only:
-            ingress = psutil.Process(replica_pid("Ingress"))
+            procs = stack_processes()
+            haproxy_settings = None
+            if args.haproxy:
+                haproxy_settings = {"queue_timeout_s": args.haproxy_queue_s or 5, "server_maxconn": None}
+                if args.haproxy_server_maxconn:
+                    servers = haproxy_rank_servers()
+                    for backend, server in servers:
+                        haproxy_admin(f"set maxconn server {backend}/{server} {args.haproxy_server_maxconn}")
+                    haproxy_settings.update(server_maxconn=args.haproxy_server_maxconn,
+                                            servers=[f"{b}/{s}" for b, s in servers])
             capacity = asyncio.run(run_load(f"{url}/rank", raw, LoadConfig(concurrency=8, duration_s=5)))
-            rss_before = ingress.memory_info().rss
-            rate = 4 * capacity.requests_per_s
-            over = asyncio.run(run_open_loop(f"{url}/rank", raw, rate=rate, duration_s=args.seconds, timeout_s=30,
-                                             slo_ms=1000))
-            time.sleep(3)
-            result["overload"] = {
-                "capacity_req_s": capacity.requests_per_s, "offered_req_s": round(rate, 1),
-                "scheduled": over.scheduled, "accepted_200": over.requests, "refused_or_failed": over.errors,
-                "dropped_by_generator": over.dropped, "accepted_p50_ms": over.p50_ms, "accepted_p99_ms": over.p99_ms,
-                "error_samples": over.error_samples,
-                "ingress_rss_mb_before": round(rss_before / 2**20, 1),
-                "ingress_rss_mb_after": round(ingress.memory_info().rss / 2**20, 1),
+            rss_before, load_before = rss_mb(procs), os.getloadavg()
+            rate = args.overload_rate or 4 * capacity.requests_per_s
+            over = asyncio.run(open_loop_statuses(config.host, config.port, "/rank", raw, rate, args.seconds))
+            load_after, rss_right_after = os.getloadavg(), rss_mb(procs)
+            time.sleep(10)
+            result["overload" + suffix] = {
+                "capacity_req_s": capacity.requests_per_s, "capacity_p50_ms": capacity.p50_ms,
+                "rate": "--overload-rate" if args.overload_rate else "4x capacity", **over,
+                "rss_mb_before": rss_before, "rss_mb_right_after": rss_right_after, "rss_mb_10s_after": rss_mb(procs),
+                "load_average_before": [round(x, 2) for x in load_before],
+                "load_average_after": [round(x, 2) for x in load_after],
             }
+            if args.haproxy:
+                result["overload" + suffix]["haproxy"] = {**haproxy_settings, "stats": haproxy_backend_stats()}
 
         for scenario_name in ("redis_freeze", "redis_kill"):
             if scenario_name not in only:
@@ -536,19 +728,19 @@ def main() -> int:
 
             asyncio.run(scenario())
             timeline.pop("thawed_at", None)
-            result[scenario_name] = {"freeze_s": None if kill else freeze_s, "rank_statuses": dict(stats["good"]),
+            result[scenario_name + suffix] = {"freeze_s": None if kill else freeze_s, "rank_statuses": dict(stats["good"]),
                                       "rank_degraded": stats["degraded"], "events_statuses": dict(events),
                                       "events_retry_after": sorted(x for x in retry_after if x), **timeline}
 
         if "trainer_kill" in only:
             prefix = config_app_args().get("redis_prefix", "rr:")
             events = dataset_events(dataset, offset=max(0, dataset.events.num_rows - 20_000))
-            result["trainer_kill"] = {"online": online, "kills_asked": args.tk_kills, "rate": args.tk_rate,
+            result["trainer_kill" + suffix] = {"online": online, "kills_asked": args.tk_kills, "rate": args.tk_rate,
                                       **trainer_kill(url, stack.redis_url, prefix, registry, events, args)}
     shutil.rmtree(work, ignore_errors=True)
     result["load_average"] = os.getloadavg()
     for name in only:
-        result[name]["command"] = command
+        result[name + suffix]["command"] = command
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(out.read_text()) if out.is_file() else {}  # other scenarios' results stay

@@ -136,6 +136,7 @@ class LocalStackConfig:
     num_cpus: int = 8  # logical CPUs for the local Ray (replicas reserve fractions of one)
     throughput_optimized: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (measured faster here)
     haproxy: bool = False  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of the replicas (haproxy on PATH)
+    haproxy_env: dict = field(default_factory=dict)  # with haproxy: RAY_SERVE_HAPROXY_* settings (e.g. TIMEOUT_CONNECT_S)
     with_noop: bool = False  # also deploy the no-op baseline at /noop
     layouts: list[str] = field(default_factory=list)  # (bench) deploy the app in these layouts too, at /{layout}
     train_minutes: float = 1.0
@@ -209,6 +210,13 @@ class LocalStack:
             if not shutil.which("haproxy"):
                 raise RuntimeError("--haproxy: no `haproxy` binary on PATH (e.g. apt-get install haproxy)")
             os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+            # HAProxy's stats (8404) and Prometheus (9101) frontends bind fixed ports by default: a
+            # second local stack on this machine would fail to start; take free ones instead
+            from rerank.redis_server import free_port
+
+            for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+                os.environ.setdefault(var, str(free_port()))
+            os.environ.update(cfg.haproxy_env)
         import ray
         from ray import serve
 
