@@ -3,7 +3,7 @@ replica or Redis is killed or frozen, or traffic is several times the capacity.
 
     python benchmarks/faults.py [--seconds 20] [--clients 16] [--only bad_neighbour,scorer_kill,...] [--json]
                                 [--haproxy [--haproxy-server-maxconn 64] [--haproxy-queue-s 1]]
-                                [--overload-rate R]
+                                [--front-proxy [--front-max-conn 32] [--front-queue-s 1]] [--overload-rate R]
 
 Starts the local stack (deployments/local.py: local Ray, an embedded real Redis, the app with
 its online trainer) and runs each scenario with real processes and signals:
@@ -42,6 +42,10 @@ sets one through HAProxy's admin socket after the deploy (`set maxconn server`, 
 reload of the config drops it): at most N requests at a replica, the rest wait in HAProxy's queue
 for at most `timeout queue`, which Serve leaves unset, so it is `timeout connect`
 (RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S, set by `--haproxy-queue-s`); entry suffix `_haproxy_queue`.
+`--front-proxy` puts our own HAProxy (rerank.front_proxy) on the stack's port in front of Serve's
+Python proxy: at most `--front-max-conn` requests inside Serve, the rest wait in its queue for at
+most `--front-queue-s` and then get a JSON 503 with Retry-After; entry suffix `_front` (or
+`_front_maxconn<N>` for another --front-max-conn), with the front's `show stat` counters.
 Prints one JSON object and merges it into benchmarks/results/faults.json (the scenarios run
 replace their own entries, each stamped with the command that produced it). Numbers, not verdicts.
 """
@@ -266,16 +270,17 @@ def haproxy_rank_servers() -> list[tuple[str, str]]:
             and r["svname"] not in ("FRONTEND", "BACKEND")]
 
 
-def haproxy_backend_stats() -> dict:
-    """The rerank backend's queue and response counters (HAProxy `show stat`)."""
+def haproxy_backend_stats(rows: list[dict] | None = None, pxnames: tuple = ("http-rerank", "http_frontend")) -> dict:
+    """Queue and response counters of `pxnames` in HAProxy `show stat` rows (default: Serve's
+    HAProxy's rerank backend, read from its admin socket)."""
     import csv
     import io
 
     keep = ("qcur", "qmax", "qtime", "slim", "scur", "smax", "stot", "hrsp_2xx", "hrsp_5xx", "eresp", "econ",
             "dreq", "wredis", "status", "chkdown", "lastchg", "downtime")
-    rows = csv.DictReader(io.StringIO(haproxy_admin("show stat").lstrip("# ")))
-    return {f"{r['pxname']}/{r['svname']}": {k: r.get(k) for k in keep} for r in rows
-            if r["pxname"] in ("http-rerank", "http_frontend")}
+    if rows is None:
+        rows = list(csv.DictReader(io.StringIO(haproxy_admin("show stat").lstrip("# "))))
+    return {f"{r['pxname']}/{r['svname']}": {k: r.get(k) for k in keep} for r in rows if r["pxname"] in pxnames}
 
 
 # ---------------------------------------------------------------------------- trainer_kill
@@ -583,6 +588,13 @@ def main() -> int:
     p.add_argument("--haproxy-queue-s", type=int, default=None,
                    help="with --haproxy: RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S, which is HAProxy's `timeout queue` "
                         "too (Serve sets none); default Serve's 5")
+    p.add_argument("--front-proxy", action="store_true",
+                   help="our HAProxy (rerank.front_proxy) in front of Serve's Python proxy; entries get _front")
+    p.add_argument("--front-max-conn", type=int, default=32,
+                   help="with --front-proxy: requests inside Serve at once (default 32; another value: "
+                        "entries get _front_maxconn<N>)")
+    p.add_argument("--front-queue-s", type=float, default=1.0,
+                   help="with --front-proxy: longest wait in its queue before a 503 + Retry-After (default 1)")
     p.add_argument("--overload-rate", type=float, default=None,
                    help="overload: offered req/s (default 4x the measured closed-loop capacity)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
@@ -594,7 +606,11 @@ def main() -> int:
         p.error(f"unknown scenario(s) {sorted(unknown)}")
     if (args.haproxy_server_maxconn or args.haproxy_queue_s) and not args.haproxy:
         p.error("--haproxy-server-maxconn / --haproxy-queue-s need --haproxy")
+    if args.front_proxy and args.haproxy:
+        p.error("--front-proxy and --haproxy: one at a time")
     suffix = ("_haproxy" + ("_queue" if args.haproxy_server_maxconn else "")) if args.haproxy else ""
+    if args.front_proxy:
+        suffix = "_front" + (f"_maxconn{args.front_max_conn}" if args.front_max_conn != 32 else "")
 
     import psutil
 
@@ -611,7 +627,9 @@ def main() -> int:
     online = TRAINER_KILL_ONLINE if "trainer_kill" in only else {}
     haproxy_env = {"RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S": str(args.haproxy_queue_s)} if args.haproxy_queue_s else {}
     config = LocalStackConfig(port=free_port(), online=True, online_options=online,
-                              app_args={"registry_uri": str(registry)}, haproxy=args.haproxy, haproxy_env=haproxy_env)
+                              app_args={"registry_uri": str(registry)}, haproxy=args.haproxy, haproxy_env=haproxy_env,
+                              front_proxy=args.front_proxy, front_max_conn=args.front_max_conn,
+                              front_queue_s=args.front_queue_s)
     with LocalStack(config) as stack:
         url = stack.url
         dataset = load_dataset(stack.data)
@@ -671,6 +689,10 @@ def main() -> int:
             }
             if args.haproxy:
                 result["overload" + suffix]["haproxy"] = {**haproxy_settings, "stats": haproxy_backend_stats()}
+            if args.front_proxy:
+                result["overload" + suffix]["front_proxy"] = {
+                    "max_conn_backend": args.front_max_conn, "queue_timeout_s": args.front_queue_s,
+                    "stats": haproxy_backend_stats(stack.front.show_stat(), ("front", "serve"))}
 
         for scenario_name in ("redis_freeze", "redis_kill"):
             if scenario_name not in only:

@@ -6,7 +6,9 @@ starts (or reuses, via REDIS_URL / redis_url) a real Redis server, starts a loca
 Serve flags in its environment (so the proxy, controller and every replica get them) and a
 logical CPU count large enough for every replica, and deploys the same app, online trainer
 included, at `/`. For `rerank bench` it can deploy the app in other layouts too (`/{layout}`,
-no trainer) and the no-op baseline at `/noop`. `stop()` tears down only what it started.
+no trainer) and the no-op baseline at `/noop`. With `front_proxy` our HAProxy (rerank.front_proxy)
+takes HOST:PORT and Serve's HTTP proxy a free 127.0.0.1 port behind it, so `url` is unchanged.
+`stop()` tears down only what it started.
 """
 
 from __future__ import annotations
@@ -137,6 +139,12 @@ class LocalStackConfig:
     throughput_optimized: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (measured faster here)
     haproxy: bool = False  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of the replicas (haproxy on PATH)
     haproxy_env: dict = field(default_factory=dict)  # with haproxy: RAY_SERVE_HAPROXY_* settings (e.g. TIMEOUT_CONNECT_S)
+    # rerank.front_proxy: our HAProxy on host:port in front of Serve's HTTP proxy (then on a free
+    # 127.0.0.1 port): at most front_max_conn requests inside Serve, the rest queue up to
+    # front_queue_s and then get 503 + Retry-After (haproxy on PATH)
+    front_proxy: bool = False
+    front_max_conn: int = 32
+    front_queue_s: float = 1.0
     with_noop: bool = False  # also deploy the no-op baseline at /noop
     layouts: list[str] = field(default_factory=list)  # (bench) deploy the app in these layouts too, at /{layout}
     train_minutes: float = 1.0
@@ -157,6 +165,7 @@ class LocalStack:
         self._redis = None
         self._ray_started = False
         self._temp_registry: str | None = None
+        self.front = None  # rerank.front_proxy.FrontProxy, with config.front_proxy
         self.redis_url: str | None = None
         self.data: Path | None = None
         self.model: Path | None = None
@@ -204,6 +213,13 @@ class LocalStack:
         if cfg.throughput_optimized:
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         os.environ.setdefault(*LOCAL_DRAINING)
+        serve_host, serve_port = cfg.host, cfg.port
+        if cfg.front_proxy:
+            from rerank.front_proxy import haproxy_binary
+            from rerank.redis_server import free_port
+
+            haproxy_binary()  # before Ray starts: a clear error when there is none
+            serve_host, serve_port = "127.0.0.1", free_port()
         if cfg.haproxy:
             import shutil
 
@@ -226,7 +242,7 @@ class LocalStack:
             ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, namespace="rerank",
                      configure_logging=False, log_to_driver=False)
             self._ray_started = True
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.start(http_options={"host": serve_host, "port": serve_port})
         args = self.app_args()
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # loads the store from `data` when empty
         for layout in cfg.layouts:
@@ -240,6 +256,14 @@ class LocalStack:
             from deployments.noop import build_noop_app
 
             serve.run(build_noop_app(), name=NOOP_APP_NAME, route_prefix="/noop")
+        if cfg.front_proxy:
+            from rerank.front_proxy import FrontProxy, FrontProxyConfig
+
+            self.front = FrontProxy(FrontProxyConfig(
+                listen_host=cfg.host, listen_port=cfg.port, backend_host=serve_host, backend_port=serve_port,
+                max_conn_backend=cfg.front_max_conn, queue_timeout_s=cfg.front_queue_s)).start()
+            print(f"rerank: front proxy (HAProxy) on {self.url} -> Serve on {serve_host}:{serve_port}, "
+                  f"maxconn {cfg.front_max_conn}, queue {cfg.front_queue_s:g} s", file=sys.stderr)
 
     def _prepare_registry(self, uri: str | None) -> str:
         """The registry the scorers follow: `uri`, or a temporary one of this run (the app's
@@ -251,7 +275,11 @@ class LocalStack:
         return uri
 
     def stop(self) -> None:
-        """Stop Serve (the trainer checkpoints) and Ray when this stack started Ray, and the embedded Redis."""
+        """Stop the front proxy (in-flight requests finish), Serve (the trainer checkpoints) and Ray
+        when this stack started Ray, and the embedded Redis."""
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
         try:
             import ray
 

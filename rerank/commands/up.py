@@ -28,6 +28,14 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not set RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     parser.add_argument("--haproxy", action="store_true",
                         help="Serve's HAProxy proxy mode (RAY_SERVE_ENABLE_HA_PROXY=1; needs `haproxy` on PATH)")
+    parser.add_argument("--front-proxy", action="store_true",
+                        help="our HAProxy on HOST:PORT in front of Serve's HTTP proxy: at most --front-max-conn "
+                        "requests inside Serve, the excess waits up to --front-queue-s, then 503 + Retry-After "
+                        "(needs `haproxy` on PATH)")
+    parser.add_argument("--front-max-conn", type=int, default=32,
+                        help="with --front-proxy: requests inside Serve at once (default 32)")
+    parser.add_argument("--front-queue-s", type=float, default=1.0,
+                        help="with --front-proxy: longest wait in HAProxy's queue before a 503 (default 1)")
 
 
 def stack_config(args: argparse.Namespace, with_noop: bool = False, layouts: list[str] | None = None):
@@ -55,6 +63,7 @@ def stack_config(args: argparse.Namespace, with_noop: bool = False, layouts: lis
         data=args.data, model=args.model, redis_url=args.redis_url, host=args.host, port=args.port,
         insecure=args.insecure,
         num_cpus=args.num_cpus, throughput_optimized=not args.no_throughput_optimized, haproxy=args.haproxy,
+        front_proxy=args.front_proxy, front_max_conn=args.front_max_conn, front_queue_s=args.front_queue_s,
         with_noop=with_noop, layouts=list(layouts or []), app_args=app_args,
     )
 

@@ -1,0 +1,190 @@
+"""The front HAProxy (rerank.front_proxy): a real haproxy process in front of a real HTTP server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rerank.front_proxy import FrontProxy, FrontProxyConfig, check_config, render_config, write_errorfiles
+from rerank.redis_server import free_port
+
+CLUSTER_CFG = Path(__file__).resolve().parents[1] / "cluster" / "haproxy-front.cfg"
+CLUSTER_ERRORS, CLUSTER_SOCKET = "/etc/haproxy/rerank-errors", "/run/haproxy/rerank-front.sock"
+needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None, reason="no haproxy binary on PATH")
+
+# A slow backend: every request but /healthz waits `delay` seconds, then answers 200 JSON.
+BACKEND = """
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Slow(BaseHTTPRequestHandler):
+    def answer(self):
+        if self.path != "/healthz":
+            time.sleep(float(sys.argv[2]))
+        body = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.answer()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.answer()
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Slow).serve_forever()
+"""
+
+
+@pytest.fixture
+def slow_backend():
+    """start(delay_s) -> port of a real HTTP server process answering after delay_s."""
+    procs = []
+
+    def start(delay_s: float) -> int:
+        port = free_port()
+        procs.append(subprocess.Popen([sys.executable, "-c", BACKEND, str(port), str(delay_s)]))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                return port
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise TimeoutError("test backend did not start")
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def front_config(backend_port: int, **knobs) -> FrontProxyConfig:
+    return FrontProxyConfig(listen_host="127.0.0.1", listen_port=free_port(), backend_host="127.0.0.1",
+                            backend_port=backend_port, **knobs)
+
+
+def timed_post(url: str) -> tuple[httpx.Response, float]:
+    start = time.monotonic()
+    r = httpx.post(url, json={"x": 1}, timeout=30)
+    return r, time.monotonic() - start
+
+
+def assert_refusal(r: httpx.Response, status: int, detail: str) -> None:
+    assert r.status_code == status
+    assert r.headers["retry-after"] == "1"
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"detail": detail}
+
+
+def test_render_config_has_the_admission_settings(tmp_path):
+    text = render_config(front_config(9000, max_conn_backend=16, queue_timeout_s=0.5), tmp_path)
+    assert "mode http" in text and "timeout queue 500ms" in text
+    assert "server serve_proxy 127.0.0.1:9000 maxconn 16 check" in text
+    assert f"errorfile 503 {tmp_path / '503.http'}" in text
+    assert "option httpchk GET /healthz" in text
+    unchecked = render_config(front_config(9000, health_path=None), tmp_path)
+    assert "httpchk" not in unchecked and unchecked.rstrip().endswith("maxconn 32")
+
+
+def test_errorfiles_are_json_with_retry_after(tmp_path):
+    paths = write_errorfiles(tmp_path, retry_after_s=3)
+    assert sorted(paths) == [502, 503, 504]
+    head, _, body = paths[503].read_bytes().partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.0 503 Service Unavailable"
+    assert "Retry-After: 3" in lines and "Content-Type: application/json" in lines
+    assert f"Content-Length: {len(body)}" in lines
+    assert json.loads(body) == {"detail": "overloaded; retry"}
+
+
+@needs_haproxy
+def test_rendered_config_is_valid_for_haproxy(tmp_path):
+    write_errorfiles(tmp_path, 1)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(render_config(front_config(9000), tmp_path, tmp_path / "admin.sock"))
+    check_config(config)  # haproxy -c; raises when invalid
+
+
+def test_cluster_example_matches_render_config():
+    """cluster/haproxy-front.cfg = render_config's front with several servers (comments aside)."""
+    lines = {line.split("#")[0].strip() for line in CLUSTER_CFG.read_text().splitlines()}
+    cfg = FrontProxyConfig("0.0.0.0", 8000, "10.0.1.11", 8000)
+    rendered = render_config(cfg, Path(CLUSTER_ERRORS), Path(CLUSTER_SOCKET)).splitlines()
+    for line in rendered:
+        if not line.strip().startswith("server "):
+            assert line.strip() in lines, line
+    servers = [line for line in lines if line.startswith("server ")]
+    assert len(servers) > 1 and all(s.endswith("maxconn 32 check inter 2s fall 3 rise 2") for s in servers)
+
+
+@needs_haproxy
+def test_cluster_example_is_valid_for_haproxy(tmp_path):
+    write_errorfiles(tmp_path, 1)
+    text = CLUSTER_CFG.read_text().replace(CLUSTER_ERRORS, str(tmp_path))
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(text.replace(CLUSTER_SOCKET, str(tmp_path / "admin.sock")))
+    check_config(config)
+
+
+def test_missing_haproxy_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="no `haproxy` binary on PATH"):
+        FrontProxy(front_config(9000)).start()
+
+
+@needs_haproxy
+def test_excess_gets_503_with_retry_after_within_the_queue_timeout(slow_backend):
+    """One request at a time into a backend that takes 3 s: the first of 5 concurrent requests is
+    answered, the other 4 wait 1 s in HAProxy's queue and get the 503 + Retry-After."""
+    port = slow_backend(3.0)
+    with FrontProxy(front_config(port, max_conn_backend=1, queue_timeout_s=1.0)) as front:
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(lambda _: timed_post(f"{front.url}/rank"), range(5)))
+        ok = [(r, s) for r, s in results if r.status_code == 200]
+        refused = [(r, s) for r, s in results if r.status_code != 200]
+        assert len(ok) == 1 and ok[0][0].json() == {"path": "/rank"}
+        assert len(refused) == 4
+        for r, seconds in refused:
+            assert_refusal(r, 503, "overloaded; retry")
+            assert 0.9 <= seconds < 2.0, seconds
+        stats = {row["svname"]: row for row in front.show_stat() if row["pxname"] == "serve"}
+        assert stats["serve_proxy"]["slim"] == "1" and int(stats["BACKEND"]["qmax"]) >= 4
+
+
+@needs_haproxy
+def test_slow_backend_gets_504_with_retry_after(slow_backend):
+    port = slow_backend(3.0)
+    with FrontProxy(front_config(port, server_timeout_s=1)) as front:
+        r, seconds = timed_post(f"{front.url}/rank")
+        assert_refusal(r, 504, "upstream timeout; retry")
+        assert seconds < 2.0
+
+
+@needs_haproxy
+def test_backend_down_gets_503_with_retry_after_and_stop_ends_haproxy():
+    front = FrontProxy(front_config(free_port(), health_path=None)).start()  # nothing listens there
+    pid, workdir = front.pid, front.dir
+    try:
+        r = httpx.get(f"{front.url}/healthz", timeout=10)
+        assert_refusal(r, 503, "overloaded; retry")
+    finally:
+        front.stop()
+    assert front.pid is None and not workdir.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
