@@ -70,7 +70,8 @@ class OnlineTrainer:
         self._delay_hist = Histogram("rerank_online_event_to_publish_s", boundaries=DELAY_BOUNDARIES_S,
                                      description="seconds from an event's XADD to a published version containing it")
         self._counters = {name: Counter(f"rerank_online_{name}", description=f"online trainer: {name}")
-                          for name in ("events_applied", "versions_published", "guard_refusals")}
+                          for name in ("events_applied", "versions_published", "guard_refusals",
+                                       "events_trimmed_unapplied")}
         self._errors = Counter("rerank_online_loop_errors", description="online trainer loop errors (retried)")
         self._lag = Gauge("rerank_online_lag_events", description="stream entries after the last checkpoint")
         self._version = Gauge("rerank_online_version", description="newest version the trainer stands on")

@@ -27,7 +27,10 @@ Key schema (prefix `P`, default "rr:"; all keys of one store share it):
                                     seq = the user's recent "item_idx:type_code" pairs BEFORE
                                     this event, oldest first, space separated, at most
                                     stream_seq_len (see `parse_stream_seq`); plus the event's
-                                    `extra` fields (attribution, rerank.records)
+                                    `extra` fields (attribution, rerank.records) and `n`, the entry's
+                                    number from `P events:n` (consecutive: a consumer that sees n jump
+                                    knows how many entries MAXLEN trimmed before it read them)
+    P events:n               string the events stream's sequence counter (INCR per entry)
     P impressions            stream one entry per /rank answer (rerank.attribution, rerank.records)
     P u:{user_id}:imps       list   the user's recent request ids (at most recent_per_user),
                                     newest first; TTL = the window
@@ -46,7 +49,9 @@ prefix with a hash tag, e.g. "{rr}:", which puts the store on one node); the
 store is meant for a single Redis node (with a replica for failover).
 
 Bounded state: user keys expire (user_ttl_s), the stream is capped (stream_maxlen,
-~0.5 KB an entry at stream_seq_len 50, so ~0.5 GB at the default cap), idempotency
+~0.5 KB an entry at stream_seq_len 50, so ~0.5 GB at the default cap; a consumer that falls
+further behind than the cap loses the oldest entries, and the online trainer counts them from
+the gaps in `n`: `events_trimmed_unapplied`, metric rerank_online_events_trimmed_unapplied), idempotency
 markers exist only for client event_ids and expire (event_ttl_s; ~100 B each, so
 200 events/s with ids for 7 days is ~120 M markers, ~12 GB: size event_ttl_s to the
 retry window). The catalogue grows by one item per unseen item_id unless
@@ -112,7 +117,8 @@ def _is_transient(err: Exception) -> bool:
         return True
     return isinstance(err, redis.ResponseError) and _TRANSIENT_REPLY.search(str(err)) is not None
 
-# KEYS: 1 evt marker, 2 item_idx, 3 item_id, 4 item_stats, 5 next_item_idx, 6 user seq, 7 user bought, 8 stream
+# KEYS: 1 evt marker, 2 item_idx, 3 item_id, 4 item_stats, 5 next_item_idx, 6 user seq, 7 user bought, 8 stream,
+#       9 the stream's sequence counter (every entry gets n = its INCR: a reader sees trimmed entries as gaps)
 # ARGV: 1 event_id, 2 user_id, 3 item_id, 4 type code, 5 type name, 6 ts, 7 max_history, 8 user_ttl_s,
 #       9 event_ttl_s, 10 stream_maxlen, 11 stream_seq_len, 12 item_capacity (0 = none),
 #       13 "1" = the client sent event_id: check and set the marker KEYS[1]; "0" = a server id: no marker
@@ -168,6 +174,8 @@ end
 local entry = {'event_id', ARGV[1], 'user_id', ARGV[2], 'item_id', ARGV[3], 'item_idx', tostring(idx),
   'type', ARGV[5], 'ts', ARGV[6], 'seq', table.concat(parts, ' ')}
 for i = 14, #ARGV do entry[#entry + 1] = ARGV[i] end
+entry[#entry + 1] = 'n'
+entry[#entry + 1] = tostring(redis.call('INCR', KEYS[9]))
 redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*', unpack(entry))
 if keyed then redis.call('SET', KEYS[1], '1', 'EX', ARGV[9]) end
 if new_item then return 2 end
@@ -281,6 +289,7 @@ class Keys:
     item_stats: str = field(init=False)
     next_item_idx: str = field(init=False)
     events: str = field(init=False)
+    events_seq: str = field(init=False)
     impressions: str = field(init=False)
     experiments: str = field(init=False)
     trainer_lease: str = field(init=False)
@@ -290,6 +299,7 @@ class Keys:
                      "experiments"):
             object.__setattr__(self, name, self.prefix + name)
         object.__setattr__(self, "trainer_lease", self.prefix + "trainer:lease")
+        object.__setattr__(self, "events_seq", self.prefix + "events:n")
 
     def arm_trainer_lease(self, experiment: str, arm: str) -> str:
         """The lease of an experiment arm's own online trainer."""
@@ -543,9 +553,9 @@ class FeatureStore:
                 for event, (event_id, ts) in zip(events, checked):
                     pipe.evalsha(
                         self._write_sha,
-                        8,
+                        9,
                         keys.event(event_id), keys.item_idx, keys.item_id, keys.item_stats, keys.next_item_idx,
-                        keys.user_seq(event.user_id), keys.user_bought(event.user_id), keys.events,
+                        keys.user_seq(event.user_id), keys.user_bought(event.user_id), keys.events, keys.events_seq,
                         event_id, event.user_id, event.item_id, EVENT_CODE[event.type], event.type, repr(ts),
                         *static_args, "0" if event.event_id is None else "1",
                         *(x for pair in event.extra.items() for x in pair),

@@ -410,6 +410,7 @@ class LoopStats:
     trained_until_id: str | None = None  # stream id of the last entry in the checkpoint
     events_applied: int = 0  # every stream entry, counted once: trained + held out + invalid + other arm
     events_other_arm: int = 0  # entries of other experiment arms (an arm's own trainer skips them)
+    events_trimmed_unapplied: int = 0  # entries the stream cap trimmed before the loop applied them (not in applied)
     events_trained: int = 0
     events_heldout: int = 0
     events_invalid: int = 0
@@ -429,7 +430,8 @@ class LoopStats:
 
 
 COUNTERS = ("events_applied", "events_trained", "events_heldout", "events_invalid", "events_refused",
-            "versions_published", "guard_refusals", "items_added", "events_other_arm", "events_over_max_items")
+            "versions_published", "guard_refusals", "items_added", "events_other_arm", "events_over_max_items",
+            "events_trimmed_unapplied")
 
 
 def stream_time_s(entry_id: str) -> float:
@@ -458,6 +460,7 @@ class OnlineLoop:
         self._items: dict[int, str] = {}  # new item_idx -> item_id seen in the stream
         self._checkpointed: dict[str, int] = {}  # COUNTERS as of the last checkpoint
         self._items_high = 0  # the most items of any version this loop stood on or published
+        self._n_seen: int | None = None  # the stream number `n` of the newest entry consumed (trim gaps)
         self._warned_over_max_items = False
         self.holdout_salt = b""  # the registry's secret, loaded by start()
 
@@ -474,7 +477,8 @@ class OnlineLoop:
                                "(ModelRegistry.publish_dir or `rerank model publish`)")
         meta = self.registry.meta(latest)
         from_meta = {"version": latest, "trained_until_id": meta.get("trained_until_id"),
-                     "items_high": meta.get("items_high"), **{k: int(meta.get(k) or 0) for k in COUNTERS}}
+                     "items_high": meta.get("items_high"), "n_until": meta.get("n_until"),
+                     **{k: int(meta.get(k) or 0) for k in COUNTERS}}
         if state is None:
             return from_meta
         ahead = meta.get("trained_until_id")  # None: not a version of this trainer (offline)
@@ -515,6 +519,7 @@ class OnlineLoop:
         self.stats.trained_until_id = state.get("trained_until_id")
         self.holdout_salt = self._load_salt()
         self._items_high = int(state.get("items_high") or 0)
+        self._n_seen = state.get("n_until")
         self._stand_on(int(state["version"]))
         self.stream.ensure_group()
         recovered = self.stream.recover()
@@ -534,9 +539,25 @@ class OnlineLoop:
         if dup_ids:
             self.stream.ack([e.id for e in dup_ids])
             self.stats.events_skipped_duplicate += len(dup_ids)
+        self._count_trimmed(fresh)
         self._apply(fresh)
         self._uncommitted.extend(fresh)
         return len(fresh)
+
+    def _count_trimmed(self, entries: list["StreamEntry"]) -> None:
+        """Entries MAXLEN trimmed before this loop applied them: gaps in the stream numbers `n`
+        (rerank.feature_store numbers every entry). Counted, logged, never silent."""
+        for e in entries:
+            try:
+                n = int(e.fields["n"])
+            except (KeyError, ValueError):
+                continue  # an entry from before the numbering
+            if self._n_seen is not None and n > self._n_seen + 1:
+                lost = n - self._n_seen - 1
+                self.stats.events_trimmed_unapplied += lost
+                log.error("%d stream entries were trimmed (stream_maxlen) before the trainer applied them "
+                          "(numbers %d..%d); the trainer is behind the stream cap", lost, self._n_seen + 1, n - 1)
+            self._n_seen = n if self._n_seen is None else max(self._n_seen, n)
 
     def _apply(self, entries: list["StreamEntry"], replay: bool = False) -> None:
         """Train on entries / hold them out; `replay`: re-applied after a reload, their held-out
@@ -729,7 +750,7 @@ class OnlineLoop:
         counters["items_added"] += added
         high = max(self._items_high, n_items)
         meta = {**counters, "trained_until_id": until, "trained_until": stream_time_s(until),
-                "items_high": high, "guard": self.stats.last_guard}
+                "items_high": high, "n_until": self._n_seen, "guard": self.stats.last_guard}
         version = self.registry.publish(self.trainer.model, meta, dataset=self._dataset_for_publish())
         self.stats.versions_published += 1
         self.stats.items_added += added
@@ -746,7 +767,8 @@ class OnlineLoop:
     def _write_state(self, **overrides) -> None:
         """Write the checkpoint: self.stats with `overrides` (applied by the caller once written)."""
         state = {"version": self.stats.version, "trained_until_id": self.stats.trained_until_id,
-                 "items_high": self._items_high, **{k: getattr(self.stats, k) for k in COUNTERS}, **overrides,
+                 "items_high": self._items_high, "n_until": self._n_seen,
+                 **{k: getattr(self.stats, k) for k in COUNTERS}, **overrides,
                  "updated_at": self.clock()}
         self.registry.write_state(STATE_FILE, state)
 

@@ -522,3 +522,37 @@ def test_items_added_counts_distinct_new_items_once(redis_url, tiny, tmp_path):
     again = _loop(redis_url, registry, consumer="b", holdout_every=0)  # a restart keeps the mark
     again.start()
     assert again.stats.items_added == 6 and again._items_high == n0 + 6
+
+
+def test_entries_trimmed_before_the_trainer_read_them_are_counted_not_silent(redis_url, tiny, tmp_path):
+    from rerank.feature_store import Event, FeatureStore
+
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    store = FeatureStore(redis_url, stream_maxlen=100)
+    events = synth_events(tiny[0], 1000)
+
+    def write(lo: int, hi: int) -> None:
+        for start in range(lo, hi, 100):
+            store.write_events([Event(u, i, t, ts=ts, event_id=f"trim-{n}")
+                                for n, (u, i, t, ts) in enumerate(events[start:min(hi, start + 100)], start)])
+
+    write(0, 100)
+    loop = _loop(redis_url, registry)
+    loop.start()
+    _drain(loop)
+    assert loop.stats.events_applied == 100 and loop.stats.events_trimmed_unapplied == 0
+    write(100, 1000)  # 900 more while the trainer is not reading: the cap (~100) trims most of them
+    _drain(loop)
+    st = loop.stats
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    kept = client.xlen("rr:events")
+    assert 100 <= kept < 900
+    assert st.events_trimmed_unapplied == 900 - (st.events_applied - 100) > 0  # every entry: applied or counted
+    assert st.events_applied - 100 <= kept
+    # a restart stands on the checkpoint's stream number: nothing counted twice, the next gap still seen
+    restarted = _loop(redis_url, registry)
+    restarted.start()
+    _drain(restarted)
+    assert restarted.stats.events_trimmed_unapplied == st.events_trimmed_unapplied
+    store.close()
