@@ -3,8 +3,8 @@
     python benchmarks/fuzz.py --requests 10000 --json            # starts its own stack (Redis + Ray Serve)
     python benchmarks/fuzz.py --url http://HOST:8000 --api-key K --admin-key A --max-examples 200 --json
 
-Every operation of the OpenAPI document (POST /rank, POST /events, GET /healthz, GET /model,
-POST /admin/rollback, GET /admin/trainer) is exercised with every credential (the admin key,
+Every operation of the OpenAPI document (/rank, /events, /healthz, /model, the /admin routes,
+the experiment routes) is exercised with every credential (the admin key,
 the rank+events key when given, no key, and the Authorization headers schemathesis generates
 itself from the HTTPBearer security scheme) in both generation modes (positive: bodies that
 fit the schema; negative: bodies that do not). Each response is checked with schemathesis'

@@ -25,6 +25,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,7 @@ from rerank.experiments import (
     read_book,
     servable,
     stop_experiment,
+    unreadable_model,
     write_experiment,
 )
 from rerank.feature_store import DEFAULT_PREFIX, Event, FeatureStore, FeatureStoreUnavailable
@@ -251,6 +253,9 @@ class Ingress:
         self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.book = LiveBook(self._redis, self.store.keys.experiments, settings.experiments_refresh_s)
         self.impressions = ImpressionLog(self._redis, self.store.keys, settings.attribution)
+        # arm model checks may wait on a remote store: their own threads, never the event loop's
+        # default pool that the Redis calls of /rank and /events use
+        self._model_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arm-model-check")
         # the batch queue is built per replica so that every knob comes from the app's args
         self._rank_batch = serve.batch(
             max_batch_size=settings.max_batch_size,
@@ -458,13 +463,16 @@ class Ingress:
         )
         return JSONResponse(health.model_dump(), status_code=200 if version else 503)
 
-    @app.get("/model", response_model=ModelInfo, responses=KEYED)
+    @app.get("/model", response_model=ModelInfo, responses={**KEYED, 503: RETRY_LATER})
     async def model(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ModelInfo:
         """The weights a scorer replica serves: version, source, loaded_at, trained_until, meta."""
         from rerank.online import model_freshness
 
         self._authorize(credentials, "rank", "/model")
-        info = await self.scorer.current_version.remote()
+        try:
+            info = await asyncio.wait_for(_resolve(self.scorer.current_version.remote()), timeout=5.0)
+        except Exception:  # a stuck or restarting scorer: say so, do not hang the client
+            return _unavailable("scorer unavailable", self.settings.retry_after_s)
         info["freshness"] = await asyncio.to_thread(
             model_freshness, info.get("meta") or {}, info.get("loaded_at"), self.settings.redis_url,
             self.store.keys.events)
@@ -524,15 +532,21 @@ class Ingress:
         return {"experiments": {e.name: e.spec.model_dump() for e in book}}
 
     @app.put("/admin/experiments/{name}", responses={**KEYED, 400: UNPARSABLE, 409: {
-        "description": "the layout or the app cannot serve it (split layout with models, or an online arm "
-                       "without its trainer)"}})
+        "description": "the layout or the app cannot serve it (split layout with models, an online arm "
+                       "without its trainer, an arm model that does not load)"}})
     async def put_experiment(self, body: ExperimentSpec, name: str = Path(pattern=EXPERIMENT_NAME),
                              credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """Add or change an experiment (ramp weights, add arms); replicas follow within a second."""
         self._authorize(credentials, "admin", "/admin/experiments")
         problem = servable(name, body, self.settings.layout, self.settings.arm_trainers)
+        if problem is None:  # refuse an arm whose model no scorer could load (its users would go degraded)
+            try:
+                check = asyncio.get_running_loop().run_in_executor(self._model_checks, unreadable_model, body)
+                problem = await asyncio.wait_for(check, timeout=5.0)
+            except asyncio.TimeoutError:
+                problem = "an arm's model source did not answer within 5 s"
         if problem:
-            raise HTTPException(409, detail=problem)
+            raise HTTPException(409, detail=redact(problem))
         try:
             book = await asyncio.to_thread(write_experiment, self._redis, self.store.keys.experiments, name, body)
         except ValueError as err:

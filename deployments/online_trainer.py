@@ -23,7 +23,7 @@ import numpy as np
 from ray import serve
 
 from rerank.feature_store import DEFAULT_PREFIX
-from rerank.online import OnlineConfig, OnlineLoop
+from rerank.online import LoopStats, OnlineConfig, OnlineLoop
 
 logger = logging.getLogger("ray.serve")
 DELAY_BOUNDARIES_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]
@@ -151,7 +151,7 @@ class OnlineTrainer:
         the loop's lock: a step or a publish in progress must not make /healthz wait (the counters
         are a snapshot that may be mid-update)."""
         loop = self.loop
-        out = loop.stats.to_dict() if loop is not None else {}
+        out = loop.stats.to_dict() if loop is not None else LoopStats().to_dict()  # zeros until it starts
         if loop is not None:
             try:
                 out["lag_events"] = loop.lag()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,9 @@ class Scorer:
         self.current = self._initial(model_dir)
         self.arm_models: dict[str, LoadedModel] = {}  # model_key -> model of an experiment arm
         self._arm_registries: dict[str, object] = {}
-        self._arm_lock = asyncio.Lock()
+        self._arm_locks: dict[str, asyncio.Lock] = {}
+        # arm loads may wait on a remote store: their own threads, never those of the forward passes
+        self._arm_loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arm-model-load")
         self._arm_failures: dict[str, tuple[float, Exception]] = {}  # model_key -> (when, why) it did not load
         self._score_batched.set_max_batch_size(max_batch_size)
         self._batch_wait_s = batch_wait_s
@@ -177,11 +180,11 @@ class Scorer:
             failed = self._arm_failures.get(key)
             if failed is not None and time.monotonic() - failed[0] < ARM_RETRY_S:
                 raise failed[1]  # a model that just failed to load: fail fast (degraded), retry later
-            async with self._arm_lock:
+            async with self._arm_locks.setdefault(key, asyncio.Lock()):  # one load per model at a time
                 loaded = self.arm_models.get(key)
                 if loaded is None:
                     try:
-                        loaded = await asyncio.to_thread(self._load_arm, key)
+                        loaded = await asyncio.get_running_loop().run_in_executor(self._arm_loader, self._load_arm, key)
                     except Exception as err:
                         self._arm_failures[key] = (time.monotonic(), err)
                         raise
@@ -190,6 +193,7 @@ class Scorer:
                         dropped = next(iter(self.arm_models))
                         self.arm_models.pop(dropped)
                         self._arm_registries.pop(dropped, None)
+                        self._arm_locks.pop(dropped, None)
                     self.arm_models[key] = loaded
         else:  # most recently used last
             self.arm_models[key] = self.arm_models.pop(key)

@@ -136,6 +136,27 @@ def servable(name: str, spec: ExperimentSpec, layout: str, arm_trainers: tuple[s
     return None
 
 
+def unreadable_model(spec: ExperimentSpec) -> str | None:
+    """Why an arm's model cannot be served (None = every arm's can): a `model` directory without
+    config.json, or a `registry_uri` without a published version. Reads the filesystem or the
+    object store: call it off the event loop, with a timeout."""
+    from pathlib import Path
+
+    from rerank.registry import ModelRegistry
+
+    for arm_name, arm in spec.arms.items():
+        if arm.model and not (Path(arm.model) / "config.json").is_file():
+            return f"arm {arm_name!r}: {arm.model} is not a model directory (no config.json)"
+        if arm.registry_uri:
+            try:
+                latest = ModelRegistry(arm.registry_uri).latest()
+            except Exception as err:  # unreachable store, bad URI
+                return f"arm {arm_name!r}: registry unreadable ({type(err).__name__})"
+            if latest is None:
+                return f"arm {arm_name!r}: registry {arm.registry_uri} has no published version"
+    return None
+
+
 def unit_point(salt: str, user_id: str) -> float:
     """A uniform point in [0, 1) from a salted hash of the user id."""
     digest = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()

@@ -212,3 +212,18 @@ def test_attribution_fields_reach_the_event_stream_and_parse(redis_url):
     rows = [event_row(stream_id, fields) for stream_id, fields in entries]
     assert (rows[0]["request_id"], rows[0]["position"], rows[0]["arm"], rows[0]["value"]) == ("aa01", 3, "treat", 19.5)
     assert (rows[1]["request_id"], rows[1]["position"], rows[1]["attributed"], rows[1]["value"]) == (None, None, "", None)
+
+
+def test_arms_whose_model_cannot_load_are_named(tmp_path):
+    from rerank.experiments import unreadable_model
+    from rerank.registry import ModelRegistry
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    ModelRegistry(str(tmp_path / "empty-registry"))
+    ok = ExperimentSpec.model_validate({"arms": {"a": {}, "b": {"model": str(tmp_path / "model")}}})
+    assert unreadable_model(ok) is None
+    no_dir = ExperimentSpec.model_validate({"arms": {"a": {"model": str(tmp_path / "nowhere")}}})
+    assert "not a model directory" in unreadable_model(no_dir)
+    empty = ExperimentSpec.model_validate({"arms": {"a": {"registry_uri": str(tmp_path / "empty-registry")}}})
+    assert "no published version" in unreadable_model(empty)
