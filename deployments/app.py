@@ -75,6 +75,7 @@ class SinkArgs(BaseModel):
     enabled: bool = False
     out_dir: str = "artifacts/sink"
     keep_days: int | None = Field(None, ge=1, description="delete day partitions older than this")
+    flush_every_s: float = Field(5.0, ge=0, description="a file per stream at most this often (0 = every read)")
     num_cpus: float = Field(0.1, gt=0)
 
 
@@ -322,7 +323,8 @@ def build_app(raw_args: dict) -> serve.Application:
     sink = None
     if args.sink.enabled:
         sink = EventSink.options(ray_actor_options={"num_cpus": args.sink.num_cpus}).bind(
-            redis_url, _absolute(args.sink.out_dir), prefix=args.redis_prefix, keep_days=args.sink.keep_days)
+            redis_url, _absolute(args.sink.out_dir), prefix=args.redis_prefix, keep_days=args.sink.keep_days,
+            flush_every_s=args.sink.flush_every_s)
     keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
     if not keys.enabled:
         logger.warning("rerank: no API keys configured: every route is open (bind the HTTP proxy to loopback)")

@@ -79,6 +79,7 @@ from rerank.serving import (
 )
 
 logger = logging.getLogger("ray.serve")
+REPORT_TIMEOUT_S = 30.0  # GET /experiments/{name}/report reads Parquet; longer is a 503
 SPLIT_CHAIN_TIMEOUTS = 3  # the split layout's three chained hops get score_timeout_s each
 bearer = HTTPBearer(auto_error=False, description="API key: Authorization: Bearer <key>")
 
@@ -253,9 +254,9 @@ class Ingress:
         self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.book = LiveBook(self._redis, self.store.keys.experiments, settings.experiments_refresh_s)
         self.impressions = ImpressionLog(self._redis, self.store.keys, settings.attribution)
-        # arm model checks may wait on a remote store: their own threads, never the event loop's
+        # arm model checks and readouts may take long: their own threads, never the event loop's
         # default pool that the Redis calls of /rank and /events use
-        self._model_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arm-model-check")
+        self._model_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slow-admin")
         # the batch queue is built per replica so that every knob comes from the app's args
         self._rank_batch = serve.batch(
             max_batch_size=settings.max_batch_size,
@@ -565,7 +566,8 @@ class Ingress:
         self.book.refresh()
         return {"name": name, "status": stopped.status}
 
-    @app.get("/experiments/{name}/report", responses={**KEYED, 404: {"description": "no sink data configured"}})
+    @app.get("/experiments/{name}/report", responses={**KEYED, 404: {"description": "no sink data configured"},
+                                                     503: RETRY_LATER})
     async def experiment_report(self, name: str = Path(pattern=EXPERIMENT_NAME),
                                 credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """The readout of an experiment from the sink's Parquet (rerank.readout). Admin scope."""
@@ -574,5 +576,12 @@ class Ingress:
         self._authorize(credentials, "admin", "/experiments/report")
         if not self.settings.sink_dir:
             raise HTTPException(404, detail="this app runs without a sink (set sink.enabled and sink.out_dir)")
-        impressions, events = await asyncio.to_thread(load_parquet, self.settings.sink_dir)
-        return await asyncio.to_thread(report, name, impressions, events)
+        def readout() -> dict:
+            return report(name, *load_parquet(self.settings.sink_dir, experiment=name))
+
+        try:  # the model-check threads: a long read never holds the Redis calls' pool
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(self._model_checks, readout), timeout=REPORT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return _unavailable(f"the readout took over {REPORT_TIMEOUT_S:g} s (use `rerank experiment report` "
+                                "on the sink directory)", self.settings.retry_after_s)

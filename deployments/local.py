@@ -165,6 +165,7 @@ class LocalStack:
         self._redis = None
         self._ray_started = False
         self._temp_registry: str | None = None
+        self.sink_dir: str | None = None  # this run's Parquet of impressions and events (kept after stop)
         self.front = None  # rerank.front_proxy.FrontProxy, with config.front_proxy
         self.redis_url: str | None = None
         self.data: Path | None = None
@@ -195,6 +196,13 @@ class LocalStack:
         args["online"] = online
         if cfg.online:
             args["registry_uri"] = self._prepare_registry(args.get("registry_uri"))
+        sink = dict(args.get("sink") or {})
+        if sink.get("enabled") and "sink" not in cfg.app_args:  # this run's Redis, this run's Parquet
+            if self.sink_dir is None:
+                import tempfile
+
+                self.sink_dir = tempfile.mkdtemp(prefix="rerank-sink-")
+            args["sink"] = {**sink, "out_dir": self.sink_dir}
         return args
 
     def _start_services(self) -> None:
@@ -249,6 +257,9 @@ class LocalStack:
             if layout != args.get("layout", "inline"):
                 other = {**args, "layout": layout, "online": {"enabled": False}}
                 serve.run(build_app(other), name=f"{APP_NAME}-{layout}", route_prefix=f"/{layout}")
+        if self.sink_dir:
+            print(f"rerank: impressions and events persisted to {self.sink_dir} "
+                  f"(rerank experiment report NAME --data {self.sink_dir})", file=sys.stderr)
         if cfg.online:
             print(f"rerank: online trainer following the event stream, publishing to {args['registry_uri']}",
                   file=sys.stderr)

@@ -26,10 +26,10 @@ MAX_BACKOFF_S = 5.0
                   logging_config={"enable_access_log": False})
 class EventSink:
     def __init__(self, redis_url: str, out_dir: str, prefix: str = DEFAULT_PREFIX, keep_days: int | None = None,
-                 batch: int = 5000) -> None:
+                 batch: int = 5000, flush_every_s: float = 5.0) -> None:
         self._redis_url = redis_url
         self.sink = StreamSink(SinkConfig(redis_url=redis_url, prefix=prefix, out_dir=out_dir, batch=batch,
-                                          keep_days=keep_days))
+                                          keep_days=keep_days, flush_every_s=flush_every_s))
         self.state = "running"  # running | backoff | stopped
         self._backoff = 0.5
         self._error: str | None = None
@@ -68,7 +68,7 @@ class EventSink:
         self._stop.set()
         self._thread.join(timeout=30)
         try:
-            self.sink.run_once(block_ms=0)
+            self.sink.run_once(block_ms=0, force=True)
         except Exception as err:  # pending entries stay in the stream; the next sink recovers them
             logger.warning("event sink: stop without a last flush: %s", redact(str(err), [self._redis_url]))
         self.sink.close()

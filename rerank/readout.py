@@ -414,23 +414,26 @@ def report(name: str, impressions: pa.Table, events: pa.Table, *, arms: Sequence
 # --- Parquet and plots ---------------------------------------------------------------------------
 
 
-def _read_dataset(path: Path, schema: pa.Schema) -> pa.Table:
+def _read_dataset(path: Path, schema: pa.Schema, experiment: str | None = None) -> pa.Table:
     import pyarrow.dataset as ds
 
     if not path.is_dir():
         return schema.empty_table()
     partitioning = ds.partitioning(pa.schema([("day", pa.string())]), flavor="hive")
-    table = ds.dataset(path, schema=schema, format="parquet", partitioning=partitioning).to_table()
+    where = ds.field("experiment") == experiment if experiment is not None else None
+    table = ds.dataset(path, schema=schema, format="parquet", partitioning=partitioning).to_table(filter=where)
     first_rows = table.append_column("_row", pa.array(np.arange(table.num_rows))) \
         .group_by("stream_id", use_threads=False).aggregate([("_row", "min")])["_row_min"]
     return table.take(np.sort(first_rows.to_numpy()))
 
 
-def load_parquet(root: str | Path) -> tuple[pa.Table, pa.Table]:
+def load_parquet(root: str | Path, experiment: str | None = None) -> tuple[pa.Table, pa.Table]:
     """(impressions, events) from rerank.sink's `<root>/impressions` and `<root>/events` (hive
-    `day=` partitions), each stream_id once; empty tables with the schemas where absent."""
+    `day=` partitions), each stream_id once; empty tables with the schemas where absent.
+    `experiment`: only that experiment's rows (what `report` reads; attributed events carry it)."""
     root = Path(root)
-    return _read_dataset(root / "impressions", IMPRESSION_SCHEMA), _read_dataset(root / "events", EVENT_SCHEMA)
+    return (_read_dataset(root / "impressions", IMPRESSION_SCHEMA, experiment),
+            _read_dataset(root / "events", EVENT_SCHEMA, experiment))
 
 
 def plot_report(report: dict, out_dir: str | Path) -> list[Path]:

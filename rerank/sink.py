@@ -51,6 +51,8 @@ class SinkConfig:
     batch: int = 5000  # entries per read (and per recovery chunk) of each stream
     block_ms: int = 500  # how long an idle pass waits for new entries
     keep_days: int | None = None  # delete day partitions older than today (UTC) minus this many days
+    flush_every_s: float = 0.0  # keep read entries (pending, unacked) up to this long or `batch` of them
+    #                             per stream before writing: fewer, larger files (0 = every pass)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class _Part:
     root: Path
     written_until: str | None = None  # highest stream id in a Parquet file
     counts: SinkCounts = field(default_factory=SinkCounts)
+    buffer: list[StreamEntry] = field(default_factory=list)  # read, not yet written (pending in Redis)
+    buffer_since: float = 0.0  # monotonic time of the buffer's first read
 
     def is_new(self, entry_id: str) -> bool:
         return self.written_until is None or id_key(entry_id) > id_key(self.written_until)
@@ -132,10 +136,10 @@ class StreamSink:
         self._lock = threading.Lock()  # one pass at a time (a loop thread and a final flush)
 
     # ------------------------------------------------------------------ passes
-    def run_once(self, block_ms: int | None = None) -> dict[str, dict[str, int]]:
-        """Recover if needed, then read and flush each stream once; this pass's counts per stream.
-        Only the last read waits (block_ms, default config.block_ms), and only when the others
-        found nothing."""
+    def run_once(self, block_ms: int | None = None, force: bool = False) -> dict[str, dict[str, int]]:
+        """Recover if needed, then read each stream once and write what is due (all of it with
+        `force` or flush_every_s 0); this pass's counts per stream. Only the last read waits
+        (block_ms, default config.block_ms), and only when the others found nothing."""
         block_ms = self.config.block_ms if block_ms is None else block_ms
         with self._lock:
             before = {p.kind.name: asdict(p.counts) for p in self.parts}
@@ -147,10 +151,18 @@ class StreamSink:
                     wait = block_ms if i == len(self.parts) - 1 and not found else 0
                     entries = self._read(part, wait)
                     found = found or bool(entries)
-                    self._flush(part, entries)
+                    if entries and not part.buffer:
+                        part.buffer_since = time.monotonic()
+                    part.buffer.extend(entries)
+                    if part.buffer and (force or len(part.buffer) >= self.config.batch
+                                        or time.monotonic() - part.buffer_since >= self.config.flush_every_s):
+                        self._flush(part, part.buffer)
+                        part.buffer = []
                 self._prune()
             except BaseException:
                 self._recovered = False  # entries may be pending: recover them on the next pass
+                for part in self.parts:
+                    part.buffer = []  # still pending in Redis: the recovery reads them again
                 raise
             return {p.kind.name: {k: v - before[p.kind.name][k] for k, v in asdict(p.counts).items()}
                     for p in self.parts}

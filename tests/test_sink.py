@@ -330,3 +330,17 @@ def _wait(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_flush_every_s_buffers_reads_into_fewer_files_and_keeps_them_pending(redis_url, tmp_path):
+    prefix, out = _prefix(), tmp_path / "out"
+    stream = Keys(prefix).events
+    sink = StreamSink(_config(redis_url, prefix, out, flush_every_s=60.0, batch=1000))
+    for round_ in range(3):
+        _add(redis_url, stream, [_event(round_ * 10 + i) for i in range(10)])
+        sink.run_once()
+    assert _files(out, "events") == [] and _pending(redis_url, stream) == 30  # read, not yet written or acked
+    sink.run_once(force=True)
+    assert len(_files(out, "events")) == 1 and len(_stream_ids(out, "events")) == 30
+    assert _pending(redis_url, stream) == 0
+    sink.close()

@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--once", action="store_true", help="persist what the streams hold now, then exit")
     p.add_argument("--keep-days", type=int, metavar="N", help="delete day partitions older than N days")
+    p.add_argument("--flush-every", type=float, default=5.0, metavar="S",
+                   help="write a file per stream at most every S seconds (default 5; 0 = every pass)")
     p.set_defaults(func=run)
 
 
@@ -46,23 +48,26 @@ def run(args) -> int:
     from rerank.auth import redact, safe_url
     from rerank.sink import SinkConfig, StreamSink
 
+    if args.flush_every < 0:
+        raise CommandError(f"--flush-every: expected S >= 0, got {args.flush_every}")
     if args.keep_days is not None and args.keep_days < 0:
         raise CommandError(f"--keep-days: expected N >= 0, got {args.keep_days}")
     sink = StreamSink(SinkConfig(redis_url=args.redis_url, prefix=args.prefix, out_dir=args.out,
-                                 keep_days=args.keep_days))
+                                 keep_days=args.keep_days, flush_every_s=args.flush_every))
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())  # finish the pass, then stop
     total: dict = {part.kind.name: {} for part in sink.parts}
     last_progress = time.monotonic()
     try:
         while not stop.is_set():
-            counts = sink.run_once(block_ms=0 if args.once else None)
+            counts = sink.run_once(block_ms=0 if args.once else None, force=args.once)
             _add(total, counts)
             if args.once and not _read_something(counts):
                 break
             if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
                 print(json.dumps(total), file=sys.stderr, flush=True)
                 last_progress = time.monotonic()
+        _add(total, sink.run_once(block_ms=0, force=True))  # what is still buffered
     except redis.RedisError as err:
         raise CommandError(f"redis {safe_url(args.redis_url)}: {redact(str(err), [args.redis_url])}") from None
     finally:
