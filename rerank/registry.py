@@ -249,13 +249,7 @@ class ModelRegistry:
         doomed = [v for v in cached[: max(0, len(cached) - self.cache_keep)] if v != keep_version]
         for v in doomed:
             shutil.rmtree(self.cache_dir / version_name(v), ignore_errors=True)
-        now = time.time()
-        for p in self.cache_dir.glob(".v*.partial"):
-            try:
-                if now - p.stat().st_mtime > STALE_PARTIAL_S:
-                    shutil.rmtree(p, ignore_errors=True)
-            except FileNotFoundError:
-                pass
+        remove_stale_partials(self.cache_dir)
         return doomed
 
     def load(self, version: int | None = None) -> "Recommender":
@@ -477,13 +471,7 @@ class ModelRegistry:
             if path is not None:
                 self.fs.delete_dir(path)
         if self.is_local:  # staging copies a killed publisher left behind
-            now = time.time()
-            for p in Path(self.root).glob(".v*.partial"):
-                try:
-                    if now - p.stat().st_mtime > STALE_PARTIAL_S:
-                        shutil.rmtree(p, ignore_errors=True)
-                except FileNotFoundError:
-                    pass
+            remove_stale_partials(Path(self.root))
         return deleted
 
     def describe(self) -> list[dict]:
@@ -498,6 +486,18 @@ class ModelRegistry:
                          "trained_until": m.get("trained_until"), "trained_until_id": m.get("trained_until_id"),
                          "events_applied": m.get("events_applied")})
         return rows
+
+
+def remove_stale_partials(directory: Path) -> None:
+    """Delete `.v*.partial` directories (an interrupted download or staging copy) older than
+    STALE_PARTIAL_S; a younger one may still be in progress."""
+    now = time.time()
+    for p in directory.glob(".v*.partial"):
+        try:
+            if now - p.stat().st_mtime > STALE_PARTIAL_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except FileNotFoundError:
+            pass
 
 
 def resolve_model_dir(model: str | None, registry_uri: str | None) -> tuple[Path, int | None]:

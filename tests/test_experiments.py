@@ -107,11 +107,15 @@ def test_book_in_redis_round_trips_refuses_over_full_traffic_and_live_book_follo
         live.close()
 
 
-def test_impressions_are_recorded_and_events_attributed_by_request_id_then_window(redis_url):
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    keys = Keys(prefix)
+def _impression_log(redis_url: str, recent_per_user: int = 3):
+    """(client, keys, ImpressionLog) under a fresh prefix, window 60 s."""
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}:")
     client = redis.Redis.from_url(redis_url)
-    log = ImpressionLog(client, keys, AttributionConfig(window_s=60, recent_per_user=3))
+    return client, keys, ImpressionLog(client, keys, AttributionConfig(window_s=60, recent_per_user=recent_per_user))
+
+
+def test_impressions_are_recorded_and_events_attributed_by_request_id_then_window(redis_url):
+    client, keys, log = _impression_log(redis_url)
     now = time.time()
     log.record([
         Impression("aa01", "u1", "t", "treat", "v3", now - 10, [("i1", 2.0, ""), ("i2", 1.0, ""), ("i3", 0.5, "")]),
@@ -140,7 +144,7 @@ def test_impressions_are_recorded_and_events_attributed_by_request_id_then_windo
     assert read_shown(client, keys, "u2", "bb01") == {"i5": (1, "a"), "i6": (2, "b")}
     assert read_shown(client, keys, "u1", "aa01") == {"i1": (1, ""), "i2": (2, ""), "i3": (3, "")}
     assert read_shown(client, keys, "u2", "aa01") is None
-    assert not client.keys(f"{prefix}imp:*")  # no per-request keys
+    assert not client.keys(f"{keys.prefix}imp:*")  # no per-request keys
 
 
 def test_attribution_state_is_bounded_per_user_and_evicted_impressions_leave_nothing(redis_url):
@@ -180,10 +184,7 @@ def test_attribution_state_is_bounded_per_user_and_evicted_impressions_leave_not
 
 
 def test_users_never_attribute_each_others_events(redis_url):
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    keys = Keys(prefix)
-    client = redis.Redis.from_url(redis_url)
-    log = ImpressionLog(client, keys, AttributionConfig(window_s=60, recent_per_user=3))
+    client, keys, log = _impression_log(redis_url)
     now = time.time()
     log.record([
         Impression("a1", "ua", "t", "control", "v1", now, [("i1", 2.0, ""), ("i2", 1.0, "")]),
