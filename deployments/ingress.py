@@ -192,7 +192,7 @@ def rank_plan(body: RankRequest, assignment: Assignment, request_id: str, models
     if assignment.interleaved and models:
         names = tuple(spec.arms)
         return RankPlan(tuple(_arm_rules(body, assignment, n) for n in names),
-                        tuple(spec.arms[n].model_key for n in names), teams=names, seed=int(request_id[:12], 16))
+                        tuple(spec.arms[n].model_key for n in names), teams=names, request_id=request_id)
     if assignment.interleaved:
         return RankPlan.single(_arm_rules(body, assignment, next(iter(spec.arms))))
     key = spec.arms[assignment.arm].model_key if models else ""

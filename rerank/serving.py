@@ -12,7 +12,6 @@ serve other models; an interleaving experiment merges two arms' lists by team dr
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +138,7 @@ class RankPlan:
     rules: tuple[RankingRules, ...]
     model_keys: tuple[str, ...] = ("",)
     teams: tuple[str, ...] = ()
-    seed: int = 0  # interleaving coin flips
+    request_id: str = ""  # seeds the interleaving coin flips (rerank.interleaving.request_rng)
 
     @staticmethod
     def single(rules: RankingRules, model_key: str = "") -> "RankPlan":
@@ -167,7 +166,7 @@ def rank_batch(fetched: FetchedBatch, scores: dict[str, ModelScores], plans: lis
                catalogue: RefreshingCatalogue) -> RankedBatch:
     """Rank each request of the batch by its plan (about 1 ms of numpy for 200 candidates). A
     request whose ranking raises gets an empty list and its error; the others are ranked as usual."""
-    from rerank.interleaving import team_draft
+    from rerank.interleaving import request_rng, team_draft
 
     start = time.perf_counter()
     current = catalogue.current
@@ -195,7 +194,7 @@ def rank_batch(fetched: FetchedBatch, scores: dict[str, ModelScores], plans: lis
             if plan.teams:  # interleaving: each item keeps the score of the list it came from
                 score_of = [dict(items) for items in lists]
                 merged = team_draft([x for x, _ in lists[0]], [x for x, _ in lists[1]], plan.rules[0].k,
-                                    random.Random(plan.seed), names=plan.teams)
+                                    request_rng(plan.request_id), names=plan.teams)
                 ranked.append([(x, score_of[plan.teams.index(t)][x]) for x, t in merged])
                 teams.append([t for _, t in merged])
             else:
