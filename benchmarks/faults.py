@@ -209,6 +209,41 @@ async def open_loop_statuses(host: str, port: int, path: str, bodies: list[bytes
     }
 
 
+class HealthProbe:
+    """GET /healthz every 0.5 s in a thread (10 s timeout): what a load balancer's probe sees."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.statuses, self.ms = url, Counter(), []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self.statuses[str(httpx.get(f"{self.url}/healthz", timeout=10).status_code)] += 1
+            except httpx.HTTPError as err:
+                self.statuses[type(err).__name__] += 1
+            self.ms.append((time.monotonic() - began) * 1000)
+            self._stop.wait(0.5)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def summary(self) -> dict:
+        import numpy as np
+
+        ms = np.asarray(self.ms or [np.nan])
+        return {"statuses": dict(self.statuses), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+                "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1)}
+
+
 def stack_processes() -> dict:
     """This stack's ingress replica, Serve's Python proxy and HAProxy (the ones that exist)."""
     import psutil
@@ -677,12 +712,16 @@ def main() -> int:
             capacity = asyncio.run(run_load(f"{url}/rank", raw, LoadConfig(concurrency=8, duration_s=5)))
             rss_before, load_before = rss_mb(procs), os.getloadavg()
             rate = args.overload_rate or 4 * capacity.requests_per_s
+            probe = HealthProbe(url)
+            probe.start()
             over = asyncio.run(open_loop_statuses(config.host, config.port, "/rank", raw, rate, args.seconds))
+            probe.stop()
             load_after, rss_right_after = os.getloadavg(), rss_mb(procs)
             time.sleep(10)
             result["overload" + suffix] = {
                 "capacity_req_s": capacity.requests_per_s, "capacity_p50_ms": capacity.p50_ms,
                 "rate": "--overload-rate" if args.overload_rate else "4x capacity", **over,
+                "healthz_during": probe.summary(),
                 "rss_mb_before": rss_before, "rss_mb_right_after": rss_right_after, "rss_mb_10s_after": rss_mb(procs),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in load_after],

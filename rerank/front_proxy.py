@@ -91,6 +91,7 @@ def render_config(cfg: FrontProxyConfig, errorfile_dir: Path, stats_socket: Path
         "",
         "frontend front",
         f"    bind {cfg.listen_host}:{cfg.listen_port}",
+        *([f"    http-request set-priority-class int(-10) if {{ path {cfg.health_path} }}"] if cfg.health_path else []),
         "    default_backend serve",
         "",
         "backend serve",
