@@ -116,6 +116,9 @@ class AppArgs(BaseModel):
     new_item_allowance: int = Field(
         50_000, ge=0, description="items first seen in events that may join the catalogue beyond the served "
         "model's, per deployment; events naming more are stored with item_idx 0 and counted")
+    new_item_rate_per_min: int | None = Field(
+        1000, ge=1, description="new items events may add per minute (beyond: stored with item_idx 0 and "
+        "counted, like items over new_item_allowance); null = no rate")
     max_in_flight: int = Field(64, ge=1, description="/rank requests inside one ingress replica before 503 + Retry-After (about a second of a CPU replica's capacity)")
     score_timeout_s: float = Field(2.0, gt=0, description="slower scorer calls give a degraded ranking")
     api_keys: dict[str, dict] | None = Field(
@@ -339,6 +342,7 @@ def build_app(raw_args: dict) -> serve.Application:
         max_candidates=args.max_candidates,
         max_catalogue_items=args.max_catalogue_items,
         item_capacity=n_items + args.new_item_allowance,
+        new_item_rate_per_min=args.new_item_rate_per_min,
         max_in_flight=args.max_in_flight,
         score_timeout_s=args.score_timeout_s,
         keys=keys,

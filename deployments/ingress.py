@@ -150,6 +150,7 @@ class IngressSettings:
     max_candidates: int = 1000
     max_catalogue_items: int | None = DEFAULT_MAX_CATALOGUE_ITEMS  # whole-catalogue ranking cap (None = off)
     item_capacity: int | None = None  # highest item_idx events may create (None = no cap)
+    new_item_rate_per_min: int | None = None  # new items events may create per minute (None = no rate)
     max_batch_size: int = 32
     batch_wait_s: float = 0.01
     max_concurrent_batches: int = 4
@@ -243,7 +244,8 @@ class Ingress:
         self.arm_trainers = arm_trainers or {}  # "experiment/arm" -> that arm's own OnlineTrainer
         self.sink = sink
         self.settings = settings
-        self.store = FeatureStore(settings.redis_url, prefix=settings.prefix, item_capacity=settings.item_capacity)
+        self.store = FeatureStore(settings.redis_url, prefix=settings.prefix, item_capacity=settings.item_capacity,
+                                  new_item_rate_per_min=settings.new_item_rate_per_min)
         self.catalogue = serving_catalogue(settings.model, settings.registry_uri, self.store,
                                            settings.catalogue_refresh_s)
         if settings.layout == "inline":
@@ -410,7 +412,8 @@ class Ingress:
         applied = written.applied
         accepted = sum(applied)
         for result, count in (("stored", accepted), ("duplicate", len(applied) - accepted),
-                              ("new_item", written.new_items), ("over_item_capacity", written.over_capacity)):
+                              ("new_item", written.new_items), ("over_item_capacity", written.over_capacity),
+                              ("over_new_item_rate", written.over_rate)):
             if count:  # Ray counters refuse inc(0)
                 self.metrics.events.inc(count, tags={"result": result})
         self.metrics.requests.inc(tags={"route": "/events", "status": "200"})

@@ -55,8 +55,9 @@ the gaps in `n`: `events_trimmed_unapplied`, metric rerank_online_events_trimmed
 markers exist only for client event_ids and expire (event_ttl_s; ~100 B each, so
 200 events/s with ids for 7 days is ~120 M markers, ~12 GB: size event_ttl_s to the
 retry window). The catalogue grows by one item per unseen item_id unless
-`item_capacity` is set; events naming a new item beyond it are still applied (stream
-entry with item_idx 0, marker) but leave the user's history, bought set and item
+`item_capacity` is set (and by at most `new_item_rate_per_min` a minute when that is set);
+events naming a new item beyond either are still applied (stream entry with item_idx 0,
+marker) but leave the user's history, bought set and item
 counters alone; `write_events_detailed` counts them and `new_item_room()` tells what
 is left. Redis itself should run with `maxmemory` and `maxmemory-policy noeviction`
 (EmbeddedRedis does; `check_server()` reports an external server that does not): full,
@@ -118,13 +119,15 @@ def _is_transient(err: Exception) -> bool:
     return isinstance(err, redis.ResponseError) and _TRANSIENT_REPLY.search(str(err)) is not None
 
 # KEYS: 1 evt marker, 2 item_idx, 3 item_id, 4 item_stats, 5 next_item_idx, 6 user seq, 7 user bought, 8 stream,
-#       9 the stream's sequence counter (every entry gets n = its INCR: a reader sees trimmed entries as gaps)
+#       9 the stream's sequence counter (every entry gets n = its INCR: a reader sees trimmed entries as gaps),
+#       10 this minute's count of new items (the new-item rate)
 # ARGV: 1 event_id, 2 user_id, 3 item_id, 4 type code, 5 type name, 6 ts, 7 max_history, 8 user_ttl_s,
 #       9 event_ttl_s, 10 stream_maxlen, 11 stream_seq_len, 12 item_capacity (0 = none),
 #       13 "1" = the client sent event_id: check and set the marker KEYS[1]; "0" = a server id: no marker
-#       14.. extra stream fields as name, value pairs (attribution: rerank.records.ATTRIBUTION_FIELDS)
+#       14 new items allowed per minute (0 = no rate)
+#       15.. extra stream fields as name, value pairs (attribution: rerank.records.ATTRIBUTION_FIELDS)
 # Returns 0 duplicate, else applied: 1 known item, 2 new item (got the next idx), 3 new item over
-# item_capacity (idx 0: stream entry only).
+# item_capacity, 4 new item over the per-minute rate (3 and 4: idx 0, stream entry only).
 # Reads first, writes last: Redis does not roll a script back, so nothing is written before
 # the last point where it could fail.
 _WRITE_EVENT_LUA = """
@@ -134,12 +137,21 @@ local code = tonumber(ARGV[4])
 local ts = tonumber(ARGV[6])
 local idx = redis.call('HGET', KEYS[2], ARGV[3])
 local new_item = false
+local rate_limited = false
 if idx then
   idx = tonumber(idx)
 else
   local cap = tonumber(ARGV[12])
+  local rate = tonumber(ARGV[14])
   idx = tonumber(redis.call('GET', KEYS[5]) or '0') + 1
-  if cap > 0 and idx > cap then idx = 0 else new_item = true end
+  if cap > 0 and idx > cap then
+    idx = 0
+  elseif rate > 0 and tonumber(redis.call('GET', KEYS[10]) or '0') >= rate then
+    idx = 0
+    rate_limited = true
+  else
+    new_item = true
+  end
 end
 local counts = {0, 0, 0, 0}
 local last = 0
@@ -155,6 +167,8 @@ for i = #prev, 1, -1 do
   parts[#parts + 1] = p_idx .. ':' .. p_type
 end
 if new_item then
+  redis.call('INCR', KEYS[10])
+  redis.call('EXPIRE', KEYS[10], 120)
   redis.call('SET', KEYS[5], idx)
   redis.call('HSET', KEYS[2], ARGV[3], idx)
   redis.call('HSET', KEYS[3], idx, ARGV[3])
@@ -173,12 +187,13 @@ if idx > 0 then
 end
 local entry = {'event_id', ARGV[1], 'user_id', ARGV[2], 'item_id', ARGV[3], 'item_idx', tostring(idx),
   'type', ARGV[5], 'ts', ARGV[6], 'seq', table.concat(parts, ' ')}
-for i = 14, #ARGV do entry[#entry + 1] = ARGV[i] end
+for i = 15, #ARGV do entry[#entry + 1] = ARGV[i] end
 entry[#entry + 1] = 'n'
 entry[#entry + 1] = tostring(redis.call('INCR', KEYS[9]))
 redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*', unpack(entry))
 if keyed then redis.call('SET', KEYS[1], '1', 'EX', ARGV[9]) end
 if new_item then return 2 end
+if rate_limited then return 4 end
 if idx == 0 then return 3 end
 return 1
 """
@@ -241,7 +256,8 @@ class WriteResult:
     applied: list[bool]  # per event: True = applied, False = duplicate (what write_events returns)
     new_items: int = 0  # applied events that assigned a new item_idx (the catalogue grew by this much)
     over_capacity: int = 0  # applied events naming a new item refused by item_capacity (stored with item_idx 0)
-    refused_item_ids: list[str] = field(default_factory=list)  # those items, distinct, in order
+    over_rate: int = 0  # applied events naming a new item refused by new_item_rate_per_min (item_idx 0)
+    refused_item_ids: list[str] = field(default_factory=list)  # items refused either way, distinct, in order
 
 
 @dataclass(frozen=True)
@@ -266,6 +282,7 @@ class FeatureStoreConfig:
     stream_maxlen: int = 1_000_000  # approximate cap of the event stream
     stream_seq_len: int = 50  # pre-event history carried in each stream entry
     item_capacity: int | None = None  # highest item_idx the store may assign; None = no limit
+    new_item_rate_per_min: int | None = None  # new items events may add per minute (per store); None = no rate
     socket_timeout_s: float = 0.2
     connect_timeout_s: float = 0.2
     retries: int = 1  # one reconnect attempt (e.g. a pooled socket that died in a restart)
@@ -312,6 +329,10 @@ class Keys:
     def user_impressions(self, user_id: str) -> str:
         """List of the user's recent request_ids, newest first (attribution by window)."""
         return f"{self.prefix}u:{user_id}:imps"
+
+    def new_items(self, minute: int) -> str:
+        """Count of new items admitted in one minute (the new-item rate), expiring after two."""
+        return f"{self.prefix}new_items:{minute}"
 
     def user_seq(self, user_id: str) -> str:
         return f"{self.prefix}u:{user_id}:seq"
@@ -553,11 +574,12 @@ class FeatureStore:
                 for event, (event_id, ts) in zip(events, checked):
                     pipe.evalsha(
                         self._write_sha,
-                        9,
+                        10,
                         keys.event(event_id), keys.item_idx, keys.item_id, keys.item_stats, keys.next_item_idx,
                         keys.user_seq(event.user_id), keys.user_bought(event.user_id), keys.events, keys.events_seq,
+                        keys.new_items(int(now // 60)),
                         event_id, event.user_id, event.item_id, EVENT_CODE[event.type], event.type, repr(ts),
-                        *static_args, "0" if event.event_id is None else "1",
+                        *static_args, "0" if event.event_id is None else "1", cfg.new_item_rate_per_min or 0,
                         *(x for pair in event.extra.items() for x in pair),
                     )  # fmt: skip
                 replies = pipe.execute(raise_on_error=False)
@@ -573,11 +595,12 @@ class FeatureStore:
             if errors:
                 raise FeatureStoreError(f"write_events: Redis refused {len(errors)} event(s): {errors[0]}")
             codes = [int(r) for r in replies]
-            refused = [e.item_id for e, c in zip(events, codes) if c == 3]
+            refused = [e.item_id for e, c in zip(events, codes) if c in (3, 4)]
             return WriteResult(
                 applied=[c > 0 for c in codes],
                 new_items=codes.count(2),
-                over_capacity=len(refused),
+                over_capacity=codes.count(3),
+                over_rate=codes.count(4),
                 refused_item_ids=list(dict.fromkeys(refused)),
             )
         raise FeatureStoreError("write_events: the event script could not be loaded")

@@ -534,3 +534,18 @@ def test_check_server_without_config_command(redis_server, redis_url, admin):
         assert no_info.write_events([Event("u", "a", "view")]) == [True]  # the store itself still works
     finally:
         admin.execute_command("ACL", "DELUSER", "noconfig", "noinfo")
+
+
+def test_new_items_are_admitted_at_most_new_item_rate_per_min(redis_url, dataset):
+    store = FeatureStore(redis_url, new_item_rate_per_min=4)
+    store.bulk_load(dataset, progress=False)
+    flood = [Event("eve", f"fresh{i}", "view", ts=200.0 + i) for i in range(10)]
+    result = store.write_events_detailed(flood)
+    assert result.applied == [True] * 10  # every event is stored ...
+    assert result.new_items == 4 and result.over_rate == 6 and result.over_capacity == 0  # ... 4 join the catalogue
+    assert store.item_index(["fresh3", "fresh4"]).tolist() == [len(ITEMS) + 4, 0]
+    known = store.write_events_detailed([Event("eve", "fresh0", "click", ts=300.0)])  # known items are not rated
+    assert known.new_items == 0 and known.over_rate == 0
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    (rate_key,) = client.keys(f"{store.keys.prefix}new_items:*")
+    assert 0 < client.ttl(rate_key) <= 120  # the minute's counter goes away by itself
