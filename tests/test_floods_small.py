@@ -50,8 +50,9 @@ def test_anonymous_events_leave_no_markers_and_capped_state(results):
     assert all(_within_maxlen(p["xlen"], r["stream_maxlen"]) for p in r["curve"])
     assert r["user_seq_len_max"] <= r["max_history"]
     assert r["user_seq_keys"] <= r["users"] + 1  # + the warm-up user
-    # nothing else: item_idx, item_id, item_stats, next_item_idx, the stream and its entry counter
-    assert r["dbsize"] == r["user_seq_keys"] + r["bought_sets"] + 6
+    # nothing else: item_idx, item_id, item_stats, next_item_idx, the stream and its entry counter,
+    # and (while it lives, 2 minutes) the counter of new items admitted this minute
+    assert r["dbsize"] - (r["user_seq_keys"] + r["bought_sets"] + 6) in (0, 1)
 
 
 def test_impressions_are_capped_per_stream_and_per_user(results):
