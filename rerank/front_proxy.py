@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rerank.child_process import die_with_parent
+
 ERRORS = {  # status -> (reason, detail): the bodies say what a client should do
     502: ("Bad Gateway", "upstream error; retry"),
     503: ("Service Unavailable", "overloaded; retry"),
@@ -119,15 +121,6 @@ def check_config(path: Path, binary: str | None = None) -> None:
         raise RuntimeError(f"front proxy: invalid config {path}:\n{out.stdout}{out.stderr}")
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class FrontProxy:
     """`haproxy -db` as a child process with render_config's config, in a temporary directory."""
 
@@ -161,7 +154,7 @@ class FrontProxy:
             log = self.dir / "haproxy.log"
             with open(log, "w") as out:
                 self.proc = subprocess.Popen([binary, "-f", str(config), "-db"], stdout=out,
-                                             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                             stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
             atexit.register(self.stop)
             self._wait_listening(timeout_s, log)
         except BaseException:

@@ -31,8 +31,6 @@ import atexit
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -42,6 +40,8 @@ from pathlib import Path
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from rerank.child_process import die_with_parent, free_port  # free_port: imported from here too
 
 ENV_URL = "REDIS_URL"
 ENV_BINARY = "REDIS_SERVER_BIN"
@@ -98,24 +98,8 @@ def find_redis_server_binary() -> str:
     return binary
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class EmbeddedRedis:
@@ -242,7 +226,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent if os.name == "posix" and _in_main_thread() else None,
+            preexec_fn=die_with_parent if os.name == "posix" and _in_main_thread() else None,
         )
         client = redis.Redis(
             host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5,

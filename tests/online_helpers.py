@@ -17,6 +17,17 @@ TINY_SASREC = dict(d_model=32, n_layers=1, n_heads=1, max_len=20, dropout=0.1, a
                    spare_items=20)
 
 
+def small_shop(root: Path, seed: int) -> tuple[Path, Path]:
+    """(dataset dir, model dir): a 300-user, 150-item synthetic shop and a SASRec trained on it for
+    a few seconds through `rerank.train` (the serving end-to-end tests' shop)."""
+    from rerank.train import train
+
+    write_synth(root / "data", SynthConfig(n_users=300, n_items=150, seed=seed))
+    train("sasrec", root / "data", root / "model", evaluate_valid=False, epochs=3, max_minutes=0.5,
+          d_model=32, n_layers=1, progress=False, threads=1, spare_items=16)
+    return root / "data", root / "model"
+
+
 def tiny_model_dir(root: Path) -> tuple[Path, Path]:
     """(dataset dir, trained model dir) of a 150-user, 60-item synthetic shop (seconds to train)."""
     from rerank.sequential import SequentialRecommender

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from online_helpers import tiny_model_dir  # noqa: E402
+from online_helpers import tiny_model_dir, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,6 @@ def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny
             assert info["meta"]["events_applied"] >= 30
             # the shipped config's sink persists the answers and the events to Parquet, attributed
             from rerank.readout import load_parquet
-            from tests.online_helpers import wait_until
 
             def sunk():
                 impressions, sunk_events = load_parquet(tmp_path / "sink")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from tests.online_helpers import wait_until
+from online_helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -24,13 +24,11 @@ N_USERS = 160
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
     """A small synthetic shop, a SASRec trained in seconds (the app's model) and a popularity model."""
-    from rerank.synth import SynthConfig, write_synth
     from rerank.train import train
+    from online_helpers import small_shop
 
     root = tmp_path_factory.mktemp("xp")
-    write_synth(root / "data", SynthConfig(n_users=300, n_items=150, seed=4))
-    train("sasrec", root / "data", root / "model", evaluate_valid=False, epochs=3, max_minutes=0.5,
-          d_model=32, n_layers=1, progress=False, threads=1, spare_items=16)
+    small_shop(root, seed=4)
     train("pop", root / "data", root / "pop", evaluate_valid=False)
     return root
 

@@ -41,13 +41,10 @@ def shop(tmp_path_factory):
     """A small synthetic shop and a SASRec trained on it for a few seconds; a registry with v1."""
     from rerank.dataset import load_dataset
     from rerank.registry import ModelRegistry
-    from rerank.synth import SynthConfig, write_synth
-    from rerank.train import train
+    from online_helpers import small_shop
 
     root = tmp_path_factory.mktemp("e2e")
-    write_synth(root / "data", SynthConfig(n_users=300, n_items=150, seed=3))
-    train("sasrec", root / "data", root / "model", evaluate_valid=False, epochs=3, max_minutes=0.5,
-          d_model=32, n_layers=1, progress=False, threads=1, spare_items=16)
+    small_shop(root, seed=3)
     registry = ModelRegistry(str(root / "registry"))
     registry.publish_dir(root / "model", {"note": "e2e initial"})
     return {"root": root, "data": root / "data", "model": root / "model", "registry": registry,
