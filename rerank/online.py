@@ -21,7 +21,8 @@ Three layers, each usable alone:
   exceed the serving version's by more than `guard_margin` (relative). Otherwise the candidate
   is refused (counted), the serving version stays, and the trainer goes back to its weights.
 - `OnlineLoop` (Redis stream + registry): reads the stream as one consumer of a group,
-  trains, and every `publish_every_s` seconds or `publish_every_events` events publishes.
+  trains in full batches of `batch_size` examples (the rest waits for the next poll, or is
+  trained by the checkpoint, before its guard check), and every `publish_every_s` seconds or `publish_every_events` events publishes.
   `items_added` counts distinct new items: those a version it publishes is the first to hold,
   beyond the most items of any version it stood on or published (the high-water mark
   `items_high`, kept in the state file and the meta); items of a refused candidate are not
@@ -72,7 +73,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from rerank.dataset import EVENT_CODE
+from rerank.dataset import EVENT_CODE, EVENT_TYPES
 from rerank.stream import id_key
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
+TRAINABLE = {"all": None, "items": ("item_emb.weight", "item_bias")}  # OnlineConfig.trainable -> parameter names
 SALT_FILE = "holdout_salt.json"  # the secret key of the holdout choice (see the module docstring)
 
 
@@ -102,6 +104,22 @@ class OnlineConfig:
     only_arm: str = ""  # "experiment/arm": train on that experiment arm's events only (an arm's own trainer)
     max_items: int = 0  # highest item_idx the trainer gives a row (the store's item capacity); 0 = no cap
     max_uncommitted: int = 50_000  # consumed-but-uncheckpointed entries before the loop stops reading; 0 = no bound
+    # event types whose item is a training target; the others are context only (they are in later
+    # events' seq, never a label). Drop "view" when clients send a view for every list item they
+    # show (exposure pings): trained as targets, they teach the model to predict its own rankings.
+    target_types: tuple[str, ...] = EVENT_TYPES
+    # what the steps update: "all" weights, or "items" (the item embedding rows and item bias:
+    # the sequence encoder stays as trained offline; slower to gain, never a dip while it adapts)
+    trainable: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {list(TRAINABLE)}, got {self.trainable!r}")
+        self.target_types = tuple(self.target_types)
+        unknown = sorted(set(self.target_types) - set(EVENT_TYPES))
+        if unknown or not self.target_types:
+            raise ValueError(f"target_types must be a non-empty subset of {list(EVENT_TYPES)}, got "
+                             f"{list(self.target_types)}")
 
 
 @dataclass
@@ -254,7 +272,13 @@ class IncrementalTrainer:
         self._items_high = model.n_items  # the most items any weights of this trainer had
 
     def _make_optimizer(self) -> None:
-        self.opt = torch.optim.AdamW(self.model.module.parameters(), lr=self.config.lr,
+        names = TRAINABLE[self.config.trainable]
+        params = []
+        for name, param in self.model.module.named_parameters():
+            param.requires_grad_(names is None or name in names)
+            if param.requires_grad:
+                params.append(param)
+        self.opt = torch.optim.AdamW(params, lr=self.config.lr,
                                      weight_decay=self.config.weight_decay, betas=(0.9, 0.98))
 
     def reset(self, model: "SequentialRecommender") -> None:
@@ -408,8 +432,9 @@ class PublishGuard:
 class LoopStats:
     version: int | None = None
     trained_until_id: str | None = None  # stream id of the last entry in the checkpoint
-    events_applied: int = 0  # every stream entry, counted once: trained + held out + invalid + other arm
+    events_applied: int = 0  # every stream entry, counted once: trained + held out + invalid + other arm + not target
     events_other_arm: int = 0  # entries of other experiment arms (an arm's own trainer skips them)
+    events_not_target: int = 0  # entries of a type outside config.target_types (context only, never a label)
     events_trimmed_unapplied: int = 0  # entries the stream cap trimmed before the loop applied them (not in applied)
     events_trained: int = 0
     events_heldout: int = 0
@@ -431,7 +456,7 @@ class LoopStats:
 
 COUNTERS = ("events_applied", "events_trained", "events_heldout", "events_invalid", "events_refused",
             "versions_published", "guard_refusals", "items_added", "events_other_arm", "events_over_max_items",
-            "events_trimmed_unapplied")
+            "events_trimmed_unapplied", "events_not_target")
 
 
 def stream_time_s(entry_id: str) -> float:
@@ -456,6 +481,7 @@ class OnlineLoop:
         self.serving: "SequentialRecommender | None" = None
         self._uncommitted: list["StreamEntry"] = []  # consumed since the last checkpoint
         self._window_trained = 0
+        self._batch: list[Example] = []  # trained examples waiting for a full batch (or the checkpoint)
         self._last_checkpoint = clock()
         self._items: dict[int, str] = {}  # new item_idx -> item_id seen in the stream
         self._checkpointed: dict[str, int] = {}  # COUNTERS as of the last checkpoint
@@ -507,6 +533,7 @@ class OnlineLoop:
         else:
             self.trainer.reset(model)
         self.stats.version = version
+        self._batch = []  # examples of the old weights' window: the caller re-applies their entries
         self._items = {}
         self._items_high = max(self._items_high, model.n_items)
 
@@ -567,6 +594,9 @@ class OnlineLoop:
             if self.config.only_arm and not in_arm(e.fields, self.config.only_arm):
                 self.stats.events_other_arm += 1
                 continue
+            if e.fields.get("type") in EVENT_CODE and e.fields["type"] not in self.config.target_types:
+                self.stats.events_not_target += 1
+                continue
             try:
                 ex = example_from_entry(e)
             except ValueError as err:
@@ -593,11 +623,20 @@ class OnlineLoop:
             else:
                 train.append(ex)
         self.stats.events_applied += len(entries)
-        if train:
-            assert self.trainer is not None
-            self.trainer.step(train)
-            self.stats.events_trained += len(train)
-            self._window_trained += len(train)
+        self.stats.events_trained += len(train)
+        self._window_trained += len(train)
+        self._batch.extend(train)
+        full = len(self._batch) // self.config.batch_size * self.config.batch_size
+        if full:
+            self._train(full)
+
+    def _train(self, count: int) -> None:
+        """One gradient step per `batch_size` of the first `count` buffered examples. Steps wait
+        for a full batch: a poll often brings a handful of events, and a step on 3 examples at
+        lr 1e-3 is noise the guard then refuses (measured on the simulator, docs/EXPERIMENTS.md)."""
+        assert self.trainer is not None
+        batch, self._batch = self._batch[:count], self._batch[count:]
+        self.trainer.step(batch)
 
     def _room(self) -> int:
         """How many more entries may be consumed before the checkpoint (max_uncommitted)."""
@@ -695,7 +734,10 @@ class OnlineLoop:
 
     def _commit(self, entries: list["StreamEntry"], until: str) -> GuardResult:
         """The checkpoint of `entries` (up to `until`); self.stats changes only once their effect is
-        kept: a written state file, or a published version (see _publish)."""
+        kept: a written state file, or a published version (see _publish). Buffered examples are
+        trained first, so the checkpoint holds every entry it covers."""
+        if self._batch:
+            self._train(len(self._batch))
         if self._window_trained == 0:  # only held-out / invalid entries: nothing new to publish
             self._write_state(trained_until_id=until)
             self.stats.trained_until_id = until

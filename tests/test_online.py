@@ -556,3 +556,56 @@ def test_entries_trimmed_before_the_trainer_read_them_are_counted_not_silent(red
     _drain(restarted)
     assert restarted.stats.events_trimmed_unapplied == st.events_trimmed_unapplied
     store.close()
+
+
+def test_event_types_outside_target_types_are_context_only_and_counted(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    for i in range(40):  # exposure pings: a view of every listed item
+        client.xadd("rr:events", {"event_id": f"v{i}", "item_idx": str(i % 50 + 1), "type": "view", "seq": "1:1"})
+    for i in range(30):
+        client.xadd("rr:events", {"event_id": f"c{i}", "item_idx": "7", "type": "click", "seq": "1:1 3:1"})
+    client.close()
+    loop = _loop(redis_url, registry, holdout_every=0, target_types=["click", "cart", "purchase"])
+    loop.start()
+    _drain(loop)
+    st = loop.stats
+    assert (st.events_applied, st.events_not_target, st.events_trained, st.events_invalid) == (70, 40, 30, 0)
+    assert registry.read_state("trainer_state.json")["events_not_target"] == 40
+    assert loop.stream.pending_count() == 0
+    with pytest.raises(ValueError, match="target_types"):
+        OnlineConfig(target_types=("click", "like"))
+
+
+def test_small_polls_train_in_full_batches_and_the_checkpoint_trains_the_rest(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    sent = len(_xadd(redis_url, [i % 50 + 1 for i in range(20)]))
+    stream = EventStream(StreamConfig(url=redis_url, stream="rr:events", consumer="t1", block_ms=10, claim_idle_ms=0))
+    config = OnlineConfig(publish_every_s=3600, publish_every_events=10_000, read_count=3, batch_size=8,
+                          holdout_every=0)
+    loop = OnlineLoop(stream, registry, config)
+    loop.start()
+    while loop.poll_once(block_ms=10):  # polls of 3 entries, no checkpoint due
+        pass
+    assert loop.stats.events_trained == sent == 20
+    assert loop.trainer.steps == 2 and len(loop._batch) == 4  # two full batches of 8; 4 wait
+    assert loop.checkpoint().ok
+    assert loop.trainer.steps == 3 and loop._batch == []  # the checkpoint trained the rest first
+    assert registry.read_state("trainer_state.json")["events_trained"] == 20
+
+
+def test_trainable_items_updates_item_rows_only_and_still_learns(model):
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    rng = np.random.default_rng(0)
+    trainer = IncrementalTrainer(model, OnlineConfig(lr=1e-2, batch_size=32, trainable="items"))
+    examples = _examples(256, rng, model.n_items)
+    first = trainer.step(examples)
+    for _ in range(5):
+        last = trainer.step(examples)
+    assert last < first  # the item rows alone fit the planted rule better
+    changed = {n for n, p in model.module.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == {"item_emb.weight"}
+    with pytest.raises(ValueError, match="trainable"):
+        OnlineConfig(trainable="encoder")
