@@ -99,6 +99,7 @@ class OnlineConfig:
     guard_eval_size: int = 200  # the guard scores the newest this many held-out examples (cost per publish)
     guard_margin: float = 0.05  # refuse if holdout CE > serving CE * (1 + margin)
     guard_min_holdout: int = 10  # fewer held-out examples: only the finiteness check
+    guard_anchor: bool = True  # candidates must also be within guard_margin of the newest offline version
     read_count: int = 512
     max_param_abs: float = 1e4  # weights beyond this are treated like NaN by the guard
     only_arm: str = ""  # "experiment/arm": train on that experiment arm's events only (an arm's own trainer)
@@ -342,6 +343,7 @@ class GuardResult:
     candidate_loss: float | None = None
     serving_loss: float | None = None
     holdout: int = 0
+    anchor_loss: float | None = None  # the offline baseline's (PublishGuard.anchor), when there is one
 
 
 class PublishGuard:
@@ -351,6 +353,10 @@ class PublishGuard:
     once a quarter of it is stale; while the snapshot stands, the serving weights' loss on it is
     cached (after a publish the accepted candidate's loss is the new serving loss), so a check
     usually costs one forward pass over the snapshot, not two.
+
+    `anchor` (the registry's newest offline version, set by the loop when `guard_anchor`): the
+    candidate must also stay within the margin of it. Compared with the serving version alone,
+    candidates each up to `guard_margin` worse than the last could ratchet down step by step.
     """
 
     def __init__(self, config: OnlineConfig):
@@ -361,6 +367,8 @@ class PublishGuard:
         self._snapshot: list[Example] = []
         self._cache: tuple[int, int, float] | None = None  # (id(serving model), n_items, loss)
         self._last: tuple[int, float] | None = None  # (n_items, loss) of the last accepted candidate
+        self.anchor: "SequentialRecommender | None" = None
+        self._anchor_cache: tuple[int, float] | None = None  # (n_items, loss) on the current snapshot
 
     def add(self, example: Example) -> None:
         self.holdout.append(example)
@@ -372,6 +380,7 @@ class PublishGuard:
             self._snapshot = list(self.holdout)[-self.config.guard_eval_size:]
             self._added = 0
             self._cache = None
+            self._anchor_cache = None
         return [e for e in self._snapshot if 0 < e.target <= n_items]
 
     @torch.no_grad()
@@ -407,7 +416,7 @@ class PublishGuard:
             return GuardResult(False, "non-finite or exploding weights")
         if serving is None:
             return GuardResult(True, "no serving version to compare with")
-        n = min(candidate.n_items, serving.n_items)
+        n = min(candidate.n_items, serving.n_items, *([self.anchor.n_items] if self.anchor is not None else []))
         rows = self._rows(n)
         if len(rows) < self.config.guard_min_holdout:
             return GuardResult(True, f"holdout too small ({len(rows)})", holdout=len(rows))
@@ -424,8 +433,16 @@ class PublishGuard:
             self.refusals += 1
             return GuardResult(False, f"holdout loss {cand:.4f} > serving {serve:.4f} * (1 + {self.config.guard_margin})",
                                cand, serve, count)
+        if self.anchor is not None:
+            if self._anchor_cache is None or self._anchor_cache[0] != n:
+                self._anchor_cache = (n, self.holdout_loss(self.anchor, n, rows)[0])
+            anchor = self._anchor_cache[1]
+            if cand > anchor * (1.0 + self.config.guard_margin) + 1e-9:
+                self.refusals += 1
+                return GuardResult(False, f"holdout loss {cand:.4f} > offline baseline {anchor:.4f} * "
+                                          f"(1 + {self.config.guard_margin})", cand, serve, count, anchor)
         self._last = (n, cand)
-        return GuardResult(True, "ok", cand, serve, count)
+        return GuardResult(True, "ok", cand, serve, count, None if self.anchor is None else self._anchor_cache[1])
 
 
 @dataclass
@@ -533,9 +550,21 @@ class OnlineLoop:
         else:
             self.trainer.reset(model)
         self.stats.version = version
+        if self.config.guard_anchor:
+            self.guard.anchor = self._offline_baseline(version, model)
         self._batch = []  # examples of the old weights' window: the caller re-applies their entries
         self._items = {}
         self._items_high = max(self._items_high, model.n_items)
+
+    def _offline_baseline(self, version: int, model: "SequentialRecommender") -> "SequentialRecommender | None":
+        """The registry's newest version not made by a trainer (no `trained_until_id`): the offline
+        model the online line descends from (registry retention keeps it). None when there is none."""
+        offline = [v for v in self.registry.versions() if self.registry.meta(v).get("trained_until_id") is None]
+        if not offline:
+            return None
+        if offline[-1] == version:
+            return copy.deepcopy(model)
+        return self.registry.load(offline[-1])
 
     def start(self) -> list["StreamEntry"]:
         """Load the checkpoint, then recover pending entries: ack those already applied, apply the rest."""

@@ -609,3 +609,36 @@ def test_trainable_items_updates_item_rows_only_and_still_learns(model):
     assert changed == {"item_emb.weight"}
     with pytest.raises(ValueError, match="trainable"):
         OnlineConfig(trainable="encoder")
+
+
+def test_guard_refuses_a_candidate_no_worse_than_serving_but_worse_than_the_offline_baseline(model, tiny):
+    """The ratchet: each version within the margin of the last could drift far from the baseline."""
+    guard = PublishGuard(OnlineConfig(guard_min_holdout=10))
+    for e in _real_transitions(tiny[0], 100, seed=3):
+        guard.add(e)
+    drifted = copy.deepcopy(model)
+    with torch.no_grad():
+        drifted.module.item_emb.weight.mul_(-1.0)  # what a chain of small accepted steps could reach
+    candidate = copy.deepcopy(drifted)  # identical to the serving weights: within any margin of them
+    assert guard.check(candidate, drifted).ok  # without an anchor it passes
+    guard.anchor = copy.deepcopy(model)
+    res = guard.check(candidate, drifted)
+    assert not res.ok and "offline baseline" in res.reason and res.anchor_loss < res.candidate_loss, res
+
+
+def test_the_loop_anchors_its_guard_on_the_newest_offline_version(redis_url, tiny, tmp_path):
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    offline = registry.publish_dir(tiny[1])
+    _write(redis_url, tiny[0], 300)
+    loop = _loop(redis_url, registry)
+    loop.start()
+    _drain(loop)
+    assert loop.stats.version > offline and loop.guard.anchor is not None
+    baseline = registry.load(offline)
+    assert all(torch.equal(a, b) for a, b in zip(loop.guard.anchor.module.state_dict().values(),
+                                                  baseline.module.state_dict().values()))
+    restarted = _loop(redis_url, registry, consumer="t2")
+    restarted.start()  # stands on a trainer version; the anchor is still the offline one
+    assert restarted.stats.version == loop.stats.version
+    assert all(torch.equal(a, b) for a, b in zip(restarted.guard.anchor.module.state_dict().values(),
+                                                  baseline.module.state_dict().values()))
