@@ -377,6 +377,7 @@ class SimConfig:
     drift: Drift = field(default_factory=Drift)
     candidates: CandidateMix = field(default_factory=CandidateMix)
     timeout_s: float = 10.0
+    truth_every: int = 1000  # requests per window of each arm's ground-truth series (expected_ctr_by_window)
 
     @property
     def prefix(self) -> str:
@@ -396,9 +397,14 @@ class ArmStats:
     click_probability: float = 0.0  # sums over impressions, ground truth
     expected_clicks: float = 0.0
     ideal_expected_clicks: float = 0.0
+    by_window: dict[int, list[float]] = field(default_factory=dict)  # window -> [click_probability sum, impressions]
+    # (window w = requests w * truth_every .. (w + 1) * truth_every - 1 of the run)
 
-    def add(self, impression: Impression) -> None:
+    def add(self, impression: Impression, window: int = 0) -> None:
         outcome, examine, attract = impression.outcome, impression.examine, impression.attract
+        totals = self.by_window.setdefault(window, [0.0, 0])
+        totals[0] += click_probability(examine, attract)
+        totals[1] += 1
         self.impressions += 1
         self.clicks += int(outcome.clicked.sum())
         self.clicked_impressions += int(outcome.clicked.any())
@@ -423,6 +429,8 @@ class ArmStats:
             "purchases": self.purchases,
             "revenue": round(self.revenue, 2),
             "revenue_per_impression": round(self.revenue / n, 4),
+            "expected_ctr_by_window": {str(window): round(total / count, 4)
+                                       for window, (total, count) in sorted(self.by_window.items())},
         }
 
 
@@ -515,7 +523,7 @@ async def _one_request(run: _Run, i: int) -> None:
     shown = np.array([truth.index.get(str(item["item_id"]), 0) for item in answer["items"]], dtype=np.int64)
     stats.unknown_items += int((shown == 0).sum())
     impression = react(truth, cfg.choice, user, candidates, shown, rng)
-    stats.arms.setdefault(answer.get("arm") or "default", ArmStats()).add(impression)
+    stats.arms.setdefault(answer.get("arm") or "default", ArmStats()).add(impression, i // max(cfg.truth_every, 1))
     prices = truth.price[shown].tolist()
     events = events_payload(user.user_id, answer, impression.outcome, f"{run.run_id}-{i}", time.time(), prices,
                             cfg.post_views)

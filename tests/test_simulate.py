@@ -302,3 +302,20 @@ def test_users_can_differ_in_how_much_they_click(tmp_path):
     low = ChoiceModel().attractiveness(truth, user, items)
     user.propensity = 1.0
     assert (ChoiceModel().attractiveness(truth, user, items) > low).all()
+
+
+def test_ground_truth_series_by_window_of_requests(truth):
+    """expected_ctr_by_window: per window of requests, the mean true P(click) of the lists shown."""
+    model, rng, user = ChoiceModel(), np.random.default_rng(5), _user(truth)
+    candidates = draw_candidates(truth, user, 50, CandidateMix(), rng)
+    attract = model.attractiveness(truth, user, candidates)
+    best, worst = candidates[np.argsort(-attract)[:10]], candidates[np.argsort(attract)[:10]]
+    stats = ArmStats()
+    for r in range(30):  # requests 0..29 with truth_every 10: good lists, then bad ones, then good
+        shown = worst if 10 <= r < 20 else best
+        stats.add(react(truth, model, user, candidates, shown, rng), window=r // 10)
+    series = stats.summary()["expected_ctr_by_window"]
+    good = click_probability(model.examination(10), model.attractiveness(truth, user, best))
+    assert list(series) == ["0", "1", "2"]
+    assert series["1"] < series["0"] and series["1"] < series["2"]
+    assert series["0"] == pytest.approx(good, abs=0.05)  # the user's memory moves it a little
