@@ -177,8 +177,9 @@ def flood_new_items(url: str, sizes: Sizes, model_items: int, progress: bool = T
 
 
 def train_on_stream(url: str, stream: str, model_dir: str, registry_dir: str, max_entries: int,
-                    progress: bool = True) -> dict:
-    """The OnlineLoop (app defaults) over up to `max_entries` stream entries; sizes it ends with."""
+                    progress: bool = True, max_items: int = 0) -> dict:
+    """The OnlineLoop (app defaults, with the app's `max_items`: the store's item capacity) over up
+    to `max_entries` stream entries; sizes it ends with."""
     import psutil
     import torch
 
@@ -191,7 +192,7 @@ def train_on_stream(url: str, stream: str, model_dir: str, registry_dir: str, ma
     registry = ModelRegistry(registry_dir)
     registry.publish_dir(model_dir)
     loop = OnlineLoop(EventStream(StreamConfig(url=url, stream=stream, consumer="flood", block_ms=10)),
-                      registry, OnlineConfig())
+                      registry, OnlineConfig(max_items=max_items))
     rss_start = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     loop.start()
@@ -220,10 +221,10 @@ def train_on_stream(url: str, stream: str, model_dir: str, registry_dir: str, ma
 
 
 def run_trainer(url: str, stream: str, model_dir: Path, registry_dir: Path, max_entries: int,
-                progress: bool = True) -> dict:
+                progress: bool = True, max_items: int = 0) -> dict:
     """train_on_stream in its own process (its RSS is the trainer's alone, as the app's replica)."""
     spec = {"url": url, "stream": stream, "model_dir": str(model_dir), "registry_dir": str(registry_dir),
-            "max_entries": max_entries, "progress": progress}
+            "max_entries": max_entries, "progress": progress, "max_items": max_items}
     proc = subprocess.run([sys.executable, __file__, "--trainer-json", json.dumps(spec)],
                           stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -237,8 +238,8 @@ def new_items_scenario(url: str, sizes: Sizes, model_dir: Path, work: Path, prog
     out = flood_new_items(url, sizes, model_items, progress)
     out["stream_trimmed"] = out["xlen"] < out["events"]
     entries = min(out["xlen"], sizes.train_entries)
-    trainer = run_trainer(url, Keys().events, model_dir, work / "registry", entries, progress)
     cap = out["item_capacity"]
+    trainer = run_trainer(url, Keys().events, model_dir, work / "registry", entries, progress, max_items=cap)
     trainer["n_items_within_capacity"] = trainer["n_items"] <= cap
     trainer["table_rows_over_capacity"] = round(trainer["table_rows"] / (cap + 1), 3)
     out["trainer"] = trainer
