@@ -13,10 +13,13 @@ model, then, each scenario a live change of the experiment book (PUT /admin/expe
 - interleave: the same two models team-draft interleaved: preference share and impressions needed;
 - close: both designs again for a smaller difference (the model against itself with MMR
   diversity 0.5);
-- online: an arm with its own online trainer against a frozen arm after the shop changed (every
-  item's successors re-drawn, `ShopTruth.with_new_successors`), interests drifting: CTR per arm
-  per time window with the uplift's always-valid interval;
+- online: an arm with its own online trainer (`--online-lr`, `--online-trainable`) against a
+  frozen arm after the shop changed (every item's successors re-drawn,
+  `ShopTruth.with_new_successors`), interests drifting: CTR per arm per time window and per half
+  with the uplift's always-valid interval, and each arm's ground-truth CTR per 2,000 requests
+  (benchmarks/online_learning_sim.py asks the same question in one process, paired);
 - overhead: /rank with and without impression recording, interleaved, c=1 and c=8 (same run).
+A/B and interleaving runs simulate max(600, requests / 10) users (more traffic, more users).
 Impressions and events are read back from the Redis streams of each run. Prints one JSON object
 and writes benchmarks/results/experiments_sim.json (+ PNGs). Numbers, not verdicts.
 """
@@ -91,12 +94,12 @@ def read_streams(redis_url: str, prefix: str, since_ms: int):
 
 
 def simulate(url: str, truth, seed: int, requests: int, users: int, concurrency: int = 8, drift_every: int = 20,
-             post_views: bool = False, propensity_sd: float = 0.0):
+             post_views: bool = False, propensity_sd: float = 0.0, truth_every: int = 1000):
     from rerank.simulate import ChoiceModel, Drift, SimConfig, simulate as run
 
     cfg = SimConfig(url=url, n_users=users, requests=requests, concurrency=concurrency, seed=seed,
                     drift=Drift(every=drift_every), post_views=post_views,
-                    choice=ChoiceModel(propensity_sd=propensity_sd))
+                    choice=ChoiceModel(propensity_sd=propensity_sd), truth_every=truth_every)
     return run(truth, cfg, progress=True)
 
 
@@ -110,7 +113,8 @@ def scenario_aa(ctx: dict, runs: int, requests: int) -> dict:
         ctx["book"].put("aa", {"salt": f"aa-{i}", "traffic": 1.0, "arms": {"a": {}, "b": {}}})
         ctx["book"].only("aa")
         since = int(time.time() * 1000)
-        sim = simulate(ctx["url"], ctx["truth"], seed=1000 + i, requests=requests, users=300)
+        sim = simulate(ctx["url"], ctx["truth"], seed=1000 + i, requests=requests, users=300,
+                       propensity_sd=ctx["propensity_sd"])
         rep = ctx["report"]("aa", *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=["a", "b"],
                             look_every_s=5.0)
         test = _ctr_test(rep)
@@ -128,7 +132,7 @@ def scenario_ab(ctx: dict, name: str, arms: dict, order: list[str], requests: in
     book.put(name, {"traffic": 0.0, "arms": arms})
     book.only(name)
     since = int(time.time() * 1000)
-    sim = simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=600,
+    sim = simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=max(600, requests // 10),
                    propensity_sd=ctx["propensity_sd"])
     rep = ctx["report"](name, *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=order, look_every_s=2.0)
     ctx["reports"][name] = rep
@@ -146,7 +150,7 @@ def scenario_interleave(ctx: dict, name: str, arms: dict, requests: int, seed: i
     book.put(name, {"type": "interleave", "traffic": 0.0, "arms": arms})
     book.only(name)
     since = int(time.time() * 1000)
-    simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=600, propensity_sd=ctx["propensity_sd"])
+    simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=max(600, requests // 10), propensity_sd=ctx["propensity_sd"])
     rep = ctx["report"](name, *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=list(arms),
                         look_every_s=2.0)
     ctx["reports"][name] = rep
@@ -170,7 +174,7 @@ def scenario_online(ctx: dict, requests: int, window_s: float, post_views: bool)
     changed = ctx["truth"].with_new_successors(seed=7)
     since = int(time.time() * 1000)
     sim = simulate(ctx["url"], changed, seed=4000, requests=requests, users=400, drift_every=20,
-                   post_views=post_views)
+                   post_views=post_views, truth_every=2000)
     impressions, events = read_streams(ctx["redis_url"], ctx["prefix"], since)
     t0, t1 = pc.min(impressions["ts"]).as_py(), pc.max(impressions["ts"]).as_py()
     windows = []
@@ -184,14 +188,23 @@ def scenario_online(ctx: dict, requests: int, window_s: float, post_views: bool)
         windows.append({"from_s": round(start - t0, 1), "impressions": rep["impressions"], "ctr": arms,
                         "uplift": test["diff"], "ci": test["ci"], "p": test["p"]})
         start += window_s
+    halves = []
+    middle = (t0 + t1) / 2
+    for lo, hi in ((t0, middle), (middle, t1 + 1)):
+        part = impressions.filter(pc.and_(pc.greater_equal(impressions["ts"], lo), pc.less(impressions["ts"], hi)))
+        test = _ctr_test(ctx["report"]("learn", part, events, arms=["frozen", "learner"], look_every_s=window_s))
+        halves.append({"uplift": test["diff"], "ci": test["ci"], "p": test["p"]})
     whole = ctx["report"]("learn", impressions, events, arms=["frozen", "learner"], look_every_s=window_s)
     ctx["reports"]["learn"] = whole
     test = _ctr_test(whole)
     trainer = ctx["client"].get("/admin/trainer").json().get("arms", {}).get("learn/learner", {})
-    return {"requests": requests, "window_s": window_s, "lr": ctx["online_lr"], "post_views": post_views,
-            "windows": windows, "overall_uplift": test["diff"],
+    return {"requests": requests, "window_s": window_s, "lr": ctx["online_lr"], "trainable": ctx["online_trainable"],
+            "post_views": post_views, "windows": windows, "first_half": halves[0], "second_half": halves[1],
+            "overall_uplift": test["diff"],
             "overall_ci": test["ci"], "p": test["p"],
             "truth": {arm: sim["arms"][arm]["expected_ctr"] for arm in sim["arms"]},
+            "truth_by_2000_requests": {arm: sim["arms"][arm]["expected_ctr_by_window"] for arm in sim["arms"]},
+            "degraded_answers": sim["degraded"], "sim_errors": sim["errors"],
             "learner_trainer": {k: trainer.get(k) for k in ("version", "events_trained", "events_other_arm",
                                                             "versions_published", "guard_refusals")}}
 
@@ -229,14 +242,16 @@ def main() -> int:
     parser.add_argument("--aa-requests", type=int, default=1500)
     parser.add_argument("--ab-requests", type=int, default=6000)
     parser.add_argument("--interleave-requests", type=int, default=3000)
-    parser.add_argument("--online-requests", type=int, default=9000)
+    parser.add_argument("--online-requests", type=int, default=32000)
     parser.add_argument("--online-window-s", type=float, default=20.0)
-    parser.add_argument("--online-lr", type=float, default=1e-4, help="the learner arm's learning rate")
+    parser.add_argument("--online-lr", type=float, default=1e-3, help="the learner arm's learning rate")
+    parser.add_argument("--online-trainable", default="all", choices=["all", "items"],
+                        help="what the learner arm's steps update (rerank.online.OnlineConfig.trainable)")
     parser.add_argument("--post-views", action="store_true", help="simulated users also post views of what they examine")
     parser.add_argument("--overhead-seconds", type=float, default=10.0)
     parser.add_argument("--overhead-rounds", type=int, default=3)
     parser.add_argument("--propensity-sd", type=float, default=0.0,
-                        help="ab/interleave/close: users differ in how much they click (logit sd; default 0)")
+                        help="aa/ab/interleave/close: users differ in how much they click (logit sd; default 0)")
     parser.add_argument("--results-key", default="",
                         help="store this run's ab/interleave/close results under keys with this suffix")
     parser.add_argument("--port", type=int, default=8011)
@@ -260,7 +275,8 @@ def main() -> int:
     pop = ensure_pop_model(data)
     learner_registry = tempfile.mkdtemp(prefix="rerank-learner-")
     learn = {"traffic": 0.0, "arms": {"frozen": {}, "learner": {
-        "registry_uri": learner_registry, "online": {"publish_every_s": 2.0, "lr": args.online_lr}}}}
+        "registry_uri": learner_registry, "online": {"publish_every_s": 2.0, "lr": args.online_lr,
+                                                     "trainable": args.online_trainable}}}}
     prefix = "rr:"
     config = LocalStackConfig(port=args.port, online=False, app_args={
         "experiments": {"learn": learn}, "redis_prefix": prefix, "catalogue_refresh_s": 5.0})
@@ -273,7 +289,7 @@ def main() -> int:
         book.specs["learn"] = learn
         ctx = {"url": stack.url, "client": client, "book": book, "truth": ShopTruth.from_dataset(data),
                "pop": pop, "redis_url": stack.redis_url, "prefix": prefix, "report": report, "reports": {},
-               "online_lr": args.online_lr, "propensity_sd": args.propensity_sd}
+               "online_lr": args.online_lr, "online_trainable": args.online_trainable, "propensity_sd": args.propensity_sd}
         started = time.time()
         if "aa" in only:
             results["aa"] = scenario_aa(ctx, args.aa_runs, args.aa_requests)
@@ -298,7 +314,8 @@ def main() -> int:
         results["wall_s"] = round(time.time() - started, 1)
         plots = []
         for name, rep in ctx["reports"].items():
-            plots += [str(p.relative_to(ROOT)) for p in plot_report(rep, OUT.parent / f"experiments_{name}")]
+            folder = OUT.parent / f"experiments_{name}{'_' + args.results_key if args.results_key else ''}"
+            plots += [str(p.relative_to(ROOT)) for p in plot_report(rep, folder)]
         results["plots"] = plots
         client.close()
     if args.results_key:  # a variant run (e.g. other users) kept beside the default one
