@@ -22,8 +22,9 @@ the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
   (deployment `OnlineTrainer-EXP-ARM`) trained on that arm's events only.
 - record_impressions / attribution_window_s / impressions_maxlen: every /rank answer is an
   impression on `{prefix}impressions`; events are attributed to them (rerank.attribution).
-- sink: {enabled, out_dir, keep_days}: the EventSink replica persists impressions and events to
-  Parquet by day (rerank.sink); GET /experiments/NAME/report reads it.
+- sink: {enabled, out_dir, keep_days, flush_every_s, lease_ttl_s}: the EventSink replica persists
+  impressions and events to Parquet by day (rerank.sink; one sink per stream, by a Redis lease);
+  GET /experiments/NAME/report reads it.
 - api_keys: scoped API keys (rerank.auth), plus RERANK_API_KEY (rank+events) and
   RERANK_ADMIN_KEY (all scopes) from the environment of the node that builds the app; none =
   auth off, for loopback-only use.
@@ -77,6 +78,8 @@ class SinkArgs(BaseModel):
     keep_days: int | None = Field(None, ge=1, description="delete day partitions older than this")
     flush_every_s: float = Field(5.0, ge=0, description="a file per stream at most this often (0 = every read)")
     num_cpus: float = Field(0.1, gt=0)
+    lease_ttl_s: float = Field(10.0, ge=2.0, description="the single-sink lease lapses this long after its "
+                               "holder stops renewing it (a pass renews it at least every 0.5 s)")
 
 
 class OnlineArgs(BaseModel):
@@ -327,7 +330,7 @@ def build_app(raw_args: dict) -> serve.Application:
     if args.sink.enabled:
         sink = EventSink.options(ray_actor_options={"num_cpus": args.sink.num_cpus}).bind(
             redis_url, _absolute(args.sink.out_dir), prefix=args.redis_prefix, keep_days=args.sink.keep_days,
-            flush_every_s=args.sink.flush_every_s)
+            flush_every_s=args.sink.flush_every_s, lease_ttl_s=args.sink.lease_ttl_s)
     keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
     if not keys.enabled:
         logger.warning("rerank: no API keys configured: every route is open (bind the HTTP proxy to loopback)")

@@ -2,7 +2,9 @@
 
 A Redis outage never kills the replica: the loop backs off exponentially (up to 5 s) and
 recovers pending entries when Redis is back; the state and the last error show in `stats()`.
-Exactly-once needs a single sink per output directory, hence one replica.
+One replica; the sink's Redis lease (rerank.sink, key `{prefix}sink:lease`) keeps a second sink
+of the same streams (a redeploy's old and new replica side by side, a `rerank sink` process) on
+standby: state "standby", no reads, no writes, until the holder stops or its lease lapses.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ MAX_BACKOFF_S = 5.0
                   logging_config={"enable_access_log": False})
 class EventSink:
     def __init__(self, redis_url: str, out_dir: str, prefix: str = DEFAULT_PREFIX, keep_days: int | None = None,
-                 batch: int = 5000, flush_every_s: float = 5.0) -> None:
+                 batch: int = 5000, flush_every_s: float = 5.0, lease_ttl_s: float = 10.0) -> None:
         self._redis_url = redis_url
         self.sink = StreamSink(SinkConfig(redis_url=redis_url, prefix=prefix, out_dir=out_dir, batch=batch,
-                                          keep_days=keep_days, flush_every_s=flush_every_s))
-        self.state = "running"  # running | backoff | stopped
+                                          keep_days=keep_days, flush_every_s=flush_every_s, lease_ttl_s=lease_ttl_s))
+        self.state = "running"  # running | standby | backoff | stopped
         self._backoff = 0.5
         self._error: str | None = None
         self._error_at: float | None = None
@@ -39,7 +41,11 @@ class EventSink:
         self._thread.start()
 
     def _on_pass(self, counts: dict) -> None:
-        self.state, self._backoff = "running", 0.5
+        state = "standby" if self.sink.standby else "running"
+        if state != self.state and (state == "standby" or self.state == "standby"):
+            logger.info("event sink: %s", "another sink holds the lease; standing by" if state == "standby"
+                        else "took the lease; writing")
+        self.state, self._backoff = state, 0.5
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -55,7 +61,7 @@ class EventSink:
         self.state = "stopped"
 
     def stats(self) -> dict:
-        """State, counts and lag per stream, last flush time, last error."""
+        """State, the lease (lease_held, standby), counts and lag per stream, last flush time, last error."""
         return {**self.sink.stats(), "state": self.state, "error": self._error, "error_at": self._error_at}
 
     def check_health(self) -> None:
@@ -64,11 +70,13 @@ class EventSink:
             raise RuntimeError(f"event sink loop thread died; last error: {self._error}")
 
     def stop(self) -> dict:
-        """Stop the loop, then persist what the streams hold now in a last pass."""
+        """Stop the loop, persist what the streams hold now in a last pass (only while holding the
+        lease), then release the lease."""
         self._stop.set()
         self._thread.join(timeout=30)
         try:
-            self.sink.run_once(block_ms=0, force=True)
+            if self.sink.lease_held:
+                self.sink.run_once(block_ms=0, force=True)
         except Exception as err:  # pending entries stay in the stream; the next sink recovers them
             logger.warning("event sink: stop without a last flush: %s", redact(str(err), [self._redis_url]))
         self.sink.close()

@@ -21,6 +21,7 @@ Key schema (prefix `P`, default "rr:"; all keys of one store share it):
                                     whose client sent an event_id (an event without one gets a
                                     server uuid in the stream but no marker: nobody can retry it)
     P trainer:lease          string the online trainer's lease (rerank.lease; one trainer per stream)
+    P sink:lease             string the Parquet sink's lease (rerank.sink; one sink per stream)
     P events                 stream one entry per applied event (XADD MAXLEN ~ stream_maxlen):
                                     event_id, user_id, item_id, item_idx (0 = an item refused by
                                     item_capacity: not in any history or counter), type, ts, and
@@ -310,12 +311,14 @@ class Keys:
     impressions: str = field(init=False)
     experiments: str = field(init=False)
     trainer_lease: str = field(init=False)
+    sink_lease: str = field(init=False)
 
     def __post_init__(self) -> None:
         for name in ("item_idx", "item_id", "item_attrs", "item_stats", "next_item_idx", "events", "impressions",
                      "experiments"):
             object.__setattr__(self, name, self.prefix + name)
         object.__setattr__(self, "trainer_lease", self.prefix + "trainer:lease")
+        object.__setattr__(self, "sink_lease", self.prefix + "sink:lease")
         object.__setattr__(self, "events_seq", self.prefix + "events:n")
 
     def arm_trainer_lease(self, experiment: str, arm: str) -> str:

@@ -26,15 +26,20 @@ class RedisLease:
         self.ttl_ms = int(ttl_s * 1000)
         self.token = token or uuid.uuid4().hex
         self.held = False
+        self.term = 0  # +1 each time acquire() takes the lease afresh (not a renewal of an unbroken hold)
 
     def acquire(self) -> bool:
         """Take the lease if free, renew it if ours; False while another holder has it.
-        Raises redis errors (the caller backs off): an unreachable Redis is not a lost lease yet."""
+        Raises redis errors (the caller backs off): an unreachable Redis is not a lost lease yet.
+        A change of `term` means the hold was broken in between (it lapsed, maybe another holder
+        worked meanwhile): state kept from the previous term may be stale."""
         if self.held and self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
             return True
         self.held = bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
         if not self.held:  # a crash-restarted holder reusing its token finds its own key
             self.held = bool(self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
+        if self.held:
+            self.term += 1
         return self.held
 
     def release(self) -> None:

@@ -10,10 +10,19 @@ Each stream is read in consumer group `group` (created from id 0, so history alr
 stream is kept). A flush writes one file per day (temp name, fsync, os.replace, in id order)
 and only then XACKs. On (re)start the highest id already in a file name is the high-water
 mark: pending entries at or below it were written before the crash and are acked without
-being written again, the rest are written. This holds for ONE sink per out_dir and group
-(same consumer name across restarts). Rejected lines are at-least-once: a crash between
+being written again, the rest are written. Rejected lines are at-least-once: a crash between
 logging them and the ack logs them again. Redis errors propagate (the caller backs off);
 after one, the next pass recovers the pending entries first.
+
+One sink per stream: a sink reads and writes only while it holds the Redis lease
+`Keys(prefix).sink_lease` (rerank.lease), renewed every pass and before every file. Another sink
+(a redeploy's second replica, a second `rerank sink`) stands by: no reads, no writes. A holder that
+loses the lease (or finds that it lapsed) writes no further file and forgets its in-memory state;
+whoever holds it next recovers the pending entries (every sink is the same consumer) and re-reads the
+files' high-water marks, so a takeover loses nothing and writes nothing twice. A file is renamed into
+place only after a renewal right before the rename; the lease is not a fencing token, so a holder
+stalled for longer than the TTL between that renewal and the rename could still publish that one
+file. All sinks of one stream must write to one out_dir (shared storage across nodes).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import pyarrow.parquet as pq
 import redis
 
 from rerank.feature_store import Keys
+from rerank.lease import RedisLease
 from rerank.records import event_row, events_table, impression_row, impressions_table
 from rerank.stream import EventStream, StreamConfig, StreamEntry, id_key
 
@@ -53,6 +63,13 @@ class SinkConfig:
     keep_days: int | None = None  # delete day partitions older than today (UTC) minus this many days
     flush_every_s: float = 0.0  # keep read entries (pending, unacked) up to this long or `batch` of them
     #                             per stream before writing: fewer, larger files (0 = every pass)
+    lease_ttl_s: float = 10.0  # the single-sink lease: renewed every pass and around every file; a sink
+    #                            that stops renewing (killed, stalled) loses it after this long
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl_s * 1000 < 3 * self.block_ms:
+            raise ValueError(f"lease_ttl_s ({self.lease_ttl_s}) must be at least 3 x block_ms ({self.block_ms} ms): "
+                             "a pass renews the lease once")
 
 
 @dataclass
@@ -87,6 +104,10 @@ class _Part:
 
     def is_new(self, entry_id: str) -> bool:
         return self.written_until is None or id_key(entry_id) > id_key(self.written_until)
+
+
+class _LeaseLost(Exception):
+    """The sink's hold on the lease broke: stop writing (the pass ends, nothing more is written)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,18 +153,29 @@ class StreamSink:
             for kind, stream in zip(KINDS, (keys.impressions, keys.events))
         ]
         self.last_flush_at: float | None = None
+        lease_client = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=2.0,
+                                            socket_connect_timeout=2.0)
+        self.lease = RedisLease(lease_client, keys.sink_lease, config.lease_ttl_s)
+        self.standby = False  # the last pass found the lease with another sink: it read and wrote nothing
+        self.lease_losses = 0  # times this sink's hold on the lease broke (taken over, or lapsed)
+        self._term: int | None = None  # the lease term that the buffers and high-water marks belong to
         self._recovered = False
         self._lock = threading.Lock()  # one pass at a time (a loop thread and a final flush)
 
     # ------------------------------------------------------------------ passes
     def run_once(self, block_ms: int | None = None, force: bool = False) -> dict[str, dict[str, int]]:
-        """Recover if needed, then read each stream once and write what is due (all of it with
-        `force` or flush_every_s 0); this pass's counts per stream. Only the last read waits
-        (block_ms, default config.block_ms), and only when the others found nothing."""
+        """Take or renew the lease, recover if needed, then read each stream once and write what is
+        due (all of it with `force` or flush_every_s 0); this pass's counts per stream. Only the last
+        read waits (block_ms, default config.block_ms), and only when the others found nothing.
+        Without the lease (another sink holds it) the pass only waits block_ms and sets `standby`."""
         block_ms = self.config.block_ms if block_ms is None else block_ms
         with self._lock:
             before = {p.kind.name: asdict(p.counts) for p in self.parts}
             try:
+                self.standby = not self._hold_lease()
+                if self.standby:
+                    time.sleep(block_ms / 1000)  # like an idle read, so that a standby loop does not spin
+                    return self._counts_since(before)
                 if not self._recovered:
                     self._recover()
                 found = False
@@ -159,13 +191,23 @@ class StreamSink:
                         self._flush(part, part.buffer)
                         part.buffer = []
                 self._prune()
+            except _LeaseLost:
+                self._forget()  # our unwritten entries stay pending: the next holder writes them
+                self.standby = not self.lease.held
             except BaseException:
-                self._recovered = False  # entries may be pending: recover them on the next pass
-                for part in self.parts:
-                    part.buffer = []  # still pending in Redis: the recovery reads them again
+                self._forget()
                 raise
-            return {p.kind.name: {k: v - before[p.kind.name][k] for k, v in asdict(p.counts).items()}
-                    for p in self.parts}
+            return self._counts_since(before)
+
+    def _counts_since(self, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        return {p.kind.name: {k: v - before[p.kind.name][k] for k, v in asdict(p.counts).items()}
+                for p in self.parts}
+
+    def _forget(self) -> None:
+        """Drop the in-memory state: the next pass recovers pending entries and re-reads the files."""
+        self._recovered = False
+        for part in self.parts:
+            part.buffer = []  # still pending in Redis: the recovery reads them again
 
     def run(self, stop: threading.Event, on_pass: Callable[[dict], None] | None = None) -> None:
         """Pass after pass until `stop` is set; `on_pass` gets each pass's counts."""
@@ -173,6 +215,29 @@ class StreamSink:
             counts = self.run_once()
             if on_pass is not None:
                 on_pass(counts)
+
+    # ------------------------------------------------------------------ the lease
+    def _hold_lease(self) -> bool:
+        """Take or renew the lease. A broken hold (lost, or lapsed and taken again) forgets the
+        in-memory state: another sink may have written meanwhile."""
+        held = self.lease.acquire()
+        term = self.lease.term if held else None
+        if term != self._term:
+            if self._term is not None:
+                self.lease_losses += 1
+            self._forget()
+            self._term = term
+        return held
+
+    def _check_lease(self) -> None:
+        """Before a write: renew the lease, raise _LeaseLost unless the hold is unbroken."""
+        term = self._term
+        if not self._hold_lease() or self._term != term:
+            raise _LeaseLost(self.lease.key)
+
+    @property
+    def lease_held(self) -> bool:
+        return self.lease.held
 
     def _recover(self) -> None:
         for part in self.parts:
@@ -216,9 +281,11 @@ class StreamSink:
             tables[day], bad = _convert(part.kind, rows)
             rejected += [(entry_by_id[row["stream_id"]], error) for row, error in bad]
         if rejected:
+            self._check_lease()
             self._write_rejected(part, sorted(rejected, key=lambda r: id_key(r[0].id)))
         for day in sorted(tables):
             if tables[day].num_rows:
+                self._check_lease()
                 self._write_file(part, day, tables[day])
         self._ack(part, [e.id for e in entries])
         part.counts.written += sum(t.num_rows for t in tables.values())
@@ -239,6 +306,11 @@ class StreamSink:
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            self._check_lease()  # the write took a while: publish the file only if the hold is unbroken
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, final)
         _fsync_dir(folder)
         part.written_until = last
@@ -262,6 +334,7 @@ class StreamSink:
         """Delete day partitions older than keep_days (after the acks: a pending entry's file stays)."""
         if self.config.keep_days is None:
             return
+        self._check_lease()
         today = dt.datetime.now(dt.timezone.utc).date()
         oldest_kept = f"day={today - dt.timedelta(days=self.config.keep_days):%Y-%m-%d}"
         for part in self.parts:
@@ -280,9 +353,10 @@ class StreamSink:
         return None
 
     def stats(self) -> dict:
-        """Counts and lag per stream, the high-water mark, the last flush time. Lag is None while
-        Redis is unreachable (stats never raise for it)."""
-        out: dict = {"last_flush_at": self.last_flush_at}
+        """Counts and lag per stream, the high-water mark, the last flush time, the lease (held,
+        standing by, losses). Lag is None while Redis is unreachable (stats never raise for it)."""
+        out: dict = {"last_flush_at": self.last_flush_at, "lease_held": self.lease.held, "standby": self.standby,
+                     "lease_losses": self.lease_losses}
         for part in self.parts:
             try:
                 lag = self.lag(part)
@@ -292,5 +366,16 @@ class StreamSink:
         return out
 
     def close(self) -> None:
-        for part in self.parts:
-            part.stream.close()
+        """Release the lease (a successor need not wait for the TTL; our pending entries are its to
+        recover) and close the connections."""
+        with self._lock:
+            try:
+                if self.lease.held:
+                    self.lease.release()
+            except redis.RedisError:
+                pass  # unreachable: the lease lapses after lease_ttl_s
+            finally:
+                self._term = None
+                self.lease.client.close()
+                for part in self.parts:
+                    part.stream.close()

@@ -1,5 +1,6 @@
-"""rerank.sink on a real Redis server: Parquet layout and schema, rejects, trims, retention, lag, and
-exactly-once across crashes (in-process between write and ack, and kill -9 of a subprocess)."""
+"""rerank.sink on a real Redis server: Parquet layout and schema, rejects, trims, retention, lag,
+exactly-once across crashes (in-process between write and ack, and kill -9 of a subprocess), and the
+single-sink lease (a second sink stands by; takeover on release, on expiry and mid-flush)."""
 
 from __future__ import annotations
 
@@ -73,15 +74,28 @@ def _stream_ids(out: Path, kind: str) -> list[str]:
     return [sid for f in _files(out, kind) for sid in pq.read_table(f).column("stream_id").to_pylist()]
 
 
-def _drain(sink: StreamSink) -> dict[str, int]:
-    """Passes until one reads nothing; the summed counts per stream (written, skipped, ...)."""
+def _drain(sink: StreamSink, lease_wait_s: float = 10.0) -> dict[str, int]:
+    """Passes until one (holding the lease) reads nothing; the summed counts per stream (written,
+    skipped, ...). Waits up to lease_wait_s for another sink's lease to lapse."""
     total: dict[str, int] = collections.Counter()
+    deadline = time.monotonic() + lease_wait_s
     while True:
         counts = sink.run_once()
         for stream, by_name in counts.items():
             total.update({f"{stream}.{name}": n for name, n in by_name.items()})
+        if sink.standby:
+            assert time.monotonic() < deadline, "another sink kept the lease"
+            time.sleep(0.02)
+            continue
         if not any(sum(by_name.values()) for by_name in counts.values()):
             return dict(total)
+
+
+def _lease_lapses(url: str, prefix: str) -> None:
+    """A crashed sink never renews its lease: it lapses after its TTL (here at once)."""
+    client = _client(url)
+    client.delete(Keys(prefix).sink_lease)
+    client.close()
 
 
 def _pending(url: str, stream: str, group: str = "sink") -> int:
@@ -196,6 +210,7 @@ def test_crash_between_write_and_ack_then_restart_writes_no_duplicates(redis_url
         CrashBeforeAck(_config(redis_url, prefix, tmp_path)).run_once()
     assert len(_files(tmp_path, "events")) == 2 and _pending(redis_url, stream) == 6
     files = _files(tmp_path, "events")
+    _lease_lapses(redis_url, prefix)
 
     counts = StreamSink(_config(redis_url, prefix, tmp_path)).run_once()["events"]
     assert counts == {"written": 0, "rejected": 0, "trimmed": 0, "skipped": 6}
@@ -210,6 +225,7 @@ def test_crash_between_write_and_ack_then_restart_writes_no_duplicates(redis_url
     with pytest.raises(SimulatedCrash):
         CrashAfterFirstFile(_config(redis_url, prefix2, out2)).run_once()
     assert _stream_ids(out2, "events") == ids[:3]
+    _lease_lapses(redis_url, prefix2)
     sink = StreamSink(_config(redis_url, prefix2, out2))
     assert sink.run_once()["events"] == {"written": 3, "rejected": 0, "trimmed": 0, "skipped": 3}
     assert _stream_ids(out2, "events") == ids and _pending(redis_url, stream2) == 0
@@ -227,8 +243,11 @@ def test_crash_between_write_and_ack_then_restart_writes_no_duplicates(redis_url
 
 SINK_SCRIPT = ("import sys, threading\n"
                "from rerank.sink import SinkConfig, StreamSink\n"
-               "url, prefix, out, batch = sys.argv[1:]\n"
-               "StreamSink(SinkConfig(url, prefix, out, batch=int(batch), block_ms=100)).run(threading.Event())\n")
+               "url, prefix, out, batch, lease_ttl_s = sys.argv[1:]\n"
+               "sink = StreamSink(SinkConfig(url, prefix, out, batch=int(batch), block_ms=100,\n"
+               "                             lease_ttl_s=float(lease_ttl_s)))\n"
+               "print(sink.lease.token, flush=True)\n"
+               "sink.run(threading.Event())\n")
 
 
 def _wait_for_more_files(out: Path, than: int, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
@@ -249,8 +268,8 @@ def test_kill_9_mid_way_then_restart_persists_every_entry_exactly_once(redis_url
         added["impressions"] += _add(redis_url, keys.impressions, [_impression(base + i) for i in range(1250)])
         added["events"] += _add(redis_url, keys.events, [_event(base + i) for i in range(1250)])
         before = len(_files(tmp_path, "impressions")) + len(_files(tmp_path, "events"))
-        proc = subprocess.Popen([sys.executable, "-c", SINK_SCRIPT, redis_url, prefix, str(tmp_path), "150"],
-                                cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", SINK_SCRIPT, redis_url, prefix, str(tmp_path), "150", "0.5"],
+                                cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             _wait_for_more_files(tmp_path, before, proc)
             time.sleep(rng.uniform(0.0, 0.1))
@@ -344,3 +363,195 @@ def test_flush_every_s_buffers_reads_into_fewer_files_and_keeps_them_pending(red
     assert len(_files(out, "events")) == 1 and len(_stream_ids(out, "events")) == 30
     assert _pending(redis_url, stream) == 0
     sink.close()
+
+
+# ---------------------------------------------------------------------- one sink per stream (the lease)
+ZERO = {"written": 0, "rejected": 0, "trimmed": 0, "skipped": 0}
+
+
+def _assert_each_once(out: Path, kind: str, added: list[str]) -> None:
+    written = collections.Counter(_stream_ids(out, kind))
+    assert [sid for sid, n in written.items() if n > 1] == [], "entries written twice"
+    assert sorted(written) == sorted(added), "entries lost"
+
+
+def test_a_second_sink_stands_by_and_takes_over_at_once_when_the_holder_releases(redis_url, tmp_path):
+    prefix = _prefix()
+    stream = Keys(prefix).events
+    holder = StreamSink(_config(redis_url, prefix, tmp_path, flush_every_s=60.0))
+    standby = StreamSink(_config(redis_url, prefix, tmp_path, flush_every_s=60.0))
+    added = _add(redis_url, stream, [_event(i) for i in range(10)])
+    assert holder.run_once(force=True)["events"]["written"] == 10
+
+    added += _add(redis_url, stream, [_event(i) for i in range(10, 15)])
+    assert standby.run_once(force=True) == {"impressions": ZERO, "events": ZERO}
+    assert _pending(redis_url, stream) == 0 and len(_files(tmp_path, "events")) == 1  # it read nothing
+    assert (standby.stats()["standby"], standby.stats()["lease_held"]) == (True, False)
+    assert (holder.stats()["standby"], holder.stats()["lease_held"]) == (False, True)
+
+    holder.run_once()  # reads the 5 into its buffer (flush_every_s), then stops without a last flush
+    assert _pending(redis_url, stream) == 5
+    holder.close()  # releases the lease: no wait for its TTL
+    added += _add(redis_url, stream, [_event(i) for i in range(15, 20)])
+    assert standby.run_once(force=True)["events"] == {**ZERO, "written": 10}  # the holder's 5 + 5 new
+    assert (standby.stats()["standby"], standby.stats()["lease_held"]) == (False, True)
+    _assert_each_once(tmp_path, "events", added)
+    assert _pending(redis_url, stream) == 0
+    standby.close()
+    assert _client(redis_url).get(Keys(prefix).sink_lease) is None
+
+
+def test_an_expired_holder_is_replaced_never_writes_again_and_rereads_the_files_when_back(redis_url, tmp_path):
+    prefix = _prefix()
+    stream = Keys(prefix).events
+    stalled = StreamSink(_config(redis_url, prefix, tmp_path, flush_every_s=60.0, lease_ttl_s=1.0))
+    successor = StreamSink(_config(redis_url, prefix, tmp_path))
+    added = _add(redis_url, stream, [_event(i) for i in range(10)])
+    stalled.run_once()  # 10 read into its buffer, pending
+    assert successor.run_once()["events"] == ZERO and successor.standby
+    time.sleep(1.1)  # the holder stalls past its TTL
+    assert successor.run_once()["events"] == {**ZERO, "written": 10}  # recovered the stalled one's entries
+
+    added += _add(redis_url, stream, [_event(i) for i in range(10, 15)])
+    assert stalled.run_once(force=True)["events"] == ZERO  # back: its buffer is never written
+    assert stalled.standby and stalled.stats()["lease_losses"] == 1
+    successor._ack = lambda part, ids: (_ for _ in ()).throw(SimulatedCrash("after os.replace, before XACK"))
+    with pytest.raises(SimulatedCrash):
+        successor.run_once()
+    assert _pending(redis_url, stream) == 5 and len(_stream_ids(tmp_path, "events")) == 15
+    _lease_lapses(redis_url, prefix)  # the successor crashed
+
+    # the first sink takes the lease again: the files' high-water mark (the successor's) is read anew,
+    # so the pending entries already in a file are skipped, not written twice
+    added += _add(redis_url, stream, [_event(i) for i in range(15, 18)])
+    assert stalled.run_once(force=True)["events"] == {**ZERO, "written": 3, "skipped": 5}
+    assert not stalled.standby
+    _assert_each_once(tmp_path, "events", added)
+    assert _pending(redis_url, stream) == 0
+
+
+class LosesTheLeaseAfterFirstFile(StreamSink):
+    """Its lease goes to `successor` right after its first file (as if it stalled past the TTL there)."""
+
+    successor: StreamSink | None = None
+
+    def _write_file(self, part, day, table):
+        super()._write_file(part, day, table)
+        if self.successor is not None:
+            self.lease.client.delete(self.lease.key)
+            assert self.successor.lease.acquire()
+            self.successor = None
+
+
+def test_a_holder_that_loses_the_lease_mid_flush_writes_no_further_file(redis_url, tmp_path):
+    prefix = _prefix()
+    stream = Keys(prefix).events
+    ids = _add(redis_url, stream, [_event(i) for i in range(6)], [f"{DAY1}-{i}" for i in range(3)] + [
+        f"{DAY2}-{i}" for i in range(3)])
+    holder = LosesTheLeaseAfterFirstFile(_config(redis_url, prefix, tmp_path))
+    holder.successor = successor = StreamSink(_config(redis_url, prefix, tmp_path))
+    assert holder.run_once()["events"] == ZERO  # the day-1 file, then no day-2 file and no ack
+    assert _stream_ids(tmp_path, "events") == ids[:3] and _pending(redis_url, stream) == 6
+    assert holder.standby and holder.stats()["lease_losses"] == 1
+    assert successor.run_once()["events"] == {**ZERO, "written": 3, "skipped": 3}
+    assert holder.run_once()["events"] == ZERO and holder.standby
+    _assert_each_once(tmp_path, "events", ids)
+    assert _pending(redis_url, stream) == 0
+
+
+class LosesTheLeaseWhileWriting(StreamSink):
+    """Its lease goes to `successor` while its first file is being written (before the rename)."""
+
+    successor: StreamSink | None = None
+
+    def _check_lease(self):
+        if self.successor is not None and list(self.out.glob("*/day=*/.*.tmp")):
+            self.lease.client.delete(self.lease.key)
+            assert self.successor.lease.acquire()
+            self.successor = None
+        super()._check_lease()
+
+
+def test_a_file_written_while_the_lease_was_lost_is_never_renamed_into_place(redis_url, tmp_path):
+    prefix = _prefix()
+    stream = Keys(prefix).events
+    ids = _add(redis_url, stream, [_event(i) for i in range(3)])
+    holder = LosesTheLeaseWhileWriting(_config(redis_url, prefix, tmp_path))
+    holder.successor = successor = StreamSink(_config(redis_url, prefix, tmp_path))
+    assert holder.run_once()["events"] == ZERO and holder.standby
+    assert _files(tmp_path, "events") == [] and list(tmp_path.glob("*/day=*/.*.tmp")) == []
+    assert successor.run_once()["events"] == {**ZERO, "written": 3}
+    _assert_each_once(tmp_path, "events", ids)
+
+
+def test_two_sink_processes_write_each_entry_once_across_a_kill_9_of_the_holder(redis_url, tmp_path):
+    prefix = _prefix()
+    keys = Keys(prefix)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    by_token: dict[str, subprocess.Popen] = {}
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", SINK_SCRIPT, redis_url, prefix, str(tmp_path), "200", "1.5"],
+                                cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        by_token[proc.stdout.readline().decode().strip()] = proc
+    client = _client(redis_url)
+    try:
+        added = _add(redis_url, keys.events, [_event(i) for i in range(1000)])
+        _wait(lambda: client.get(keys.sink_lease) in by_token)
+        holder = by_token.pop(client.get(keys.sink_lease))
+        _wait_for_more_files(tmp_path, 0, holder)
+        holder.kill()  # SIGKILL mid-way: the other process takes over once the lease lapses (1.5 s)
+        holder.wait()
+        added += _add(redis_url, keys.events, [_event(i) for i in range(1000, 2000)])
+        (survivor,) = by_token.values()
+        _wait(lambda: len(set(_stream_ids(tmp_path, "events"))) == 2000, timeout_s=30)
+        assert survivor.poll() is None and by_token[client.get(keys.sink_lease)] is survivor
+        _wait(lambda: _pending(redis_url, keys.events) == 0)
+    finally:
+        for proc in by_token.values():
+            proc.kill()
+            proc.wait()
+        client.close()
+    _assert_each_once(tmp_path, "events", added)
+    assert list(tmp_path.glob("*/day=*/.*.tmp")) == []
+
+
+def test_event_sink_deployment_stands_by_then_takes_over_when_the_holder_stops(redis_url, tmp_path):
+    from deployments.sink import EventSink
+
+    prefix = _prefix()
+    stream = Keys(prefix).events
+    first = EventSink.func_or_class(redis_url, str(tmp_path), prefix=prefix, flush_every_s=0.0, lease_ttl_s=2.0)
+    _wait(lambda: first.stats()["lease_held"])
+    second = EventSink.func_or_class(redis_url, str(tmp_path), prefix=prefix, flush_every_s=0.0, lease_ttl_s=2.0)
+    try:
+        added = _add(redis_url, stream, [_event(i) for i in range(5)])
+        _wait(lambda: first.stats()["events"]["written"] == 5 and second.stats()["state"] == "standby")
+        assert second.stats()["standby"] and second.stats()["events"]["written"] == 0
+        assert first.stop()["state"] == "stopped"  # last flush, then releases the lease
+        added += _add(redis_url, stream, [_event(i) for i in range(5, 8)])
+        _wait(lambda: second.stats()["events"]["written"] == 3)
+        assert second.stats()["state"] == "running" and second.stats()["lease_held"]
+    finally:
+        first.stop()
+        second.stop()
+    _assert_each_once(tmp_path, "events", added)
+    assert _client(redis_url).get(Keys(prefix).sink_lease) is None
+
+
+def test_cli_once_waits_for_the_lease_then_fails_or_persists(redis_url, tmp_path, capsys):
+    from rerank.cli import main
+
+    prefix = _prefix()
+    ids = _add(redis_url, Keys(prefix).events, [_event(i) for i in range(4)])
+    holder = StreamSink(_config(redis_url, prefix, tmp_path))
+    assert holder.run_once()["events"]["written"] == 4
+    argv = ["sink", "--redis-url", redis_url, "--prefix", prefix, "--out", str(tmp_path), "--once"]
+    assert main([*argv, "--lease-ttl", "1.5"]) == 2  # waited its own TTL for the lease, in vain
+    assert "holds the lease" in capsys.readouterr().err
+    assert main([*argv, "--lease-ttl", "1"]) == 2
+    assert "lease_ttl_s" in capsys.readouterr().err  # too short to be renewed by 0.5 s passes
+    holder.close()
+    ids += _add(redis_url, Keys(prefix).events, [_event(i) for i in range(4, 6)])
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["events"]["written"] == 2
+    _assert_each_once(tmp_path, "events", ids)

@@ -21,7 +21,9 @@ def register(subparsers) -> None:
         description="Read {prefix}impressions and {prefix}events in consumer group 'sink' and write them to "
         "OUT/impressions/day=YYYY-MM-DD/*.parquet and OUT/events/day=.../*.parquet (unparseable entries: "
         "OUT/rejected/*.jsonl). Runs until Ctrl-C, printing a JSON line of counts every "
-        f"{PROGRESS_EVERY_S:.0f} s on stderr, then the totals as JSON on stdout. Restarts are exactly-once.")
+        f"{PROGRESS_EVERY_S:.0f} s on stderr, then the totals as JSON on stdout. Restarts are exactly-once. "
+        "One sink per stream: while another sink (the app's EventSink, another `rerank sink`) holds the "
+        "Redis lease {prefix}sink:lease this one stands by; --once waits for it up to --lease-ttl seconds.")
     p.add_argument("--redis-url", required=True, metavar="URL", help="Redis holding the streams")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix (default {DEFAULT_PREFIX})")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -29,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--keep-days", type=int, metavar="N", help="delete day partitions older than N days")
     p.add_argument("--flush-every", type=float, default=5.0, metavar="S",
                    help="write a file per stream at most every S seconds (default 5; 0 = every pass)")
+    p.add_argument("--lease-ttl", type=float, default=10.0, metavar="S",
+                   help="the single-sink lease lapses S seconds after this sink stops renewing it (default 10)")
     p.set_defaults(func=run)
 
 
@@ -52,22 +56,38 @@ def run(args) -> int:
         raise CommandError(f"--flush-every: expected S >= 0, got {args.flush_every}")
     if args.keep_days is not None and args.keep_days < 0:
         raise CommandError(f"--keep-days: expected N >= 0, got {args.keep_days}")
-    sink = StreamSink(SinkConfig(redis_url=args.redis_url, prefix=args.prefix, out_dir=args.out,
-                                 keep_days=args.keep_days, flush_every_s=args.flush_every))
+    try:
+        config = SinkConfig(redis_url=args.redis_url, prefix=args.prefix, out_dir=args.out, keep_days=args.keep_days,
+                            flush_every_s=args.flush_every, lease_ttl_s=args.lease_ttl)
+    except ValueError as err:
+        raise CommandError(f"--lease-ttl: {err}") from None
+    sink = StreamSink(config)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())  # finish the pass, then stop
     total: dict = {part.kind.name: {} for part in sink.parts}
-    last_progress = time.monotonic()
+    last_progress = standby_since = time.monotonic()
+    was_standby = False
     try:
         while not stop.is_set():
             counts = sink.run_once(block_ms=0 if args.once else None, force=args.once)
             _add(total, counts)
+            if sink.standby != was_standby:
+                print(f"sink: another sink holds the lease {sink.lease.key}; standing by" if sink.standby
+                      else f"sink: took the lease {sink.lease.key}", file=sys.stderr, flush=True)
+                was_standby, standby_since = sink.standby, time.monotonic()
+            if args.once and sink.standby:
+                if time.monotonic() - standby_since > args.lease_ttl:
+                    raise CommandError(f"another sink holds the lease {sink.lease.key} (one sink per stream); "
+                                       "stop it, or retry once its lease lapses")
+                time.sleep(0.1)
+                continue
             if args.once and not _read_something(counts):
                 break
             if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
                 print(json.dumps(total), file=sys.stderr, flush=True)
                 last_progress = time.monotonic()
-        _add(total, sink.run_once(block_ms=0, force=True))  # what is still buffered
+        if sink.lease_held:
+            _add(total, sink.run_once(block_ms=0, force=True))  # what is still buffered
     except redis.RedisError as err:
         raise CommandError(f"redis {safe_url(args.redis_url)}: {redact(str(err), [args.redis_url])}") from None
     finally:
