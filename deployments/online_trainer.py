@@ -82,6 +82,8 @@ class OnlineTrainer:
         client = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.lease = RedisLease(client, lease_key, lease_ttl_s)
         self.loop: OnlineLoop | None = None  # built once the lease is held
+        self._loop_term = 0  # the lease term the loop was built in (rerank.lease.RedisLease.term)
+        self.loop_restarts = 0  # loops rebuilt because the lease lapsed and was taken again
         self.state = "starting"  # starting | standby | training | paused | backoff | stopped
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -118,10 +120,16 @@ class OnlineTrainer:
             self._stop.wait(1.0)
             return
         with self._lock:
+            if self.loop is not None and self.lease.term != self._loop_term:
+                # the hold lapsed and was taken afresh: another trainer may have checkpointed and
+                # taken our pending entries meanwhile, so this loop's memory is stale
+                logger.warning("online trainer: lease lapsed and was taken again; restarting from the checkpoint")
+                self.loop = None
+                self.loop_restarts += 1
             if self.loop is None:
                 loop = self._make_loop()
                 loop.start()  # checkpoint + recovery of pending entries
-                self.loop = loop
+                self.loop, self._loop_term = loop, self.lease.term
                 self._seen = {name: getattr(loop.stats, name) for name in self._counters}
             self.loop.poll_once()
             self._export()
@@ -160,7 +168,8 @@ class OnlineTrainer:
         d = np.asarray(self.delays[-5000:])
         out["event_to_publish_s"] = ({"p50": float(np.percentile(d, 50)), "p99": float(np.percentile(d, 99)),
                                       "n": int(len(d))} if len(d) else None)
-        out.update(state=self.state, lease_held=self.lease.held, error=self._error, error_at=self._error_at)
+        out.update(state=self.state, lease_held=self.lease.held, lease_term=self.lease.term,
+                   loop_restarts=self.loop_restarts, error=self._error, error_at=self._error_at)
         return out
 
     def flush(self) -> dict:

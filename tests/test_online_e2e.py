@@ -113,6 +113,30 @@ def test_a_second_trainer_on_the_same_stream_stands_by_until_the_first_stops(ser
     serve.delete("trainer-b")
 
 
+def test_a_lapsed_lease_taken_again_restarts_the_loop_from_the_checkpoint(serve_url, redis_url, tiny, tmp_path):
+    """Another trainer may have worked while the hold was broken: the loop's memory is stale."""
+    from ray import serve
+
+    from deployments.online_trainer import OnlineTrainer
+    from rerank.feature_store import Keys
+    from rerank.registry import ModelRegistry
+
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish_dir(tiny[1])
+    calls = HandleCaller()
+    trainer = serve.run(OnlineTrainer.bind(redis_url, registry.uri, "lapse:", {"publish_every_s": 0.3},
+                                           lease_ttl_s=2.0), name="trainer-lapse", route_prefix=None)
+    wait_until(lambda: calls(lambda: trainer.stats.remote())["state"] == "training", "the trainer to train")
+    assert calls(lambda: trainer.stats.remote())["lease_term"] == 1
+    redis.Redis.from_url(redis_url).delete(Keys("lapse:").trainer_lease)  # the hold lapses (as past its TTL)
+    wait_until(lambda: calls(lambda: trainer.stats.remote())["loop_restarts"] == 1, "the loop to restart", 20)
+    stats = calls(lambda: trainer.stats.remote())
+    assert stats["lease_term"] == 2 and stats["lease_held"]
+    wait_until(lambda: calls(lambda: trainer.stats.remote())["state"] == "training", "training again")
+    calls(lambda: trainer.stop.remote())
+    serve.delete("trainer-lapse")
+
+
 def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redis_server, tiny, tmp_path):
     from ray import serve
 
