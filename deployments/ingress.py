@@ -579,8 +579,11 @@ class Ingress:
         self._authorize(credentials, "admin", "/experiments/report")
         if not self.settings.sink_dir:
             raise HTTPException(404, detail="this app runs without a sink (set sink.enabled and sink.out_dir)")
-        def readout() -> dict:
-            return report(name, *load_parquet(self.settings.sink_dir, experiment=name))
+        spec = next((e.spec for e in self.book.experiments if e.name == name), None)
+        weights = {arm: a.weight for arm, a in spec.arms.items()} if spec is not None and spec.type == "ab" else None
+
+        def readout() -> dict:  # with the book's weights: the sample ratio check
+            return report(name, *load_parquet(self.settings.sink_dir, experiment=name), weights=weights)
 
         try:  # the model-check threads: a long read never holds the Redis calls' pool
             return await asyncio.wait_for(

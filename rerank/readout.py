@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,7 @@ from rerank.records import EVENT_SCHEMA, IMPRESSION_SCHEMA, explode_impressions
 ATTRIBUTED = ("request_id", "window")
 CLICK_TYPES = ("click", "cart", "purchase")
 RELATIVE_TAU = 0.1
+SRM_ALPHA = 0.001  # a sample ratio mismatch is flagged below this p (the usual, strict, threshold)
 METRICS = ("ctr", "conversion_rate")
 
 
@@ -376,11 +377,66 @@ def _is_interleaved(impressions: pa.Table) -> bool:
     return arms == {INTERLEAVED_ARM} and bool(_first_appearance(explode_impressions(impressions)["team"].to_pylist()))
 
 
+# --- sample ratio mismatch ---------------------------------------------------------------------
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X >= x) for X ~ chi-square(dof): the regularized upper incomplete gamma Q(dof/2, x/2),
+    by its series below a + 1 and its continued fraction above (Numerical Recipes, 6.2)."""
+    if dof < 1:
+        raise ValueError(f"dof must be >= 1, got {dof}")
+    if x <= 0:
+        return 1.0
+    a, z = dof / 2.0, x / 2.0
+    log_front = a * math.log(z) - z - math.lgamma(a)
+    if z < a + 1.0:  # P(a, z) by its series; Q = 1 - P
+        term = total = 1.0 / a
+        n = a
+        while abs(term) > abs(total) * 1e-15:
+            n += 1.0
+            term *= z / n
+            total += term
+        return max(0.0, 1.0 - total * math.exp(log_front))
+    b, c, d = z + 1.0 - a, 1.0 / 1e-300, 1.0 / (z + 1.0 - a)  # Lentz's continued fraction for Q
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1.0 / d
+        h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return min(1.0, math.exp(log_front) * h)
+
+
+def sample_ratio(users: Mapping[str, int], weights: Mapping[str, float], alpha: float = SRM_ALPHA) -> dict:
+    """Sample ratio mismatch check: do the users per arm match the arms' weights? Chi-square
+    goodness of fit over the arms in `weights` (users are the assignment unit). A mismatch means
+    the assignment or the logging lost or added users unevenly, and no comparison of the arms can
+    be trusted. Weights changed during the experiment (a ramp) also show as a mismatch."""
+    arms = [arm for arm, w in weights.items() if w > 0]
+    total_w = sum(weights[arm] for arm in arms)
+    n = sum(users.get(arm, 0) for arm in arms)
+    if len(arms) < 2 or n == 0:
+        return {"checked": False, "reason": "needs two arms with weight and some users"}
+    expected = {arm: n * weights[arm] / total_w for arm in arms}
+    chi2 = sum((users.get(arm, 0) - e) ** 2 / e for arm, e in expected.items())
+    p = chi2_sf(chi2, len(arms) - 1)
+    return {"checked": True, "users": {arm: int(users.get(arm, 0)) for arm in arms},
+            "expected_share": {arm: weights[arm] / total_w for arm in arms}, "chi2": chi2, "p": p,
+            "alpha": alpha, "mismatch": p < alpha}
+
+
 def report(name: str, impressions: pa.Table, events: pa.Table, *, arms: Sequence[str] | None = None,
            alpha: float = 0.05, tau: float | None = None, look_every_s: float = 3600.0,
-           max_position: int = 20) -> dict:
+           max_position: int = 20, weights: Mapping[str, float] | None = None) -> dict:
     """The readout of experiment `name` (JSON-serialisable). arms: the arms (A/B) or teams
-    (interleaving) to report, the first being the baseline; default: order of first appearance."""
+    (interleaving) to report, the first being the baseline; default: order of first appearance.
+    weights: the A/B arms' configured weights, for the sample ratio check (`srm`; absent without)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if tau is not None:
@@ -408,6 +464,8 @@ def report(name: str, impressions: pa.Table, events: pa.Table, *, arms: Sequence
         out.update(comparisons=[], interleaving=_interleaving(data, (teams[0], teams[1]), look_times, alpha, tau))
     else:
         out.update(comparisons=_comparisons(data, names, look_times, alpha, tau))
+        if weights:
+            out["srm"] = sample_ratio({a["arm"]: a["users"] for a in out["arms"]}, weights)
     return out
 
 

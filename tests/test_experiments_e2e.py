@@ -171,6 +171,7 @@ def test_events_are_attributed_sunk_to_parquet_and_read_out(service):
     assert set(arms) == {"control", "pop"}
     assert sum(arm["clicked_impressions"] for arm in arms.values()) >= sent_clicks
     assert {c["metric"] for c in report["comparisons"]} >= {"ctr"} and "p" in json.dumps(report["comparisons"])
+    assert report["srm"]["checked"] and set(report["srm"]["users"]) == {"control", "pop"}  # the book's weights
     il = client.get("/experiments/il/report").json()
     assert il["type"] == "interleave"
     assert sum(il["interleaving"]["wins"].values()) + il["interleaving"]["ties"] >= 1

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rerank.cli import main
-from rerank.readout import (Look, load_parquet, msprt_interval, msprt_p_value, plot_report, ratio_by_user, report,
-                            sequential_test)
+from rerank.readout import (Look, chi2_sf, load_parquet, msprt_interval, msprt_p_value, plot_report, ratio_by_user,
+                            report, sample_ratio, sequential_test)
 from rerank.records import EVENT_SCHEMA, IMPRESSION_SCHEMA, IMPRESSION_ITEM, events_table, impressions_table
 
 DAY = "2024-01-01"
@@ -92,6 +92,30 @@ def test_msprt_without_information():
     assert msprt_interval(0.1, math.inf, 0.05, 0.05) == (-math.inf, math.inf)
     with pytest.raises(ValueError):
         msprt_p_value(0.1, 0.01, 0.0)
+
+
+def test_chi2_tail_against_tabulated_values():
+    for x, dof, p in [(3.841459, 1, 0.05), (5.991465, 2, 0.05), (10.827566, 1, 0.001), (20.0, 10, 0.029253),
+                      (0.5, 3, 0.918891)]:
+        assert chi2_sf(x, dof) == pytest.approx(p, rel=1e-4)
+    assert chi2_sf(0.0, 2) == 1.0 and chi2_sf(1e4, 1) == 0.0
+
+
+def test_sample_ratio_mismatch():
+    fine = sample_ratio({"a": 1000, "b": 1030}, {"a": 1, "b": 1})
+    assert fine["checked"] and not fine["mismatch"] and fine["p"] > 0.4
+    bad = sample_ratio({"a": 1000, "b": 1200}, {"a": 1, "b": 1})  # chi2 = 2 * 100**2 / 1100
+    assert bad["mismatch"] and bad["chi2"] == pytest.approx(18.18, abs=0.01) and bad["p"] < 1e-4
+    assert not sample_ratio({"a": 900, "b": 100}, {"a": 9, "b": 1})["mismatch"]  # weighted 90/10
+    three = sample_ratio({"a": 500, "b": 500, "c": 1000}, {"a": 1, "b": 1, "c": 1})
+    assert three["mismatch"] and three["expected_share"]["c"] == pytest.approx(1 / 3)
+    assert not sample_ratio({"a": 5}, {"a": 1})["checked"]
+
+
+def test_report_checks_the_sample_ratio_with_weights(ab_tables):
+    assert "srm" not in report("exp", *ab_tables)
+    srm = report("exp", *ab_tables, weights={"control": 1, "treat": 1})["srm"]
+    assert srm["users"] == {"control": 2, "treat": 3} and not srm["mismatch"]
 
 
 def test_sequential_test_takes_the_running_minimum_and_intersection():
@@ -317,3 +341,7 @@ def test_cli_report(tmp_path, ab_tables, capsys):
     assert "treat vs control ctr" in text and "control" in text
     assert main(["experiment", "report", "nope", "--data", str(tmp_path)]) == 2
     assert "no impressions" in capsys.readouterr().err
+    assert main(["experiment", "report", "exp", "--data", str(tmp_path), "--weights", "control=1,treat=1"]) == 0
+    assert "sample ratio: users control 2, treat 3" in capsys.readouterr().out
+    assert main(["experiment", "report", "exp", "--data", str(tmp_path), "--weights", "control=x"]) == 2
+    assert "--weights" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from rerank.cli import CommandError
 
@@ -23,6 +24,9 @@ def register(subparsers) -> None:
     rep.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     rep.add_argument("--tau", type=float, help="mixture scale of the mSPRT, one absolute value for every "
                      "comparison (default: 10%% of each metric's pooled level)")
+    rep.add_argument("--weights", metavar="ARM=W,...",
+                     help="the A/B arms' configured weights (e.g. control=1,new=1): adds the sample ratio "
+                     "mismatch check of users per arm")
     rep.add_argument("--look-every", type=float, default=3600.0, metavar="S",
                      help="seconds between looks (default 3600)")
     rep.set_defaults(func=run_report)
@@ -38,7 +42,7 @@ def run_report(args) -> int:
     impressions, events = load_parquet(args.data)
     try:
         result = report(args.name, impressions, events, alpha=args.alpha, tau=args.tau,
-                        look_every_s=args.look_every)
+                        look_every_s=args.look_every, weights=parse_weights(args.weights))
     except ValueError as err:
         raise CommandError(str(err)) from None
     if not result["impressions"]:
@@ -62,6 +66,23 @@ def _significance(row: dict, alpha: float) -> str:
     return f"significant at {first:,} impressions" if first is not None else f"not significant at {alpha}"
 
 
+def parse_weights(text: str | None) -> dict[str, float] | None:
+    """`control=1,new=1` -> {"control": 1.0, "new": 1.0}; CommandError naming a bad part."""
+    if not text:
+        return None
+    weights = {}
+    for part in text.split(","):
+        arm, sep, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or not arm.strip() or not weight >= 0 or not math.isfinite(weight):
+            raise CommandError(f"--weights: expected ARM=W with W a finite number >= 0, got {part!r}")
+        weights[arm.strip()] = weight
+    return weights
+
+
 def summary(result: dict) -> str:
     """A short human-readable table of a report."""
     lines = [f"experiment {result['experiment']} ({result['type']}): {result['impressions']:,} impressions, "
@@ -79,6 +100,11 @@ def summary(result: dict) -> str:
         lines.append(f"interleaving: {first} {inter['wins'][first]:,} wins, {second} {inter['wins'][second]:,}, "
                      f"ties {inter['ties']:,}; share of {first} {_fmt(inter['share'])} CI {_ci(inter['share_ci'])} "
                      f"p {inter['p']:.4f}, {_significance(inter, result['alpha'])}")
+    srm = result.get("srm")
+    if srm and srm["checked"]:
+        users = ", ".join(f"{arm} {n:,}" for arm, n in srm["users"].items())
+        verdict = "SAMPLE RATIO MISMATCH: do not trust the comparisons" if srm["mismatch"] else "no mismatch"
+        lines.append(f"sample ratio: users {users}; chi2 {srm['chi2']:.2f}, p {srm['p']:.4g}: {verdict}")
     for path in result.get("plots", []):
         lines.append(f"plot: {path}")
     return "\n".join(lines)
