@@ -112,6 +112,8 @@ class OnlineConfig:
     # what the steps update: "all" weights, or "items" (the item embedding rows and item bias:
     # the sequence encoder stays as trained offline; slower to gain, never a dip while it adapts)
     trainable: str = "all"
+    warmup_steps: int = 50  # the learning rate ramps linearly from 0 over this many steps of a fresh optimizer
+    #                         (Adam's first full-size steps cost CTR before they gain; see docs/SERVING.md)
 
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE:
@@ -279,6 +281,7 @@ class IncrementalTrainer:
             param.requires_grad_(names is None or name in names)
             if param.requires_grad:
                 params.append(param)
+        self._opt_steps = 0  # steps of this optimizer (the warmup restarts with it)
         self.opt = torch.optim.AdamW(params, lr=self.config.lr,
                                      weight_decay=self.config.weight_decay, betas=(0.9, 0.98))
 
@@ -327,6 +330,10 @@ class IncrementalTrainer:
             loss = last_position_loss(module, seq, types, targets)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            self._opt_steps += 1
+            if self.config.warmup_steps > 0:
+                for group in self.opt.param_groups:
+                    group["lr"] = self.config.lr * min(1.0, self._opt_steps / self.config.warmup_steps)
             self.opt.step()
             with torch.no_grad():
                 module.item_emb.weight[0].zero_()

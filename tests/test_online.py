@@ -642,3 +642,15 @@ def test_the_loop_anchors_its_guard_on_the_newest_offline_version(redis_url, tin
     assert restarted.stats.version == loop.stats.version
     assert all(torch.equal(a, b) for a, b in zip(restarted.guard.anchor.module.state_dict().values(),
                                                   baseline.module.state_dict().values()))
+
+
+def test_the_learning_rate_warms_up_with_every_fresh_optimizer(model):
+    rng = np.random.default_rng(0)
+    trainer = IncrementalTrainer(model, OnlineConfig(lr=1e-3, batch_size=8, warmup_steps=10))
+    trainer.step(_examples(8, rng, model.n_items))
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    trainer.step(_examples(160, rng, model.n_items))  # 20 more steps
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    trainer.reset(copy.deepcopy(model))  # a refusal or rollback: fresh optimizer, fresh warmup
+    trainer.step(_examples(16, rng, model.n_items))
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(2e-4)
