@@ -1,7 +1,8 @@
 """Online learning on the simulator, in one process: how much, how fast, at what settings.
 
     python benchmarks/online_learning_sim.py [--requests 6000] [--lr 1e-3] [--trainable all|items]
-        [--batch-size 64] [--guard-margin 0.05] [--labels click,cart,purchase] [--post-views] [--json]
+        [--batch-size 64] [--warmup-steps 50] [--guard-margin 0.05] [--labels click,cart,purchase]
+        [--post-views] [--seed 4000] [--json]
 
 The live benchmark (benchmarks/experiments_sim.py --only online) answers "does the arm with its
 own trainer beat the frozen arm" through Serve, Redis and the readout, minutes a run, with the
@@ -41,6 +42,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--trainable", default="all", choices=["all", "items"])
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--guard-margin", type=float, default=0.05)
     parser.add_argument("--labels", default="click,cart,purchase", help="event types trained as labels")
     parser.add_argument("--post-views", action="store_true", help="users also send a view of every list item they examine")
@@ -65,7 +67,7 @@ def main() -> int:
     frozen, learner = load_model(DEMO_MODEL), load_model(DEMO_MODEL)
     serving = copy.deepcopy(learner)
     config = OnlineConfig(lr=args.lr, batch_size=args.batch_size, guard_margin=args.guard_margin,
-                          trainable=args.trainable, target_types=tuple(args.labels.split(",")))
+                          trainable=args.trainable, warmup_steps=args.warmup_steps, target_types=tuple(args.labels.split(",")))
     trainer, guard = IncrementalTrainer(learner, config), PublishGuard(config)
     guard.anchor = copy.deepcopy(frozen)  # the offline baseline, as the loop's guard_anchor
     choice, drift, mix = ChoiceModel(), Drift(), CandidateMix()
@@ -131,7 +133,8 @@ def main() -> int:
     result = {"versions_published": published, "guard_refusals": refusals,
               "examples": examples, "uplift_last_third": round(float(np.mean([w["uplift"] for w in last])), 4),
               "windows": windows}
-    name = args.name or (f"{args.trainable}-lr{args.lr:g}-batch{args.batch_size}-labels_{args.labels.replace(',', '+')}"
+    name = args.name or (f"{args.trainable}-lr{args.lr:g}-batch{args.batch_size}-warmup{args.warmup_steps}"
+                         f"-labels_{args.labels.replace(',', '+')}-seed{args.seed}"
                          + ("-views_posted" if args.post_views else ""))
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     args.out.write_text(json.dumps({**previous, name: {**result, "config": {**vars(args), "out": str(args.out)}}},
