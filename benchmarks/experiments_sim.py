@@ -253,7 +253,7 @@ def main() -> int:
     parser.add_argument("--propensity-sd", type=float, default=0.0,
                         help="aa/ab/interleave/close: users differ in how much they click (logit sd; default 0)")
     parser.add_argument("--results-key", default="",
-                        help="store this run's ab/interleave/close results under keys with this suffix")
+                        help="store this run's results under keys (and plot folders) with this suffix")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -106,11 +106,11 @@ class OnlineConfig:
     max_items: int = 0  # highest item_idx the trainer gives a row (the store's item capacity); 0 = no cap
     max_uncommitted: int = 50_000  # consumed-but-uncheckpointed entries before the loop stops reading; 0 = no bound
     # event types whose item is a training target; the others are context only (they are in later
-    # events' seq, never a label). Drop "view" when clients send a view for every list item they
-    # show (exposure pings): trained as targets, they teach the model to predict its own rankings.
+    # events' seq, never a label): e.g. without "view" when clients send a view for every list item
+    # they show (exposure pings), which as labels reward what was shown rather than what was chosen
     target_types: tuple[str, ...] = EVENT_TYPES
-    # what the steps update: "all" weights, or "items" (the item embedding rows and item bias:
-    # the sequence encoder stays as trained offline; slower to gain, never a dip while it adapts)
+    # what the steps update: "all" weights, or "items" (the item embedding rows and item bias; the
+    # sequence encoder stays as trained offline)
     trainable: str = "all"
     warmup_steps: int = 50  # the learning rate ramps linearly from 0 over this many steps of a fresh optimizer
     #                         (Adam's first full-size steps cost CTR before they gain; see docs/SERVING.md)
@@ -423,7 +423,7 @@ class PublishGuard:
             return GuardResult(False, "non-finite or exploding weights")
         if serving is None:
             return GuardResult(True, "no serving version to compare with")
-        n = min(candidate.n_items, serving.n_items, *([self.anchor.n_items] if self.anchor is not None else []))
+        n = min(candidate.n_items, serving.n_items)
         rows = self._rows(n)
         if len(rows) < self.config.guard_min_holdout:
             return GuardResult(True, f"holdout too small ({len(rows)})", holdout=len(rows))
@@ -440,16 +440,30 @@ class PublishGuard:
             self.refusals += 1
             return GuardResult(False, f"holdout loss {cand:.4f} > serving {serve:.4f} * (1 + {self.config.guard_margin})",
                                cand, serve, count)
-        if self.anchor is not None:
-            if self._anchor_cache is None or self._anchor_cache[0] != n:
-                self._anchor_cache = (n, self.holdout_loss(self.anchor, n, rows)[0])
-            anchor = self._anchor_cache[1]
-            if cand > anchor * (1.0 + self.config.guard_margin) + 1e-9:
-                self.refusals += 1
-                return GuardResult(False, f"holdout loss {cand:.4f} > offline baseline {anchor:.4f} * "
-                                          f"(1 + {self.config.guard_margin})", cand, serve, count, anchor)
+        anchor = self._anchor_check(candidate, cand, n, rows)
+        if anchor is not None and anchor[0] > anchor[1] * (1.0 + self.config.guard_margin) + 1e-9:
+            self.refusals += 1
+            return GuardResult(False, f"holdout loss {anchor[0]:.4f} > offline baseline {anchor[1]:.4f} * "
+                                      f"(1 + {self.config.guard_margin})", cand, serve, count, anchor[1])
         self._last = (n, cand)
-        return GuardResult(True, "ok", cand, serve, count, None if self.anchor is None else self._anchor_cache[1])
+        return GuardResult(True, "ok", cand, serve, count, None if anchor is None else anchor[1])
+
+    def _anchor_check(self, candidate: "SequentialRecommender", cand: float, n: int,
+                      rows: list[Example]) -> tuple[float, float] | None:
+        """(candidate loss, anchor loss) on the held-out rows whose items the anchor knows too
+        (new items since the offline version are left out of this comparison only); None without
+        an anchor or with too few such rows."""
+        if self.anchor is None:
+            return None
+        n_anchor = min(n, self.anchor.n_items)
+        if n_anchor < n:
+            rows = [e for e in rows if e.target <= n_anchor]
+            if len(rows) < self.config.guard_min_holdout:
+                return None
+            cand = self.holdout_loss(candidate, n_anchor, rows)[0]
+        if self._anchor_cache is None or self._anchor_cache[0] != n_anchor:
+            self._anchor_cache = (n_anchor, self.holdout_loss(self.anchor, n_anchor, rows)[0])
+        return cand, self._anchor_cache[1]
 
 
 @dataclass

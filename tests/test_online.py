@@ -654,3 +654,20 @@ def test_the_learning_rate_warms_up_with_every_fresh_optimizer(model):
     trainer.reset(copy.deepcopy(model))  # a refusal or rollback: fresh optimizer, fresh warmup
     trainer.step(_examples(16, rng, model.n_items))
     assert trainer.opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_the_anchor_is_compared_only_on_items_it_knows(model, tiny):
+    grown = copy.deepcopy(model)
+    IncrementalTrainer(grown, OnlineConfig()).grow(model.n_items + 5)  # items the offline version lacks
+    new_items = [Example(np.array([1, 2], np.int64), np.array([1, 1], np.int64), model.n_items + 1 + i % 5, 1)
+                 for i in range(40)]
+    guard = PublishGuard(OnlineConfig(guard_min_holdout=10))
+    guard.anchor = copy.deepcopy(model)
+    for e in new_items:
+        guard.add(e)
+    only_new = guard.check(copy.deepcopy(grown), grown)
+    assert only_new.ok and only_new.anchor_loss is None and only_new.holdout == 40  # served rows, no anchor rows
+    for e in _real_transitions(tiny[0], 100, seed=3):
+        guard.add(e)
+    mixed = guard.check(copy.deepcopy(grown), grown)
+    assert mixed.ok and mixed.anchor_loss is not None
