@@ -38,7 +38,9 @@ def test_new_items_stop_at_the_allowance_and_the_trainer_stays_within_it(results
     t = r["trainer"]
     assert min(r["xlen"], results["sizes"]["train_entries"]) <= t["entries_read"] <= r["xlen"]  # whole reads
     assert t["stats"]["events_invalid"] == t["entries_read"] - r["allowance"]  # the oldest events were admitted
-    assert t["n_items"] == r["item_capacity"] and t["n_items_within_capacity"]
+    # it grows up to the newest admitted item it trained on; that item's one event can be among the
+    # 1 in 10 held out (a secret-salted choice), so up to the capacity, not always exactly it
+    assert r["model_items"] < t["n_items"] <= r["item_capacity"] and t["n_items_within_capacity"]
     assert t["table_rows"] <= 2 * (r["item_capacity"] + 1)  # ensure_capacity doubles the table
 
 
