@@ -210,10 +210,12 @@ async def open_loop_statuses(host: str, port: int, path: str, bodies: list[bytes
 
 
 class HealthProbe:
-    """GET /healthz every 0.5 s in a thread (10 s timeout): what a load balancer's probe sees."""
+    """GET `path` every 0.5 s in a thread (10 s timeout): what a load balancer's probe sees.
+    /healthz is the app's deep check (answered by the ingress replica); /-/healthz is Serve's
+    proxy answering for itself (what KubeRay's readiness probe of a Serve pod asks)."""
 
-    def __init__(self, url: str) -> None:
-        self.url, self.statuses, self.ms = url, Counter(), []
+    def __init__(self, url: str, path: str = "/healthz") -> None:
+        self.url, self.path, self.statuses, self.ms = url, path, Counter(), []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -223,7 +225,7 @@ class HealthProbe:
         while not self._stop.is_set():
             began = time.monotonic()
             try:
-                self.statuses[str(httpx.get(f"{self.url}/healthz", timeout=10).status_code)] += 1
+                self.statuses[str(httpx.get(f"{self.url}{self.path}", timeout=10).status_code)] += 1
             except httpx.HTTPError as err:
                 self.statuses[type(err).__name__] += 1
             self.ms.append((time.monotonic() - began) * 1000)
@@ -712,16 +714,18 @@ def main() -> int:
             capacity = asyncio.run(run_load(f"{url}/rank", raw, LoadConfig(concurrency=8, duration_s=5)))
             rss_before, load_before = rss_mb(procs), os.getloadavg()
             rate = args.overload_rate or 4 * capacity.requests_per_s
-            probe = HealthProbe(url)
-            probe.start()
+            probes = {"healthz_during": HealthProbe(url), "proxy_healthz_during": HealthProbe(url, "/-/healthz")}
+            for probe in probes.values():
+                probe.start()
             over = asyncio.run(open_loop_statuses(config.host, config.port, "/rank", raw, rate, args.seconds))
-            probe.stop()
+            for probe in probes.values():
+                probe.stop()
             load_after, rss_right_after = os.getloadavg(), rss_mb(procs)
             time.sleep(10)
             result["overload" + suffix] = {
                 "capacity_req_s": capacity.requests_per_s, "capacity_p50_ms": capacity.p50_ms,
                 "rate": "--overload-rate" if args.overload_rate else "4x capacity", **over,
-                "healthz_during": probe.summary(),
+                **{key: probe.summary() for key, probe in probes.items()},
                 "rss_mb_before": rss_before, "rss_mb_right_after": rss_right_after, "rss_mb_10s_after": rss_mb(procs),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in load_after],
