@@ -22,7 +22,8 @@ whoever holds it next recovers the pending entries (every sink is the same consu
 files' high-water marks, so a takeover loses nothing and writes nothing twice. A file is renamed into
 place only after a renewal right before the rename; the lease is not a fencing token, so a holder
 stalled for longer than the TTL between that renewal and the rename could still publish that one
-file. All sinks of one stream must write to one out_dir (shared storage across nodes).
+file; its rows repeat entries the next holder writes too, and readers take each stream_id once
+(rerank.readout.load_parquet), so such a duplicate is never counted twice. All sinks of one stream must write to one out_dir (shared storage across nodes).
 """
 
 from __future__ import annotations
