@@ -6,8 +6,8 @@ starts (or reuses, via REDIS_URL / redis_url) a real Redis server, starts a loca
 Serve flags in its environment (so the proxy, controller and every replica get them) and a
 logical CPU count large enough for every replica, and deploys the same app, online trainer
 included, at `/`. For `rerank bench` it can deploy the app in other layouts too (`/{layout}`,
-no trainer) and the no-op baseline at `/noop`. With `front_proxy` our HAProxy (rerank.front_proxy)
-takes HOST:PORT and Serve's HTTP proxy a free 127.0.0.1 port behind it, so `url` is unchanged.
+no trainer), the no-op baseline at `/noop` and the hop floor at `/noop-hop` (deployments.noop).
+With `front_proxy` our HAProxy (rerank.front_proxy) takes HOST:PORT and Serve's HTTP proxy a free 127.0.0.1 port behind it, so `url` is unchanged.
 `stop()` tears down only what it started.
 """
 
@@ -28,6 +28,7 @@ APP_NAME = "rerank"
 # flag turns on) so that a load balancer can deregister it: 30 s by default, for nothing locally.
 LOCAL_DRAINING = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 NOOP_APP_NAME = "noop"
+NOOP_HOP_APP_NAME = "noop-hop"
 
 
 def config_app_args(path: Path = SERVE_CONFIG) -> dict:
@@ -145,7 +146,7 @@ class LocalStackConfig:
     front_proxy: bool = False
     front_max_conn: int = 32
     front_queue_s: float = 1.0
-    with_noop: bool = False  # also deploy the no-op baseline at /noop
+    with_noop: bool = False  # also deploy the no-op baseline at /noop and the hop floor at /noop-hop
     layouts: list[str] = field(default_factory=list)  # (bench) deploy the app in these layouts too, at /{layout}
     train_minutes: float = 1.0
     config_file: Path = SERVE_CONFIG  # the app's args come from here; app_args override them
@@ -264,9 +265,10 @@ class LocalStack:
             print(f"rerank: online trainer following the event stream, publishing to {args['registry_uri']}",
                   file=sys.stderr)
         if cfg.with_noop:
-            from deployments.noop import build_noop_app
+            from deployments.noop import build_noop_app, build_noop_hop_app
 
             serve.run(build_noop_app(), name=NOOP_APP_NAME, route_prefix="/noop")
+            serve.run(build_noop_hop_app(), name=NOOP_HOP_APP_NAME, route_prefix="/noop-hop")
         if cfg.front_proxy:
             from rerank.front_proxy import FrontProxy, FrontProxyConfig
 

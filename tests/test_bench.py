@@ -228,7 +228,8 @@ def _cli_error(capsys, argv: list[str]) -> str:
     (["--rate", "50,fast"], "--rate '50,fast': expected comma-separated numbers"),
     (["--rate", "-5"], "expected positive numbers"),
     (["--layouts", "inline,inline"], "listed twice"),
-    (["--layouts", "inline,noop"], "baseline"),
+    (["--layouts", "inline,noop"], "is a reference's name"),
+    (["--layouts", "noop_hop"], "is a reference's name"),
     (["--layouts", ""], "at least one layout"),
     (["--layouts", "a/b"], "not a valid name"),
     (["--slo-ms", "0"], "--slo-ms"),
@@ -319,9 +320,12 @@ def test_cli_starts_the_stack_with_one_app_per_layout(server, fake_stack, fake_d
     assert config.with_noop and fake_stack["stopped"]
     assert config.layouts == list(routes) and config.app_args["layout"] == list(routes)[0]  # the first one at /
     result = json.loads(capsys.readouterr().out)
-    assert result["targets"] == {**{name: server + route for name, route in routes.items()}, "noop": f"{server}/noop"}
+    assert result["targets"] == {**{name: server + route for name, route in routes.items()},
+                                 "noop_hop": f"{server}/noop-hop", "noop": f"{server}/noop"}
     assert result["default_target"] == list(routes)[0]
-    assert {path for path, _ in SEEN} == {*routes.values(), "/noop"}
+    assert {path for path, _ in SEEN} == {*routes.values(), "/noop-hop", "/noop"}
+    assert result["settings"]["layouts"] == list(routes)  # the hop floor is a reference, not a layout
+    assert set(result["summaries"]) == {*routes, "noop_hop"}
     assert {auth for _, auth in SEEN} == {None}
 
 

@@ -3,7 +3,8 @@
 Closed loop at each concurrency (throughput, and its ratio to the no-op), open loop at each
 `--rate` (p50/p90/p99 from the scheduled arrival times and the share over `--slo-ms`), for each
 `--candidates` value; targets run interleaved point by point in one run, under the same proxy
-settings. Ends with a summary that answers the SLO questions (see `rerank.bench.summary`).
+settings, together with the hop floor (deployments.noop.NoopHop). Ends with a summary that
+answers the SLO questions (see `rerank.bench.summary`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rerank.commands.up import add_stack_arguments, stack_config
 DEFAULT_OUT = Path("benchmarks/results/serving_bench.json")
 DEFAULT_LAYOUTS = "inline,split"
 BASELINE = "noop"
+FLOOR = "noop_hop"  # deployments.noop.NoopHop: one Serve hop per request, no work (the local stack's /noop-hop)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -32,13 +34,16 @@ def register(subparsers) -> None:
         "each point run on every layout and then on the no-op deployment at /noop before the next point. "
         "Reports req/s, p50/p90/p99, errors, mean scorer batch size, ratios to the no-op and a summary. "
         "Starts the local stack with one app per --layouts entry (the first at /rank, the others at "
-        "/LAYOUT/rank) unless --url is given.",
+        "/LAYOUT/rank) and two references, the no-op at /noop and the hop floor at /noop-hop (one Serve "
+        "hop per request to a batched no-op scorer: what keeping the Scorer a deployment costs with no "
+        "work), unless --url is given.",
     )
     add_stack_arguments(parser)
     parser.add_argument("--url", help="benchmark a running service at this base URL (needs /noop deployed)")
     parser.add_argument("--target", action="append", default=[], metavar="NAME=URL",
                         help="with --url: a target to benchmark (repeatable); a URL starting with / is relative "
-                        "to --url (default: the --layouts routes under --url); the no-op is URL/noop")
+                        "to --url (default: the --layouts routes under --url); the no-op is URL/noop; a target "
+                        f"named {FLOOR} is reported as the hop floor, not as a layout")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
                         help=f"comma-separated layouts, the first is the default one (default {DEFAULT_LAYOUTS})")
     parser.add_argument("--candidates", default="200",
@@ -109,8 +114,9 @@ def layout_list(text: str) -> list[str]:
         raise _error(f"--layouts {text!r}: expected at least one layout, e.g. {DEFAULT_LAYOUTS}")
     if len(set(names)) != len(names):
         raise _error(f"--layouts {text!r}: a layout is listed twice")
-    if BASELINE in names:
-        raise _error(f"--layouts {text!r}: {BASELINE!r} is the baseline's name, not a layout")
+    for reserved in (BASELINE, FLOOR):
+        if reserved in names:
+            raise _error(f"--layouts {text!r}: {reserved!r} is a reference's name, not a layout")
     return names
 
 
@@ -205,6 +211,8 @@ def run_bench(args: argparse.Namespace) -> int:
         stack = LocalStack(_stack_config(args, layouts)).start()
         data = stack.data
         targets = layout_targets(stack.url, layouts)
+        targets = {**{k: v for k, v in targets.items() if k != BASELINE}, FLOOR: f"{stack.url}/noop-hop",
+                   BASELINE: targets[BASELINE]}
     try:
         try:
             dataset = load_dataset(data)
@@ -225,7 +233,8 @@ def run_bench(args: argparse.Namespace) -> int:
     finally:
         if stack is not None:
             stack.stop()
-    layouts_run = [name for name in result["targets"] if name != result["baseline"]]
+    layouts_run = [name for name in result["targets"] if name not in (result["baseline"], FLOOR)]
+    references = [FLOOR] if FLOOR in result["targets"] else []
     result = {
         "bench": "serving",
         "format": 2,  # rows per (candidates, mode, point, target); format 1 had "runs" (pipeline vs noop)
@@ -241,7 +250,7 @@ def run_bench(args: argparse.Namespace) -> int:
                      "batch_wait_ms": args.batch_wait_ms, "max_batch": args.max_batch},
         **result,
         "summary": summary(result),
-        "summaries": {name: summary(result, name) for name in layouts_run},
+        "summaries": {name: summary(result, name) for name in layouts_run + references},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -287,6 +296,7 @@ def format_tables(result: dict) -> str:
                              f"{_fmt(r['send_lag_ms_p99']):>6} {r['errors']:>4} {r['dropped']:>4}")
     for name, s in result.get("summaries", {}).items():
         default = " (default layout)" if name == result.get("default_target") else ""
+        default = " (hop floor: one Serve hop per request, no work)" if name == FLOOR else default
         lines.append(f"\nsummary: {name}{default} vs {s['baseline']}")
         c = s["closed"]
         if c:
