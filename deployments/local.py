@@ -31,6 +31,17 @@ NOOP_APP_NAME = "noop"
 NOOP_HOP_APP_NAME = "noop-hop"
 
 
+def exposure_warning(host: str, front_proxy: bool) -> str | None:
+    """What a non-loopback listener without our front proxy gives up (None when there is nothing to say)."""
+    from rerank.auth import is_loopback
+
+    if front_proxy or is_loopback(host):
+        return None
+    return (f"listening on {host} without --front-proxy: under overload requests queue in Serve's Python "
+            "proxy (p99 25 s at 4x capacity, benchmarks/results/faults.json) instead of getting 503 + "
+            "Retry-After, and the app's /healthz gets Serve's queue-limit 503s (probe /-/healthz for liveness)")
+
+
 def config_app_args(path: Path = SERVE_CONFIG) -> dict:
     """The `args` of the rerank application in a Serve config file."""
     import yaml
@@ -213,6 +224,9 @@ class LocalStack:
 
         keys = ApiKeys.load(self.config.app_args.get("api_keys") or config_app_args(cfg.config_file).get("api_keys"))
         check_bind(cfg.host, keys, cfg.insecure)  # before anything starts
+        warning = exposure_warning(cfg.host, cfg.front_proxy)
+        if warning:
+            print(f"rerank: {warning}", file=sys.stderr)
 
         self.redis_url, self._redis = resolve_redis(cfg.redis_url, data_dir=None)
         if self._redis is not None:

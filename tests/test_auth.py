@@ -232,3 +232,12 @@ def test_redact_masks_urls_and_given_secrets():
     assert "hunter2" not in out and RANK_KEY not in out
     assert out == f"Error connecting to redis://:***@db:6379/0 with key *** (x={RANK_KEY[:4]})"
     assert redact("nothing secret here") == "nothing secret here"
+
+
+def test_a_public_listener_without_the_front_proxy_is_warned_about():
+    from deployments.local import exposure_warning
+
+    assert exposure_warning("127.0.0.1", front_proxy=False) is None
+    assert exposure_warning("0.0.0.0", front_proxy=True) is None
+    warning = exposure_warning("0.0.0.0", front_proxy=False)
+    assert "0.0.0.0" in warning and "--front-proxy" in warning and "/-/healthz" in warning

@@ -362,7 +362,7 @@ def plot(result: dict, path: Path) -> None:
             title=f"(a) throughput, {at} candidates")
     lat.set(xlabel="concurrency (closed loop)", ylabel="ms", xscale="log", title=f"(b) p50 / p99, {at} candidates")
     cand.set(xlabel="candidates per request", ylabel="ms", title="(c) p50 at concurrency 1")
-    opn.set(xlabel="arrival rate, req/s (open loop)", ylabel="p99 ms",
+    opn.set(xlabel="arrival rate, req/s (open loop)", ylabel="p99 ms (log)", yscale="log",
             title=f"(d) open loop p99 and share over {result['slo_ms']:g} ms, {at} candidates")
     late_axis.set(ylabel="late share", ylim=(0, 1.05))
     ticks = sorted(result["concurrencies"])
