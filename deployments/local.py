@@ -7,7 +7,8 @@ Serve flags in its environment (so the proxy, controller and every replica get t
 logical CPU count large enough for every replica, and deploys the same app, online trainer
 included, at `/`. For `rerank bench` it can deploy the app in other layouts too (`/{layout}`,
 no trainer), the no-op baseline at `/noop` and the hop floor at `/noop-hop` (deployments.noop).
-With `front_proxy` our HAProxy (rerank.front_proxy) takes HOST:PORT and Serve's HTTP proxy a free 127.0.0.1 port behind it, so `url` is unchanged.
+With `front_proxy` our HAProxy (rerank.front_proxy) takes HOST:PORT and Serve's HTTP proxy a free
+127.0.0.1 port behind it, so `url` is unchanged.
 `stop()` tears down only what it started.
 """
 
