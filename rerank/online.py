@@ -22,7 +22,8 @@ Three layers, each usable alone:
   is refused (counted), the serving version stays, and the trainer goes back to its weights.
 - `OnlineLoop` (Redis stream + registry): reads the stream as one consumer of a group,
   trains in full batches of `batch_size` examples (the rest waits for the next poll, or is
-  trained by the checkpoint, before its guard check), and every `publish_every_s` seconds or `publish_every_events` events publishes.
+  trained by the checkpoint, before its guard check), and every `publish_every_s` seconds or
+  `publish_every_events` events publishes.
   `items_added` counts distinct new items: those a version it publishes is the first to hold,
   beyond the most items of any version it stood on or published (the high-water mark
   `items_high`, kept in the state file and the meta); items of a refused candidate are not
@@ -83,8 +84,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
-TRAINABLE = {"all": None, "items": ("item_emb.weight", "item_bias")}  # OnlineConfig.trainable -> parameter names
 SALT_FILE = "holdout_salt.json"  # the secret key of the holdout choice (see the module docstring)
+TRAINABLE = {"all": None, "items": ("item_emb.weight", "item_bias")}  # OnlineConfig.trainable -> parameter names
 
 
 @dataclass

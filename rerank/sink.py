@@ -23,7 +23,8 @@ files' high-water marks, so a takeover loses nothing and writes nothing twice. A
 place only after a renewal right before the rename; the lease is not a fencing token, so a holder
 stalled for longer than the TTL between that renewal and the rename could still publish that one
 file; its rows repeat entries the next holder writes too, and readers take each stream_id once
-(rerank.readout.load_parquet), so such a duplicate is never counted twice. All sinks of one stream must write to one out_dir (shared storage across nodes).
+(rerank.readout.load_parquet), so such a duplicate is never counted twice. All sinks of one
+stream must write to one out_dir (shared storage across nodes).
 """
 
 from __future__ import annotations
@@ -286,8 +287,7 @@ class StreamSink:
             self._write_rejected(part, sorted(rejected, key=lambda r: id_key(r[0].id)))
         for day in sorted(tables):
             if tables[day].num_rows:
-                self._check_lease()
-                self._write_file(part, day, tables[day])
+                self._write_file(part, day, tables[day])  # renews the lease right before its rename
         self._ack(part, [e.id for e in entries])
         part.counts.written += sum(t.num_rows for t in tables.values())
         part.counts.rejected += len(rejected)
