@@ -150,7 +150,8 @@ def scenario_interleave(ctx: dict, name: str, arms: dict, requests: int, seed: i
     book.put(name, {"type": "interleave", "traffic": 0.0, "arms": arms})
     book.only(name)
     since = int(time.time() * 1000)
-    simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=max(600, requests // 10), propensity_sd=ctx["propensity_sd"])
+    simulate(ctx["url"], ctx["truth"], seed=seed, requests=requests, users=max(600, requests // 10),
+             propensity_sd=ctx["propensity_sd"])
     rep = ctx["report"](name, *read_streams(ctx["redis_url"], ctx["prefix"], since), arms=list(arms),
                         look_every_s=2.0)
     ctx["reports"][name] = rep
@@ -247,7 +248,8 @@ def main() -> int:
     parser.add_argument("--online-lr", type=float, default=1e-3, help="the learner arm's learning rate")
     parser.add_argument("--online-trainable", default="all", choices=["all", "items"],
                         help="what the learner arm's steps update (rerank.online.OnlineConfig.trainable)")
-    parser.add_argument("--post-views", action="store_true", help="simulated users also post views of what they examine")
+    parser.add_argument("--post-views", action="store_true",
+                        help="simulated users also post views of what they examine")
     parser.add_argument("--overhead-seconds", type=float, default=10.0)
     parser.add_argument("--overhead-rounds", type=int, default=3)
     parser.add_argument("--propensity-sd", type=float, default=0.0,
@@ -289,7 +291,8 @@ def main() -> int:
         book.specs["learn"] = learn
         ctx = {"url": stack.url, "client": client, "book": book, "truth": ShopTruth.from_dataset(data),
                "pop": pop, "redis_url": stack.redis_url, "prefix": prefix, "report": report, "reports": {},
-               "online_lr": args.online_lr, "online_trainable": args.online_trainable, "propensity_sd": args.propensity_sd}
+               "online_lr": args.online_lr, "online_trainable": args.online_trainable,
+               "propensity_sd": args.propensity_sd}
         started = time.time()
         if "aa" in only:
             results["aa"] = scenario_aa(ctx, args.aa_runs, args.aa_requests)

@@ -11,10 +11,10 @@ ranking side: the same simulated shoppers (rerank.simulate, after the shop's suc
 re-drawn) see the LEARNER's list; for every request the frozen model's list for the same user,
 same candidates, is scored too, and both lists get their ground-truth P(click) from the choice
 model. The learner is the trainer's own code (rerank.online.IncrementalTrainer + PublishGuard):
-1 in 10 examples held out for the guard (anchored on the offline model), steps on full batches, a candidate published (or
-refused and reset) every `--publish-every` requests, as the OnlineLoop does. What it leaves out:
-Redis, the stream, the feature store (histories are kept here, as the store keeps them) and the
-ranking rules (lists are the top k by model score).
+1 in 10 examples held out for the guard (anchored on the offline model), steps on full batches,
+a candidate published (or refused and reset) every `--publish-every` requests, as the OnlineLoop
+does. What it leaves out: Redis, the stream, the feature store (histories are kept here, as the
+store keeps them) and the ranking rules (lists are the top k by model score).
 
 Prints JSON: per window of requests, the two lists' mean true CTR and the uplift; keeps it in
 `--out` (benchmarks/results/online_learning_sim.json) under `--name`.
@@ -45,7 +45,8 @@ def main() -> int:
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--guard-margin", type=float, default=0.05)
     parser.add_argument("--labels", default="click,cart,purchase", help="event types trained as labels")
-    parser.add_argument("--post-views", action="store_true", help="users also send a view of every list item they examine")
+    parser.add_argument("--post-views", action="store_true",
+                        help="users also send a view of every list item they examine")
     parser.add_argument("--publish-every", type=int, default=150, help="requests between candidates (~2 s at 75 req/s)")
     parser.add_argument("--window", type=int, default=500)
     parser.add_argument("--seed", type=int, default=4000)
@@ -67,7 +68,8 @@ def main() -> int:
     frozen, learner = load_model(DEMO_MODEL), load_model(DEMO_MODEL)
     serving = copy.deepcopy(learner)
     config = OnlineConfig(lr=args.lr, batch_size=args.batch_size, guard_margin=args.guard_margin,
-                          trainable=args.trainable, warmup_steps=args.warmup_steps, target_types=tuple(args.labels.split(",")))
+                          trainable=args.trainable, warmup_steps=args.warmup_steps,
+                          target_types=tuple(args.labels.split(",")))
     trainer, guard = IncrementalTrainer(learner, config), PublishGuard(config)
     guard.anchor = copy.deepcopy(frozen)  # the offline baseline, as the loop's guard_anchor
     choice, drift, mix = ChoiceModel(), Drift(), CandidateMix()
@@ -92,7 +94,8 @@ def main() -> int:
         maybe_drift(truth, user, drift, req_rng)
         candidates = draw_candidates(truth, user, 100, mix, req_rng, choice.memory)
         shown, shown_frozen = top(serving, history, candidates), top(frozen, history, candidates)
-        window["frozen"].append(click_probability(choice.examination(10), choice.attractiveness(truth, user, shown_frozen)))
+        frozen_attract = choice.attractiveness(truth, user, shown_frozen)
+        window["frozen"].append(click_probability(choice.examination(10), frozen_attract))
         impression = react(truth, choice, user, candidates, shown, req_rng)
         window["learner"].append(click_probability(impression.examine, impression.attract))
         outcome = {"view": impression.outcome.examined, "click": impression.outcome.clicked,
