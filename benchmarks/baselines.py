@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from rerank.commands.train import parse_overrides
-from rerank.dataset import leave_one_out, load_dataset
-from rerank.evaluate import evaluate
-from rerank.recommender import load_model
-from rerank.train import train
+from rerank.cli.train import parse_overrides
+from rerank.data.dataset import leave_one_out, load_dataset
+from rerank.models.evaluate import evaluate
+from rerank.models.recommender import load_model
+from rerank.models.train import train
 
 
 def main() -> int:

@@ -35,10 +35,11 @@ def parse_set(pairs: list[str]) -> dict[str, str]:
 def run_one(data: str, seed: int, options: dict, log_path: Path | None) -> dict:
     import torch
 
-    from rerank.dataset import leave_one_out, load_dataset
-    from rerank.evaluate import evaluate
-    from rerank.sequential import SequentialRecommender
-    from rerank.train import TrainLog, seed_everything
+    from rerank.data.dataset import leave_one_out, load_dataset
+    from rerank.models.evaluate import evaluate
+    from rerank.models.sequential import SequentialRecommender
+    from rerank.models.train import seed_everything
+    from rerank.models.train_log import TrainLog
 
     start = time.monotonic()
     dataset = load_dataset(data)

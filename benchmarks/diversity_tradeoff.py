@@ -5,7 +5,7 @@
 
 A model (ItemKNN by default, or --model DIR: any saved Recommender) scores the whole catalogue
 for a sample of test users (leave-one-out: input = all but the last item); the top
-`candidates` unseen items go through rerank.ranking.rank (k items, the user's items excluded
+`candidates` unseen items go through rerank.serving.ranking.rank (k items, the user's items excluded
 as purchases) for each diversity method and trade-off. Reported per setting: HR@k and NDCG@k of
 the held-out item (at lambda 0 these equal the full-ranking protocol's numbers, since the top k
 always lie within the candidates), intra-list diversity (mean pairwise 1 - cosine of the
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 def intra_list_diversity(attributes: np.ndarray) -> tuple[float, int]:
     """(mean pairwise 1 - cosine of the multi-hot attribute rows, distinct attribute ids)."""
-    from rerank.ranking import attribute_features
+    from rerank.serving.ranking import attribute_features
 
     feats = attribute_features(attributes).astype(np.float64)
     norms = np.linalg.norm(feats, axis=1, keepdims=True)
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from rerank.dataset import DatasetError, leave_one_out, load_dataset
-    from rerank.ranking import RankingRules, rank
+    from rerank.data.dataset import DatasetError, leave_one_out, load_dataset
+    from rerank.serving.ranking import RankingRules, rank
 
     try:
         dataset = load_dataset(args.data)
@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     split = leave_one_out(dataset)
     t0 = time.perf_counter()
     if args.model:
-        from rerank.recommender import load_model
+        from rerank.models.recommender import load_model
 
         model = load_model(args.model)
         model_name = Path(args.model).name
     else:
-        from rerank.baselines import ItemKNN
+        from rerank.models.baselines import ItemKNN
 
         model = ItemKNN.create(dataset)
         model.fit(dataset, split)

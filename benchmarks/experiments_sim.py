@@ -42,7 +42,7 @@ POP_MODEL = ROOT / "artifacts" / "models" / "demo-shop-pop"
 
 def ensure_pop_model(data: Path) -> Path:
     if not (POP_MODEL / "config.json").is_file():
-        from rerank.train import train
+        from rerank.models.train import train
 
         train("pop", data, POP_MODEL, evaluate_valid=False)
     return POP_MODEL
@@ -71,11 +71,11 @@ class Book:
 
 
 def read_streams(redis_url: str, prefix: str, since_ms: int):
-    """Impressions and events added to the streams since `since_ms` (rerank.records tables)."""
+    """Impressions and events added to the streams since `since_ms` (rerank.eventlog.records tables)."""
     import redis
 
-    from rerank.feature_store import Keys
-    from rerank.records import event_row, events_table, impression_row, impressions_table
+    from rerank.store.feature_store import Keys
+    from rerank.eventlog.records import event_row, events_table, impression_row, impressions_table
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = Keys(prefix)
@@ -95,7 +95,7 @@ def read_streams(redis_url: str, prefix: str, since_ms: int):
 
 def simulate(url: str, truth, seed: int, requests: int, users: int, concurrency: int = 8, drift_every: int = 20,
              post_views: bool = False, propensity_sd: float = 0.0, truth_every: int = 1000):
-    from rerank.simulate import ChoiceModel, Drift, SimConfig, simulate as run
+    from rerank.clients.simulate import ChoiceModel, Drift, SimConfig, simulate as run
 
     cfg = SimConfig(url=url, n_users=users, requests=requests, concurrency=concurrency, seed=seed,
                     drift=Drift(every=drift_every), post_views=post_views,
@@ -215,7 +215,7 @@ def scenario_overhead(ctx: dict, duration_s: float, rounds: int) -> dict:
     (`rounds` times at c=1 and c=8); medians over the rounds."""
     import statistics
 
-    from rerank.bench import LoadConfig, compare, make_rank_bodies
+    from rerank.clients.bench import LoadConfig, compare, make_rank_bodies
 
     ctx["book"].only(None)
     truth = ctx["truth"]
@@ -247,7 +247,7 @@ def main() -> int:
     parser.add_argument("--online-window-s", type=float, default=20.0)
     parser.add_argument("--online-lr", type=float, default=1e-3, help="the learner arm's learning rate")
     parser.add_argument("--online-trainable", default="all", choices=["all", "items"],
-                        help="what the learner arm's steps update (rerank.online.OnlineConfig.trainable)")
+                        help="what the learner arm's steps update (rerank.online.loop.OnlineConfig.trainable)")
     parser.add_argument("--post-views", action="store_true",
                         help="simulated users also post views of what they examine")
     parser.add_argument("--overhead-seconds", type=float, default=10.0)
@@ -269,8 +269,8 @@ def main() -> int:
 
     from deployments.app import build_app
     from deployments.local import DEMO_DATA, DEMO_MODEL, LocalStack, LocalStackConfig, ensure_demo_data, ensure_model
-    from rerank.readout import plot_report, report
-    from rerank.simulate import ShopTruth
+    from rerank.experiments.readout import plot_report, report
+    from rerank.clients.simulate import ShopTruth
 
     data = ensure_demo_data(DEMO_DATA)
     ensure_model(data, DEMO_MODEL)

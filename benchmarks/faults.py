@@ -42,7 +42,7 @@ sets one through HAProxy's admin socket after the deploy (`set maxconn server`, 
 reload of the config drops it): at most N requests at a replica, the rest wait in HAProxy's queue
 for at most `timeout queue`, which Serve leaves unset, so it is `timeout connect`
 (RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S, set by `--haproxy-queue-s`); entry suffix `_haproxy_queue`.
-`--front-proxy` puts our own HAProxy (rerank.front_proxy) on the stack's port in front of Serve's
+`--front-proxy` puts our own HAProxy (rerank.infra.front_proxy) on the stack's port in front of Serve's
 Python proxy: at most `--front-max-conn` requests inside Serve, the rest wait in its queue for at
 most `--front-queue-s` and then get a JSON 503 with Retry-After; entry suffix `_front` (or
 `_front_maxconn<N>` for another --front-max-conn), with the front's `show stat` counters.
@@ -416,7 +416,7 @@ def kill_in_publish(root: Path, pid: int, aim: str, timeout_s: float = 30.0) -> 
 
 
 def publish_window(root: Path, version: int | None, staging: str | None) -> str:
-    """Where a dead trainer stopped in publishing `version` (rerank.online's crash windows)."""
+    """Where a dead trainer stopped in publishing `version` (rerank.online.loop's crash windows)."""
     if version is None:
         return "no_publish_seen"
     if staging is not None and (root / staging).exists():
@@ -433,7 +433,7 @@ def publish_window(root: Path, version: int | None, staging: str | None) -> str:
 def replay_bursts(url: str, events: list[dict], rate: float, bursts: "queue.Queue[int | None]") -> dict:
     """POST `events` at `rate` (unique event ids), as many as each number taken from `bursts`
     says, in order, until None is taken."""
-    from rerank.replay import ReplayConfig, replay_async
+    from rerank.clients.replay import ReplayConfig, replay_async
 
     config = ReplayConfig(url=url, rate=rate, batch=20, concurrency=8, progress=False)
     totals: Counter = Counter()
@@ -477,7 +477,7 @@ def count_entries(client, stream: str, after: str | None, until: str) -> int:
 
 def exactly_once(client, stream: str, group: str, root: Path, watch: RegistryWatch) -> dict:
     """Lost / trained-twice entries from the published versions' meta, the final checkpoint and Redis."""
-    from rerank.stream import id_key
+    from rerank.store.stream import id_key
 
     state = json.loads((root / "trainer_state.json").read_text())
     latest_meta = watch.metas[watch.latest[-1]]
@@ -506,8 +506,8 @@ def exactly_once(client, stream: str, group: str, root: Path, watch: RegistryWat
 
 
 def unloadable(snapshots: Path, versions: list[int]) -> list[int]:
-    """The versions (copied aside by RegistryWatch) that rerank.recommender.load_model refuses."""
-    from rerank.recommender import load_model
+    """The versions (copied aside by RegistryWatch) that rerank.models.recommender.load_model refuses."""
+    from rerank.models.recommender import load_model
 
     broken = []
     for v in versions:
@@ -523,7 +523,7 @@ def trainer_kill(url: str, redis_url: str, prefix: str, registry: Path, events: 
     import redis
 
     from deployments.online_trainer import GROUP
-    from rerank.feature_store import Keys
+    from rerank.store.feature_store import Keys
 
     stream = Keys(prefix).events
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -581,8 +581,8 @@ def trainer_kill(url: str, redis_url: str, prefix: str, registry: Path, events: 
 
 def checkpoint_until(root: Path) -> str:
     """The trainer's final checkpoint: the state file's trained_until_id, or LATEST's meta when
-    that is further (a kill between a publish and its state write), as rerank.online reads it."""
-    from rerank.stream import id_key
+    that is further (a kill between a publish and its state write), as rerank.online.loop reads it."""
+    from rerank.store.stream import id_key
 
     state = json.loads((root / "trainer_state.json").read_text())["trained_until_id"] or "0-0"
     latest = json.loads((root / "LATEST").read_text())["version"]
@@ -594,7 +594,7 @@ def wait_caught_up(client, stream: str, group: str, root: Path, timeout_s: float
     """Seconds until the trainer's checkpoint covers the stream head with nothing pending (None: not
     within `timeout_s`). Read from the registry and Redis: the trainer's own stats may be too busy
     to answer /healthz in time."""
-    from rerank.stream import id_key
+    from rerank.store.stream import id_key
 
     began = time.monotonic()
     head = client.xrevrange(stream, count=1)[0][0]
@@ -626,7 +626,7 @@ def main() -> int:
                    help="with --haproxy: RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S, which is HAProxy's `timeout queue` "
                         "too (Serve sets none); default Serve's 5")
     p.add_argument("--front-proxy", action="store_true",
-                   help="our HAProxy (rerank.front_proxy) in front of Serve's Python proxy; entries get _front")
+                   help="our HAProxy (rerank.infra.front_proxy) in front of Serve's Python proxy; entries get _front")
     p.add_argument("--front-max-conn", type=int, default=32,
                    help="with --front-proxy: requests inside Serve at once (default 32; another value: "
                         "entries get _front_maxconn<N>)")
@@ -652,10 +652,10 @@ def main() -> int:
     import psutil
 
     from deployments.local import LocalStack, LocalStackConfig, config_app_args
-    from rerank.bench import LoadConfig, make_rank_bodies, run_load
-    from rerank.dataset import load_dataset
-    from rerank.redis_server import free_port
-    from rerank.replay import dataset_events
+    from rerank.clients.bench import LoadConfig, make_rank_bodies, run_load
+    from rerank.data.dataset import load_dataset
+    from rerank.infra.redis_server import free_port
+    from rerank.clients.replay import dataset_events
 
     command = " ".join(["python", *sys.argv])
     result: dict = {"command": command, "seconds": args.seconds, "clients": args.clients}

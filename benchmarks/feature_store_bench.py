@@ -6,7 +6,7 @@
 Loads the dataset into Redis (embedded server unless --redis-url / REDIS_URL), then times
     fetch        one FeatureStore.fetch of `users` random users x `candidates` random items
     write_events one FeatureStore.write_events of `events` events (random users and items)
-    rank         rerank.ranking.rank of 500 candidates -> 50: plain, MMR and DPP at diversity 0.3
+    rank         rerank.serving.ranking.rank of 500 candidates -> 50: plain, MMR and DPP at diversity 0.3
 and reports milliseconds (p50, p90, p99, mean) per call, plus the client process's CPU time
 per call (p50): on a shared machine under load the wall clock mostly measures waiting. Without --data it imports Beauty
 from ../shared/data into a temporary directory.
@@ -60,14 +60,14 @@ def summary(times_s: list[float]) -> dict:
 
 
 def load_data(path: str | None, tmp: Path):
-    from rerank.dataset import DatasetError, load_dataset
+    from rerank.data.dataset import DatasetError, load_dataset
 
     if path:
         try:
             return load_dataset(path)
         except DatasetError as err:
             raise SystemExit(f"feature_store_bench: {err}") from None
-    from rerank.importers import import_sasrec
+    from rerank.data.importers import import_sasrec
 
     shared = REPO.parent / "shared" / "data" / "amazon-beauty"
     if not shared.is_dir():
@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
 
-    from rerank.feature_store import Event, FeatureStore
-    from rerank.ranking import RankingRules, rank
-    from rerank.redis_server import find_redis_server_binary, resolve_redis
+    from rerank.store.feature_store import Event, FeatureStore
+    from rerank.serving.ranking import RankingRules, rank
+    from rerank.infra.redis_server import find_redis_server_binary, resolve_redis
 
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="fs-bench-") as tmp:

@@ -3,15 +3,15 @@
     python benchmarks/floods.py [--scale 1] [--maxmemory 512mb] [--anon-seconds 540]
         [--only new_items,anonymous_events,impressions] [--out benchmarks/results/floods.json]
 
-Each scenario runs on its own fresh real redis-server (rerank.redis_server.EmbeddedRedis:
+Each scenario runs on its own fresh real redis-server (rerank.infra.redis_server.EmbeddedRedis:
 maxmemory + noeviction, no append-only file) and, for new items, the real trainer loop
-(rerank.online.OnlineLoop over a temporary registry holding a tiny trained SASRec); no Ray.
+(rerank.online.loop.OnlineLoop over a temporary registry holding a tiny trained SASRec); no Ray.
 - new_items: events naming distinct new item ids through FeatureStore.write_events_detailed with
   item_capacity = model items + allowance (as deployments/app.py sets it); then the OnlineLoop,
   in its own process, over the resulting stream: its RSS, embedding rows, published version size.
 - anonymous_events: events without event_id for existing items (time-capped by --anon-seconds):
   stream XLEN, `evt:*` markers, user sequences, bought sets.
-- impressions: rerank.attribution.ImpressionLog.record: stream XLEN, per-user lists `u:*:imps` and
+- impressions: rerank.experiments.attribution.ImpressionLog.record: stream XLEN, per-user lists `u:*:imps` and
   hashes `u:*:shown` (each user gets ~impressions / impression_users = 2 x recent_per_user, so
   used_memory plateaus once every user is full), and the projected plateau per 100 k users.
 used_memory is sampled ~20 times per scenario. `--scale` multiplies every count and cap (not
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # online_helpers.tiny_model_dir: the tiny trained model
 
-from rerank.feature_store import Event, FeatureStore, FeatureStoreUnavailable, Keys  # noqa: E402
+from rerank.store.feature_store import Event, FeatureStore, FeatureStoreUnavailable, Keys  # noqa: E402
 
 SCENARIOS = ("new_items", "anonymous_events", "impressions")
 TYPES = np.array(["view", "click", "cart", "purchase"])
@@ -183,10 +183,10 @@ def train_on_stream(url: str, stream: str, model_dir: str, registry_dir: str, ma
     import psutil
     import torch
 
-    from rerank.online import OnlineConfig, OnlineLoop
-    from rerank.registry import ModelRegistry
-    from rerank.sequential import WEIGHTS_FILE
-    from rerank.stream import EventStream, StreamConfig
+    from rerank.online.loop import OnlineConfig, OnlineLoop
+    from rerank.models.registry import ModelRegistry
+    from rerank.models.sequential import WEIGHTS_FILE
+    from rerank.store.stream import EventStream, StreamConfig
 
     torch.set_num_threads(1)  # as the app's OnlineTrainer (torch_threads=1)
     registry = ModelRegistry(registry_dir)
@@ -232,7 +232,7 @@ def run_trainer(url: str, stream: str, model_dir: Path, registry_dir: Path, max_
 
 def new_items_scenario(url: str, sizes: Sizes, model_dir: Path, work: Path, progress: bool = True) -> dict:
     """The new-item flood, then the trainer over the oldest `train_entries` of the stream it left."""
-    from rerank.recommender import read_config
+    from rerank.models.recommender import read_config
 
     model_items = int(read_config(model_dir)["n_items"])
     out = flood_new_items(url, sizes, model_items, progress)
@@ -306,8 +306,8 @@ def _anonymous_state(client: redis.Redis, store: FeatureStore) -> dict:
 # ---------------------------------------------------------------- impressions
 def impressions_scenario(url: str, sizes: Sizes, progress: bool = True) -> dict:
     """ImpressionLog.record of `impressions` shown lists for `impression_users` users."""
-    from rerank.attribution import AttributionConfig, ImpressionLog
-    from rerank.records import Impression
+    from rerank.experiments.attribution import AttributionConfig, ImpressionLog
+    from rerank.eventlog.records import Impression
 
     client = redis.Redis.from_url(url, socket_timeout=30)
     keys = Keys()
@@ -360,7 +360,7 @@ def run(scale: float = 1.0, maxmemory: str = "512mb", anon_seconds: float = 540.
     """Every scenario in `only`, each on a fresh EmbeddedRedis; returns the results."""
     from online_helpers import tiny_model_dir
 
-    from rerank.redis_server import EmbeddedRedis
+    from rerank.infra.redis_server import EmbeddedRedis
 
     sizes = Sizes().scaled(scale)
     out = {"scale": scale, "maxmemory": maxmemory, "sizes": asdict(sizes), "cpus": os.cpu_count()}

@@ -54,8 +54,8 @@ def main() -> int:
     args = p.parse_args()
 
     from deployments.local import DEMO_DATA, DEMO_MODEL, ServeRun, ensure_demo_data, ensure_model, write_serve_config
-    from rerank.feature_store import Keys
-    from rerank.redis_server import EmbeddedRedis, free_port
+    from rerank.store.feature_store import Keys
+    from rerank.infra.redis_server import EmbeddedRedis, free_port
 
     if args.url and not args.redis_url:
         p.error("--url needs --redis-url (events are matched to the stream ids the served versions report)")
@@ -103,10 +103,10 @@ def measure(args, result: dict, url: str, redis_url: str, stream_key: str, data:
     import httpx
     import redis
 
-    from rerank.dataset import load_dataset
-    from rerank.feature_store import FeatureStore
-    from rerank.replay import ReplayConfig, dataset_events, replay_async
-    from rerank.stream import id_key
+    from rerank.data.dataset import load_dataset
+    from rerank.store.feature_store import FeatureStore
+    from rerank.clients.replay import ReplayConfig, dataset_events, replay_async
+    from rerank.store.stream import id_key
 
     dataset = load_dataset(data)
     events = dataset_events(dataset, offset=max(0, dataset.events.num_rows - n_events))

@@ -245,7 +245,7 @@ def _own_stack(port: int):
     import tempfile
 
     from deployments.local import LocalStack, LocalStackConfig
-    from rerank.redis_server import free_port
+    from rerank.infra.redis_server import free_port
 
     registry_dir = tempfile.mkdtemp(prefix="rerank-fuzz-registry-")
     cfg = LocalStackConfig(
@@ -258,7 +258,7 @@ def _own_stack(port: int):
 
 
 def _publish_twice(registry_dir: str, model: Path) -> None:
-    from rerank.registry import ModelRegistry
+    from rerank.models.registry import ModelRegistry
 
     registry = ModelRegistry(registry_dir)
     if not registry.versions():

@@ -7,10 +7,10 @@
 The live benchmark (benchmarks/experiments_sim.py --only online) answers "does the arm with its
 own trainer beat the frozen arm" through Serve, Redis and the readout, minutes a run, with the
 noise of observed clicks. This one answers the tuning question in seconds, with no noise from the
-ranking side: the same simulated shoppers (rerank.simulate, after the shop's successors were
+ranking side: the same simulated shoppers (rerank.clients.simulate, after the shop's successors were
 re-drawn) see the LEARNER's list; for every request the frozen model's list for the same user,
 same candidates, is scored too, and both lists get their ground-truth P(click) from the choice
-model. The learner is the trainer's own code (rerank.online.IncrementalTrainer + PublishGuard):
+model. The learner is the trainer's own code (rerank.online.loop.IncrementalTrainer + PublishGuard):
 1 in 10 examples held out for the guard (anchored on the offline model), steps on full batches,
 a candidate published (or refused and reset) every `--publish-every` requests, as the OnlineLoop
 does. What it leaves out: Redis, the stream, the feature store (histories are kept here, as the
@@ -56,10 +56,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from deployments.local import DEMO_DATA, DEMO_MODEL, ensure_demo_data, ensure_model
-    from rerank.dataset import EVENT_CODE
-    from rerank.online import Example, IncrementalTrainer, OnlineConfig, PublishGuard
-    from rerank.recommender import load_model
-    from rerank.simulate import (ChoiceModel, CandidateMix, Drift, ShopTruth, click_probability, draw_candidates,
+    from rerank.data.dataset import EVENT_CODE
+    from rerank.online.loop import Example, IncrementalTrainer, OnlineConfig, PublishGuard
+    from rerank.models.recommender import load_model
+    from rerank.clients.simulate import (ChoiceModel, CandidateMix, Drift, ShopTruth, click_probability, draw_candidates,
                                  maybe_drift, new_user, react, user_schedule)
 
     data = ensure_demo_data(DEMO_DATA)

@@ -4,7 +4,7 @@
 
 Imports ../shared/data/ml-100k into artifacts/data/ml100k when missing, trains SASRec on the
 first 80% of time (leave-one-out validation inside the training period for early stopping),
-replays the last 20% in time order (rerank/prequential.py), prints a JSON summary and writes
+replays the last 20% in time order (rerank/online/prequential.py), prints a JSON summary and writes
 benchmarks/results/prequential_ml100k.json and prequential_ml100k.png.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rerank.dataset import leave_one_out, load_dataset  # noqa: E402
-from rerank.online import OnlineConfig  # noqa: E402
-from rerank.prequential import PrequentialConfig, plot_windows, run_prequential, time_split, train_dataset  # noqa: E402
+from rerank.data.dataset import leave_one_out, load_dataset  # noqa: E402
+from rerank.online.loop import OnlineConfig  # noqa: E402
+from rerank.online.prequential import PrequentialConfig, plot_windows, run_prequential, time_split, train_dataset  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "ml-100k"
 
@@ -43,15 +43,15 @@ def main() -> int:
 
     import torch
 
-    from rerank.sequential import SequentialRecommender
-    from rerank.train import seed_everything
+    from rerank.models.sequential import SequentialRecommender
+    from rerank.models.train import seed_everything
 
     data = Path(args.data)
     if not (data / "dataset.json").is_file():
         if not SHARED.is_dir():
             print(f"error: {data} missing and {SHARED} not found", file=sys.stderr)
             return 2
-        from rerank.importers import import_recbole
+        from rerank.data.importers import import_recbole
 
         import_recbole(SHARED / "ml-100k.inter", data, items=SHARED / "ml-100k.item")
     dataset = load_dataset(data)

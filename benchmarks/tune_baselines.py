@@ -4,7 +4,7 @@
         --grid '{"shrink": [10, 30, 100], "alpha": [0.5, 0.75]}' [--users 8000] [--seed 0]
 
 Validation users are a fixed random subset (--users, 0 = all) so settings are compared on the
-same users. The defaults in rerank/baselines.py are the best settings this found on Beauty.
+same users. The defaults in rerank/models/baselines.py are the best settings this found on Beauty.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import time
 
 import numpy as np
 
-from rerank.dataset import leave_one_out, load_dataset
-from rerank.evaluate import evaluate
-from rerank.recommender import model_class
-from rerank.train import TrainLog, seed_everything
+from rerank.data.dataset import leave_one_out, load_dataset
+from rerank.models.evaluate import evaluate
+from rerank.models.recommender import model_class
+from rerank.models.train import seed_everything
+from rerank.models.train_log import TrainLog
 
 
 def main() -> int:

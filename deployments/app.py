@@ -5,7 +5,7 @@ FeatureFetch and Ranker hops, plus the OnlineTrainer that keeps training the ser
 the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
 
 - layout: `inline` (default: the Ingress replica fetches features and ranks with the Ray-free
-  rerank.serving code, one Serve hop per batch, ingress -> scorer) or `split` (FeatureFetch ->
+  rerank.serving.pipeline code, one Serve hop per batch, ingress -> scorer) or `split` (FeatureFetch ->
   Scorer -> Ranker, one handle call per batch per hop: for a ranking or feature stage heavy
   enough to want replicas of its own). Both return the same rankings.
 - model: a model directory (relative paths resolve against the project root); every replica
@@ -14,18 +14,18 @@ the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
 - registry_uri: the ModelRegistry the scorers follow (hot swap) and the trainer publishes to
   (local path or pyarrow.fs URI such as s3://...); replicas download versions into a per-node
   cache themselves. When it is empty, the builder publishes `model` as v1.
-- online: the trainer: {enabled, num_cpus, lease_ttl_s, and any rerank.online.OnlineConfig
+- online: the trainer: {enabled, num_cpus, lease_ttl_s, and any rerank.online.loop.OnlineConfig
   field: lr, publish_every_s, guard_margin, holdout_every, ...}. Needs registry_uri.
 - experiments: name -> {type: ab|interleave, traffic, salt, arms: {name: {weight, model | registry_uri,
-  rules, online}}} (rerank.experiments, docs/EXPERIMENTS.md): seeded into the Redis book, changed live
+  rules, online}}} (rerank.experiments.book, docs/EXPERIMENTS.md): seeded into the Redis book, changed live
   with PUT/DELETE /admin/experiments/NAME. An arm with `online` gets its own OnlineTrainer
   (deployment `OnlineTrainer-EXP-ARM`) trained on that arm's events only.
 - record_impressions / attribution_window_s / impressions_maxlen: every /rank answer is an
-  impression on `{prefix}impressions`; events are attributed to them (rerank.attribution).
+  impression on `{prefix}impressions`; events are attributed to them (rerank.experiments.attribution).
 - sink: {enabled, out_dir, keep_days, flush_every_s, lease_ttl_s}: the EventSink replica persists
-  impressions and events to Parquet by day (rerank.sink; one sink per stream, by a Redis lease);
+  impressions and events to Parquet by day (rerank.eventlog.sink; one sink per stream, by a Redis lease);
   GET /experiments/NAME/report reads it.
-- api_keys: scoped API keys (rerank.auth), plus RERANK_API_KEY (rank+events) and
+- api_keys: scoped API keys (rerank.serving.auth), plus RERANK_API_KEY (rank+events) and
   RERANK_ADMIN_KEY (all scopes) from the environment of the node that builds the app; none =
   auth off, for loopback-only use.
 - redis_url: "redis://...", "env" ($REDIS_URL), or "embedded": a real Redis server owned by a
@@ -55,10 +55,10 @@ from deployments.online_trainer import OnlineTrainer, online_config
 from deployments.ranker import Ranker
 from deployments.scorer import Scorer
 from deployments.sink import EventSink
-from rerank.auth import ApiKeys
-from rerank.attribution import AttributionConfig
-from rerank.experiments import EXPERIMENT_NAME, Experiment, ExperimentSpec, check_traffic, servable
-from rerank.feature_store import DEFAULT_PREFIX
+from rerank.serving.auth import ApiKeys
+from rerank.experiments.attribution import AttributionConfig
+from rerank.experiments.book import EXPERIMENT_NAME, Experiment, ExperimentSpec, check_traffic, servable
+from rerank.store.feature_store import DEFAULT_PREFIX
 
 logger = logging.getLogger("ray.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ APP_IMPORT_PATH = "deployments.app:build_app"
 
 
 class SinkArgs(BaseModel):
-    """The EventSink replica: impressions and events from Redis to Parquet (rerank.sink)."""
+    """The EventSink replica: impressions and events from Redis to Parquet (rerank.eventlog.sink)."""
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
@@ -139,7 +139,7 @@ class AppArgs(BaseModel):
     scorer_torch_threads: int = Field(1, ge=0)
     catalogue_refresh_s: float = Field(15.0, ge=0)
     experiments: dict[str, ExperimentSpec] = Field(
-        default_factory=dict, description="name -> experiment (rerank.experiments); written to the Redis book "
+        default_factory=dict, description="name -> experiment (rerank.experiments.book); written to the Redis book "
         "at build, changed live with PUT/DELETE /admin/experiments/NAME")
     record_impressions: bool = True
     attribution_window_s: float = Field(1800.0, gt=0, description="how long an impression can earn clicks")
@@ -201,8 +201,8 @@ def ensure_loaded(redis_url: str, data_dir: str, prefix: str) -> dict | None:
     """
     import numpy as np
 
-    from rerank.dataset import load_dataset
-    from rerank.feature_store import FeatureStore
+    from rerank.data.dataset import load_dataset
+    from rerank.store.feature_store import FeatureStore
 
     store = FeatureStore(redis_url, prefix=prefix)
     dataset = load_dataset(data_dir)
@@ -221,7 +221,7 @@ def ensure_loaded(redis_url: str, data_dir: str, prefix: str) -> dict | None:
 
 def prepare_registry(args: AppArgs) -> None:
     """Check the model source from the builder; publish `model` as v1 into an empty registry."""
-    from rerank.registry import ModelRegistry
+    from rerank.models.registry import ModelRegistry
 
     model = _absolute(args.model)
     if args.registry_uri:
@@ -239,9 +239,9 @@ def prepare_store(redis_url: str, prefix: str, model: str | None, registry_uri: 
     """Warn about a Redis that may evict or grow without bound, and keep new item ids above the
     served model's items (an emptied Redis would otherwise hand their idx out again).
     Returns the served model's item count."""
-    from rerank.feature_store import FeatureStore
-    from rerank.recommender import read_config
-    from rerank.registry import resolve_model_dir
+    from rerank.store.feature_store import FeatureStore
+    from rerank.models.recommender import read_config
+    from rerank.models.registry import resolve_model_dir
 
     model_dir, _ = resolve_model_dir(model, registry_uri)
     n_items = int(read_config(model_dir)["n_items"])
@@ -271,9 +271,9 @@ def prepare_experiments(redis_url: str, prefix: str, experiments: dict[str, Expe
     added live stay) and give every arm registry that is empty the app's model as v1."""
     import redis as redis_lib
 
-    from rerank.experiments import write_experiment
-    from rerank.feature_store import Keys
-    from rerank.registry import ModelRegistry, resolve_model_dir
+    from rerank.experiments.book import write_experiment
+    from rerank.store.feature_store import Keys
+    from rerank.models.registry import ModelRegistry, resolve_model_dir
 
     for spec in experiments.values():
         for arm in spec.arms.values():

@@ -1,4 +1,4 @@
-"""FeatureFetch: the `split` layout's feature hop, a thin wrapper of rerank.serving.FeatureFetcher."""
+"""FeatureFetch: the `split` layout's feature hop, a thin wrapper of rerank.serving.pipeline.FeatureFetcher."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 from ray import serve
 
-from rerank.feature_store import DEFAULT_PREFIX, FeatureStore
-from rerank.serving import FeatureFetcher, FetchedBatch, serving_catalogue
+from rerank.store.feature_store import DEFAULT_PREFIX, FeatureStore
+from rerank.serving.pipeline import FeatureFetcher, FetchedBatch, serving_catalogue
 
 
 @serve.deployment(name="FeatureFetch", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64,

@@ -2,15 +2,15 @@
 
 /rank requests are collected by a serve.batch queue (`_rank_batch`); each batch then takes
 ONE handle call per hop, by layout:
-- inline: features (rerank.serving.FeatureFetcher, Redis in a worker thread) and ranking
-  (rerank.serving.rank_batch) run here; the only hop is Scorer.score(list);
+- inline: features (rerank.serving.pipeline.FeatureFetcher, Redis in a worker thread) and ranking
+  (rerank.serving.pipeline.rank_batch) run here; the only hop is Scorer.score(list);
 - split: FeatureFetch.fetch(list) -> Scorer.score_features(...) -> Ranker.rank(...), chained
   DeploymentResponses; the ingress awaits only the last.
 The batch wait adapts to load: a request that arrives alone goes at once (wait 0), under
 concurrency the configured wait lets batches form.
 
 Safety: every route but /healthz needs an API key with its scope when keys are configured
-(rerank.auth; 401 / 403). One request never fails another of its batch: a request whose
+(rerank.serving.auth; 401 / 403). One request never fails another of its batch: a request whose
 ranking fails gets its own 500, a scorer that fails or times out gives every request of the
 batch a popularity ranking flagged `degraded` (inline layout), and over `max_in_flight`
 requests the ingress answers 503 with Retry-After at once instead of queueing. Bodies over
@@ -38,7 +38,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import ServingMetrics
-from rerank.api import (
+from rerank.serving.api import (
     DEFAULT_MAX_CATALOGUE_ITEMS,
     MAX_BODY_BYTES,
     EventsRequest,
@@ -51,9 +51,10 @@ from rerank.api import (
     RollbackRequest,
     check_rank_limits,
 )
-from rerank.auth import ApiKeys, AuthError, Scope, redact
-from rerank.attribution import AttributionConfig, ImpressionLog
-from rerank.experiments import (
+from rerank.infra.redact import redact
+from rerank.serving.auth import ApiKeys, AuthError, Scope
+from rerank.experiments.attribution import AttributionConfig, ImpressionLog
+from rerank.experiments.book import (
     EXPERIMENT_NAME,
     Assignment,
     ExperimentSpec,
@@ -64,10 +65,10 @@ from rerank.experiments import (
     unreadable_model,
     write_experiment,
 )
-from rerank.feature_store import DEFAULT_PREFIX, Event, FeatureStore, FeatureStoreUnavailable
-from rerank.ranking import RankingRules
-from rerank.records import Impression
-from rerank.serving import (
+from rerank.store.feature_store import DEFAULT_PREFIX, Event, FeatureStore, FeatureStoreUnavailable
+from rerank.serving.ranking import RankingRules
+from rerank.eventlog.records import Impression
+from rerank.serving.pipeline import (
     FeatureFetcher,
     ModelScores,
     RankedBatch,
@@ -158,7 +159,7 @@ class IngressSettings:
     max_in_flight: int = 64  # /rank requests inside this replica; more answer 503 + Retry-After
     score_timeout_s: float = 2.0  # a slower scorer call gives a degraded (popularity) ranking
     retry_after_s: int = 1
-    keys: ApiKeys = field(default_factory=ApiKeys)  # no keys = auth off (loopback only, see rerank.auth)
+    keys: ApiKeys = field(default_factory=ApiKeys)  # no keys = auth off (loopback only, see rerank.serving.auth)
     experiments_refresh_s: float = 1.0  # how soon a changed experiment book reaches this replica
     arm_trainers: tuple[str, ...] = ()  # "experiment/arm" of the arms whose own trainer the app runs
     record_impressions: bool = True
@@ -470,7 +471,7 @@ class Ingress:
     @app.get("/model", response_model=ModelInfo, responses={**KEYED, 503: RETRY_LATER})
     async def model(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ModelInfo:
         """The weights a scorer replica serves: version, source, loaded_at, trained_until, meta."""
-        from rerank.online import model_freshness
+        from rerank.online.loop import model_freshness
 
         self._authorize(credentials, "rank", "/model")
         try:
@@ -489,7 +490,7 @@ class Ingress:
                              credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """Point the registry's LATEST at `version` and pin it (or `unpin: true` to release the pin);
         the scorers follow within a poll interval. Needs the admin scope."""
-        from rerank.registry import ModelRegistry, RegistryError
+        from rerank.models.registry import ModelRegistry, RegistryError
 
         self._authorize(credentials, "admin", "/admin/rollback")
         if not self.settings.registry_uri:
@@ -530,7 +531,7 @@ class Ingress:
     # ------------------------------------------------------------------ experiments
     @app.get("/experiments", responses=KEYED)
     async def experiments(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
-        """The experiment book (rerank.experiments), in assignment order. Needs the admin scope."""
+        """The experiment book (rerank.experiments.book), in assignment order. Needs the admin scope."""
         self._authorize(credentials, "admin", "/experiments")
         book = await asyncio.to_thread(read_book, self._redis, self.store.keys.experiments)
         return {"experiments": {e.name: e.spec.model_dump() for e in book}}
@@ -573,8 +574,8 @@ class Ingress:
                                                      503: RETRY_LATER})
     async def experiment_report(self, name: str = Path(pattern=EXPERIMENT_NAME),
                                 credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
-        """The readout of an experiment from the sink's Parquet (rerank.readout). Admin scope."""
-        from rerank.readout import load_parquet, report
+        """The readout of an experiment from the sink's Parquet (rerank.experiments.readout). Admin scope."""
+        from rerank.experiments.readout import load_parquet, report
 
         self._authorize(credentials, "admin", "/experiments/report")
         if not self.settings.sink_dir:

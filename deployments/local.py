@@ -7,7 +7,7 @@ Serve flags in its environment (so the proxy, controller and every replica get t
 logical CPU count large enough for every replica, and deploys the same app, online trainer
 included, at `/`. For `rerank bench` it can deploy the app in other layouts too (`/{layout}`,
 no trainer), the no-op baseline at `/noop` and the hop floor at `/noop-hop` (deployments.noop).
-With `front_proxy` our HAProxy (rerank.front_proxy) takes HOST:PORT and Serve's HTTP proxy a free
+With `front_proxy` our HAProxy (rerank.infra.front_proxy) takes HOST:PORT and Serve's HTTP proxy a free
 127.0.0.1 port behind it, so `url` is unchanged.
 `stop()` tears down only what it started.
 """
@@ -34,7 +34,7 @@ NOOP_HOP_APP_NAME = "noop-hop"
 
 def exposure_warning(host: str, front_proxy: bool) -> str | None:
     """What a non-loopback listener without our front proxy gives up (None when there is nothing to say)."""
-    from rerank.auth import is_loopback
+    from rerank.serving.auth import is_loopback
 
     if front_proxy or is_loopback(host):
         return None
@@ -122,7 +122,7 @@ class ServeRun:
 def ensure_demo_data(path: Path) -> Path:
     """Generate the synthetic demo shop at `path` unless a dataset is already there."""
     if not (path / "dataset.json").is_file():
-        from rerank.synth import SynthConfig, write_synth
+        from rerank.data.synth import SynthConfig, write_synth
 
         print(f"rerank: generating the demo shop into {path} ...", file=sys.stderr)
         write_synth(path, SynthConfig())
@@ -132,7 +132,7 @@ def ensure_demo_data(path: Path) -> Path:
 def ensure_model(data: Path, path: Path, minutes: float = 1.0, options: dict | None = None) -> Path:
     """Train a small SASRec on `data` into `path` (about `minutes`) unless a model is there."""
     if not (path / "config.json").is_file():
-        from rerank.train import train
+        from rerank.models.train import train
 
         print(f"rerank: training a model on {data} into {path} (~{minutes:g} min) ...", file=sys.stderr)
         opts = {"epochs": 30, "max_minutes": minutes, "d_model": 64, "spare_items": 256, **(options or {})}
@@ -146,13 +146,13 @@ class LocalStackConfig:
     model: Path | None = None  # None = artifacts/models/demo-shop (trained when missing)
     redis_url: str | None = None  # None = $REDIS_URL, else an embedded server owned by the stack
     host: str = "127.0.0.1"
-    insecure: bool = False  # allow a non-loopback host without API keys (rerank.auth.check_bind)
+    insecure: bool = False  # allow a non-loopback host without API keys (rerank.serving.auth.check_bind)
     port: int = 8000
     num_cpus: int = 8  # logical CPUs for the local Ray (replicas reserve fractions of one)
     throughput_optimized: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (measured faster here)
     haproxy: bool = False  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of the replicas (haproxy on PATH)
     haproxy_env: dict = field(default_factory=dict)  # with haproxy: RAY_SERVE_HAPROXY_* settings (e.g. TIMEOUT_CONNECT_S)
-    # rerank.front_proxy: our HAProxy on host:port in front of Serve's HTTP proxy (then on a free
+    # rerank.infra.front_proxy: our HAProxy on host:port in front of Serve's HTTP proxy (then on a free
     # 127.0.0.1 port): at most front_max_conn requests inside Serve, the rest queue up to
     # front_queue_s and then get 503 + Retry-After (haproxy on PATH)
     front_proxy: bool = False
@@ -179,7 +179,7 @@ class LocalStack:
         self._ray_started = False
         self._temp_registry: str | None = None
         self.sink_dir: str | None = None  # this run's Parquet of impressions and events (kept after stop)
-        self.front = None  # rerank.front_proxy.FrontProxy, with config.front_proxy
+        self.front = None  # rerank.infra.front_proxy.FrontProxy, with config.front_proxy
         self.redis_url: str | None = None
         self.data: Path | None = None
         self.model: Path | None = None
@@ -220,8 +220,8 @@ class LocalStack:
 
     def _start_services(self) -> None:
         cfg = self.config
-        from rerank.auth import ApiKeys, check_bind
-        from rerank.redis_server import resolve_redis
+        from rerank.serving.auth import ApiKeys, check_bind
+        from rerank.infra.redis_server import resolve_redis
 
         keys = ApiKeys.load(self.config.app_args.get("api_keys") or config_app_args(cfg.config_file).get("api_keys"))
         check_bind(cfg.host, keys, cfg.insecure)  # before anything starts
@@ -239,8 +239,8 @@ class LocalStack:
         os.environ.setdefault(*LOCAL_DRAINING)
         serve_host, serve_port = cfg.host, cfg.port
         if cfg.front_proxy:
-            from rerank.front_proxy import haproxy_binary
-            from rerank.redis_server import free_port
+            from rerank.infra.front_proxy import haproxy_binary
+            from rerank.infra.redis_server import free_port
 
             haproxy_binary()  # before Ray starts: a clear error when there is none
             serve_host, serve_port = "127.0.0.1", free_port()
@@ -252,7 +252,7 @@ class LocalStack:
             os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
             # HAProxy's stats (8404) and Prometheus (9101) frontends bind fixed ports by default: a
             # second local stack on this machine would fail to start; take free ones instead
-            from rerank.redis_server import free_port
+            from rerank.infra.redis_server import free_port
 
             for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
                 os.environ.setdefault(var, str(free_port()))
@@ -285,7 +285,7 @@ class LocalStack:
             serve.run(build_noop_app(), name=NOOP_APP_NAME, route_prefix="/noop")
             serve.run(build_noop_hop_app(), name=NOOP_HOP_APP_NAME, route_prefix="/noop-hop")
         if cfg.front_proxy:
-            from rerank.front_proxy import FrontProxy, FrontProxyConfig
+            from rerank.infra.front_proxy import FrontProxy, FrontProxyConfig
 
             self.front = FrontProxy(FrontProxyConfig(
                 listen_host=cfg.host, listen_port=cfg.port, backend_host=serve_host, backend_port=serve_port,

@@ -1,11 +1,11 @@
-"""OnlineTrainer: the app's continuous-learning replica (rerank.online.OnlineLoop in a thread).
+"""OnlineTrainer: the app's continuous-learning replica (rerank.online.loop.OnlineLoop in a thread).
 
 Part of the app (deployments/app.py binds it when `online.enabled`), so `serve run`,
 `serve deploy` and the RayService all start it, Serve restarts its replica when it dies, and
-`serve delete` stops it. One replica; a Redis lease (rerank.lease, key `{prefix}trainer:lease`)
+`serve delete` stops it. One replica; a Redis lease (rerank.store.lease, key `{prefix}trainer:lease`)
 makes sure that only one trainer works a stream even while a redeploy briefly runs an old and a
 new replica: the other waits as a standby. The loop, the guard and exactly-once live in
-rerank/online.py; this wrapper adds the thread, backoff, the lease and Ray metrics (events applied,
+rerank/online/loop.py; this wrapper adds the thread, backoff, the lease and Ray metrics (events applied,
 versions published, guard refusals, lag, event -> published-weights delay, loop errors).
 
 A Redis outage never kills the replica: starting (checkpoint load, recovery of pending entries)
@@ -22,8 +22,8 @@ from dataclasses import fields
 import numpy as np
 from ray import serve
 
-from rerank.feature_store import DEFAULT_PREFIX
-from rerank.online import LoopStats, OnlineConfig, OnlineLoop
+from rerank.store.feature_store import DEFAULT_PREFIX
+from rerank.online.loop import LoopStats, OnlineConfig, OnlineLoop
 
 logger = logging.getLogger("ray.serve")
 DELAY_BOUNDARIES_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]
@@ -53,10 +53,10 @@ class OnlineTrainer:
         import torch
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        from rerank.feature_store import Keys
-        from rerank.lease import RedisLease
-        from rerank.registry import ModelRegistry
-        from rerank.stream import EventStream, StreamConfig
+        from rerank.store.feature_store import Keys
+        from rerank.store.lease import RedisLease
+        from rerank.models.registry import ModelRegistry
+        from rerank.store.stream import EventStream, StreamConfig
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -82,7 +82,7 @@ class OnlineTrainer:
         client = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.lease = RedisLease(client, lease_key, lease_ttl_s)
         self.loop: OnlineLoop | None = None  # built once the lease is held
-        self._loop_term = 0  # the lease term the loop was built in (rerank.lease.RedisLease.term)
+        self._loop_term = 0  # the lease term the loop was built in (rerank.store.lease.RedisLease.term)
         self.loop_restarts = 0  # loops rebuilt because the lease lapsed and was taken again
         self.state = "starting"  # starting | standby | training | paused | backoff | stopped
         self._seen: dict[str, int] = {}

@@ -1,11 +1,11 @@
-"""Ranker: the `split` layout's ranking hop, a thin wrapper of rerank.serving.rank_batch."""
+"""Ranker: the `split` layout's ranking hop, a thin wrapper of rerank.serving.pipeline.rank_batch."""
 
 from __future__ import annotations
 
 from ray import serve
 
-from rerank.feature_store import DEFAULT_PREFIX, FeatureStore
-from rerank.serving import FetchedBatch, ModelScores, RankedBatch, RankPlan, ScoredBatch, rank_batch, serving_catalogue
+from rerank.store.feature_store import DEFAULT_PREFIX, FeatureStore
+from rerank.serving.pipeline import FetchedBatch, ModelScores, RankedBatch, RankPlan, ScoredBatch, rank_batch, serving_catalogue
 
 
 @serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64,

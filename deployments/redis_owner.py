@@ -19,7 +19,7 @@ NAMESPACE = "rerank"
 @ray.remote(num_cpus=0)
 class RedisOwner:
     def __init__(self, data_dir: str) -> None:
-        from rerank.redis_server import EmbeddedRedis
+        from rerank.infra.redis_server import EmbeddedRedis
 
         self.server = EmbeddedRedis(data_dir=Path(data_dir)).start().supervise()  # restarted when it dies
 

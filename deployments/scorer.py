@@ -11,7 +11,7 @@ weights and no request fails. A replica whose registry LATEST does not load
 keeps polling for LATEST. CUDA is used when the replica has a GPU.
 
 Experiment arms may serve other models: `score(inputs, model_key)` with a key of
-rerank.experiments.ArmSpec.model_key ("dir:PATH" or "registry:URI"; "" = the app's
+rerank.experiments.book.ArmSpec.model_key ("dir:PATH" or "registry:URI"; "" = the app's
 model). An arm's model is loaded on its first request (at most MAX_ARM_MODELS kept,
 least recently used dropped), registry arms are polled like the main registry, and
 one forward pass per model serves each merged batch.
@@ -29,9 +29,9 @@ from pathlib import Path
 
 from ray import serve
 
-from rerank.recommender import Recommender, load_model, read_config
-from rerank.scoring import ScoreInput, score_batch
-from rerank.serving import FetchedBatch, ScoredBatch
+from rerank.models.recommender import Recommender, load_model, read_config
+from rerank.serving.scoring import ScoreInput, score_batch
+from rerank.serving.pipeline import FetchedBatch, ScoredBatch
 
 logger = logging.getLogger("ray.serve")
 MAX_ARM_MODELS = 8
@@ -71,7 +71,7 @@ class Scorer:
         self.history_len = history_len
         self.registry = None
         if registry_uri:
-            from rerank.registry import ModelRegistry
+            from rerank.models.registry import ModelRegistry
 
             self.registry = ModelRegistry(registry_uri)
         self.current = self._initial(model_dir)
@@ -109,7 +109,7 @@ class Scorer:
     def _load_loadable(self, latest: int) -> LoadedModel:
         """LATEST, else the newest older version that loads (a warning names each broken one);
         RegistryError when none does. The poll thread keeps trying LATEST."""
-        from rerank.registry import RegistryError
+        from rerank.models.registry import RegistryError
 
         unloadable = (OSError, ValueError, RegistryError)  # ModelLoadError is a ValueError
         try:
@@ -134,7 +134,7 @@ class Scorer:
 
     def _load_arm(self, key: str) -> LoadedModel:
         """Load an arm's model: "dir:PATH" (a model directory) or "registry:URI" (its LATEST)."""
-        from rerank.registry import ModelRegistry
+        from rerank.models.registry import ModelRegistry
 
         kind, _, where = key.partition(":")
         if kind == "dir":

@@ -1,8 +1,8 @@
-"""EventSink: rerank.sink.StreamSink in a thread of one Serve replica (streams -> Parquet).
+"""EventSink: rerank.eventlog.sink.StreamSink in a thread of one Serve replica (streams -> Parquet).
 
 A Redis outage never kills the replica: the loop backs off exponentially (up to 5 s) and
 recovers pending entries when Redis is back; the state and the last error show in `stats()`.
-One replica; the sink's Redis lease (rerank.sink, key `{prefix}sink:lease`) keeps a second sink
+One replica; the sink's Redis lease (rerank.eventlog.sink, key `{prefix}sink:lease`) keeps a second sink
 of the same streams (a redeploy's old and new replica side by side, a `rerank sink` process) on
 standby: state "standby", no reads, no writes, until the holder stops or its lease lapses.
 """
@@ -15,9 +15,9 @@ import time
 
 from ray import serve
 
-from rerank.auth import redact
-from rerank.feature_store import DEFAULT_PREFIX
-from rerank.sink import SinkConfig, StreamSink
+from rerank.infra.redact import redact
+from rerank.store.feature_store import DEFAULT_PREFIX
+from rerank.eventlog.sink import SinkConfig, StreamSink
 
 logger = logging.getLogger("ray.serve")
 MAX_BACKOFF_S = 5.0

@@ -1,5 +1,5 @@
 import sys
 
-from rerank.cli import main
+from rerank.cli.main import main
 
 sys.exit(main())

@@ -23,12 +23,12 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    """A real redis-server (rerank.redis_server.EmbeddedRedis) on a free port, for the session.
+    """A real redis-server (rerank.infra.redis_server.EmbeddedRedis) on a free port, for the session.
 
     Tests may stop() and start() it to simulate an outage: it restarts on the same port
     and data directory. Use `redis_url` for a flushed database.
     """
-    from rerank.redis_server import EmbeddedRedis
+    from rerank.infra.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
     yield server
@@ -59,7 +59,7 @@ def make_dataset(tmp_path):
     """
     import pyarrow as pa
 
-    from rerank.dataset import load_dataset, write_dataset
+    from rerank.data.dataset import load_dataset, write_dataset
 
     counter = iter(range(1_000_000))
 
@@ -111,7 +111,7 @@ def serve_url(ray_session) -> str:
     other options is ignored by Serve, so every e2e module must share this one)."""
     from ray import serve
 
-    from rerank.redis_server import free_port
+    from rerank.infra.redis_server import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -38,9 +38,9 @@ def main() -> int:
     from online_helpers import wait_until  # tests/ is this script's directory
 
     from deployments.app import build_app
-    from rerank.dataset import load_dataset
-    from rerank.redis_server import free_port
-    from rerank.replay import ReplayConfig, replay
+    from rerank.data.dataset import load_dataset
+    from rerank.infra.redis_server import free_port
+    from rerank.clients.replay import ReplayConfig, replay
 
     work = Path(args.work)
     flags = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0.5"}

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rerank.dataset import load_dataset, leave_one_out
-from rerank.recommender import save_model
-from rerank.synth import SynthConfig, write_synth
+from rerank.data.dataset import load_dataset, leave_one_out
+from rerank.models.recommender import save_model
+from rerank.data.synth import SynthConfig, write_synth
 
 TINY_SASREC = dict(d_model=32, n_layers=1, n_heads=1, max_len=20, dropout=0.1, attn_dropout=0.1,
                    epochs=25, eval_every=25, lr=5e-3, max_minutes=0, batch_size=64, progress=False, device="cpu",
@@ -19,8 +19,8 @@ TINY_SASREC = dict(d_model=32, n_layers=1, n_heads=1, max_len=20, dropout=0.1, a
 
 def small_shop(root: Path, seed: int) -> tuple[Path, Path]:
     """(dataset dir, model dir): a 300-user, 150-item synthetic shop and a SASRec trained on it for
-    a few seconds through `rerank.train` (the serving end-to-end tests' shop)."""
-    from rerank.train import train
+    a few seconds through `rerank.models.train` (the serving end-to-end tests' shop)."""
+    from rerank.models.train import train
 
     write_synth(root / "data", SynthConfig(n_users=300, n_items=150, seed=seed))
     train("sasrec", root / "data", root / "model", evaluate_valid=False, epochs=3, max_minutes=0.5,
@@ -30,7 +30,7 @@ def small_shop(root: Path, seed: int) -> tuple[Path, Path]:
 
 def tiny_model_dir(root: Path) -> tuple[Path, Path]:
     """(dataset dir, trained model dir) of a 150-user, 60-item synthetic shop (seconds to train)."""
-    from rerank.sequential import SequentialRecommender
+    from rerank.models.sequential import SequentialRecommender
 
     data = root / "data"
     write_synth(data, SynthConfig(n_users=150, n_items=60, seed=3))

@@ -1,4 +1,4 @@
-"""The HTTP models (rerank.api) and the serving helpers without Ray."""
+"""The HTTP models (rerank.serving.api) and the serving helpers without Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from rerank.api import (
+from rerank.serving.api import (
     DEFAULT_MAX_CATALOGUE_ITEMS,
     MAX_ABS_BOOST,
     MAX_BODY_BYTES,
@@ -23,8 +23,8 @@ from rerank.api import (
     check_body_size,
     check_rank_limits,
 )
-from rerank.bench import make_rank_bodies
-from rerank.catalogue import Catalogue
+from rerank.clients.bench import make_rank_bodies
+from rerank.serving.catalogue import Catalogue
 
 
 def _fields(err: ValidationError) -> set[str]:

@@ -39,7 +39,7 @@ def fuzz_app(serve_url, tmp_path_factory, redis_server):
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
-    from rerank.registry import ModelRegistry
+    from rerank.models.registry import ModelRegistry
 
     root = tmp_path_factory.mktemp("fuzz")
     data, model = tiny_model_dir(root)

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def shops(tmp_path_factory):
-    from rerank.synth import SynthConfig, write_synth
+    from rerank.data.synth import SynthConfig, write_synth
 
     root = tmp_path_factory.mktemp("shops")
     write_synth(root / "small", SynthConfig(n_users=50, n_items=120, seed=1))  # ids sku001..
@@ -19,7 +19,7 @@ def shops(tmp_path_factory):
 
 def test_ensure_loaded_loads_once_and_keeps_online_events(redis_server, shops):
     from deployments.app import ensure_loaded
-    from rerank.feature_store import Event, FeatureStore
+    from rerank.store.feature_store import Event, FeatureStore
 
     redis_server.start()
     prefix = f"t{uuid.uuid4().hex[:8]}:"  # no flush: other modules share the server

@@ -1,4 +1,4 @@
-"""API keys with scopes (rerank.auth): 401/403, key sources, no key in any text, bind checks, URL redaction."""
+"""API keys with scopes (rerank.serving.auth): 401/403, key sources, no key in any text, bind checks, URL redaction."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import pickle
 
 import pytest
 
-import rerank.auth as auth
-from rerank.auth import (
+import rerank.serving.auth as auth
+from rerank.serving.auth import (
     ANONYMOUS,
     ApiKeys,
     AuthConfigError,
     AuthError,
     check_bind,
     is_loopback,
-    redact,
-    safe_url,
 )
+from rerank.infra.redact import redact, safe_url
 
 RANK_KEY = "rank-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"

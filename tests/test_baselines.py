@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from rerank.dataset import leave_one_out
-from rerank.recommender import ModelLoadError, load_model, model_class, save_model
-from rerank.train import TrainLog
+from rerank.data.dataset import leave_one_out
+from rerank.models.recommender import ModelLoadError, load_model, model_class, save_model
+from rerank.models.train_log import TrainLog
 
 KINDS = ("pop", "itemknn", "mf")
 FAST = {"pop": {}, "itemknn": {}, "mf": {"factors": 8, "epochs": 4}}
@@ -109,7 +109,7 @@ def test_mf_early_stops_on_validation_and_logs_epochs(make_dataset):
     best = max(r["valid_ndcg10"] for r in epochs)
     if len(epochs) < 30:  # stopped early: the last `patience` epochs did not beat the best
         assert all(r["valid_ndcg10"] <= best for r in epochs[-2:])
-    from rerank.evaluate import evaluate
+    from rerank.models.evaluate import evaluate
 
     # the kept factors are the best epoch's
     assert evaluate(model, ds, leave_one_out(ds), which="valid", ks=(10,))["ndcg@10"] == pytest.approx(best)

@@ -1,4 +1,4 @@
-"""rerank.bench against a real (tiny, in-process) HTTP server whose delays the tests control.
+"""rerank.clients.bench against a real (tiny, in-process) HTTP server whose delays the tests control.
 
 These check the load generators' arithmetic (counts, rates, where latency is measured from,
 late shares, ratios) and the `rerank bench` command line, not the speed of the service.
@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rerank.bench import LoadConfig, compare, run_load, run_open_loop, summary
-from rerank.cli import main
+from rerank.clients.bench import LoadConfig, compare, run_load, run_open_loop, summary
+from rerank.cli.main import main
 
 SEEN: list[tuple[str, str | None]] = []  # (path, Authorization header) of every request
 
@@ -210,9 +210,9 @@ class _FakeDataset:
 
 @pytest.fixture
 def fake_dataset(monkeypatch):
-    import rerank.dataset
+    import rerank.data.dataset
 
-    monkeypatch.setattr(rerank.dataset, "load_dataset", lambda path: _FakeDataset())
+    monkeypatch.setattr(rerank.data.dataset, "load_dataset", lambda path: _FakeDataset())
 
 
 def _cli_error(capsys, argv: list[str]) -> str:
@@ -246,7 +246,7 @@ def test_cli_rejects_bad_lists_before_starting_anything(capsys, monkeypatch, arg
 
 
 def test_cli_list_parsing_and_routes():
-    from rerank.commands.bench import float_list, int_list, layout_list, layout_targets, parse_targets
+    from rerank.cli.bench import float_list, int_list, layout_list, layout_targets, parse_targets
 
     assert int_list("--candidates", " 100, 200,500,1000,200") == [100, 200, 500, 1000]
     assert float_list("--rate", "") == [] and float_list("--rate", "50, 100.5") == [50.0, 100.5]
@@ -301,7 +301,7 @@ def fake_stack(server, tmp_path, monkeypatch):
             seen["stopped"] = True
 
     monkeypatch.setattr(deployments.local, "LocalStack", RecordingStack)
-    monkeypatch.setattr("rerank.bench.CpuMeter", lambda: None)
+    monkeypatch.setattr("rerank.clients.bench.CpuMeter", lambda: None)
     monkeypatch.delenv("RERANK_API_KEY", raising=False)
     return seen
 

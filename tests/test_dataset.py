@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rerank.dataset import DatasetError, leave_one_out, load_dataset, write_dataset
+from rerank.data.dataset import DatasetError, leave_one_out, load_dataset, write_dataset
 
 
 def _tiny(tmp_path, sequences: dict[int, list[int]], n_items: int = 20):
@@ -90,7 +90,7 @@ def test_leave_one_out_targets_are_the_last_two_items(tmp_path):
 
 
 def _beauty(shared_data, tmp_path, n_lines: int = 400):
-    from rerank.importers import import_sasrec
+    from rerank.data.importers import import_sasrec
 
     src = tmp_path / "beauty.txt"
     with (shared_data / "amazon-beauty" / "Beauty.txt").open() as f:

@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
 
 
 def test_multi_node_cluster_serves_trains_and_hot_swaps(redis_url, tiny, tmp_path):
-    from rerank.registry import ModelRegistry
+    from rerank.models.registry import ModelRegistry
 
     registry = ModelRegistry(str(tmp_path / "registry"))
     registry.publish_dir(tiny[1])
@@ -54,8 +54,8 @@ def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny
     import redis
 
     from deployments.local import ServeRun, write_serve_config
-    from rerank.dataset import load_dataset
-    from rerank.redis_server import free_port
+    from rerank.data.dataset import load_dataset
+    from rerank.infra.redis_server import free_port
 
     port = free_port()
     # serve_config.yaml as shipped, with this test's data, model, Redis, registry, prefix and port
@@ -84,7 +84,7 @@ def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny
             info = client.get("/model").json()
             assert info["meta"]["events_applied"] >= 30
             # the shipped config's sink persists the answers and the events to Parquet, attributed
-            from rerank.readout import load_parquet
+            from rerank.experiments.readout import load_parquet
 
             def sunk():
                 impressions, sunk_events = load_parquet(tmp_path / "sink")

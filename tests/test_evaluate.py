@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rerank.dataset import leave_one_out
-from rerank.evaluate import compare, evaluate, format_table, plot_comparison
-from rerank.recommender import Recommender, save_model
+from rerank.data.dataset import leave_one_out
+from rerank.models.evaluate import compare, evaluate, format_table, plot_comparison
+from rerank.models.recommender import Recommender, save_model
 
 
 class FixedScores(Recommender):
@@ -136,7 +136,7 @@ def test_wrong_score_shape_is_refused(make_dataset):
 
 
 def test_compare_table_and_plot(make_dataset, tmp_path, monkeypatch):
-    from rerank import recommender
+    from rerank.models import recommender
 
     monkeypatch.setitem(recommender.MODEL_KINDS, "fixed-test", FixedScores)
     ds = make_dataset(SEQUENCES, n_items=8)

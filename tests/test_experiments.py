@@ -1,5 +1,5 @@
-"""Experiment assignment and the Redis book (rerank.experiments), impressions and attribution
-(rerank.attribution), on a real Redis."""
+"""Experiment assignment and the Redis book (rerank.experiments.book), impressions and attribution
+(rerank.experiments.attribution), on a real Redis."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from rerank.attribution import AttributionConfig, ImpressionLog, read_shown
-from rerank.experiments import (
+from rerank.experiments.attribution import AttributionConfig, ImpressionLog, read_shown
+from rerank.experiments.book import (
     DEFAULT_ARM,
     INTERLEAVED_ARM,
     Experiment,
@@ -23,8 +23,8 @@ from rerank.experiments import (
     stop_experiment,
     write_experiment,
 )
-from rerank.feature_store import Event, FeatureStore, Keys
-from rerank.records import Impression, event_row
+from rerank.store.feature_store import Event, FeatureStore, Keys
+from rerank.eventlog.records import Impression, event_row
 
 USERS = [f"user{i}" for i in range(6000)]
 
@@ -216,8 +216,8 @@ def test_attribution_fields_reach_the_event_stream_and_parse(redis_url):
 
 
 def test_arms_whose_model_cannot_load_are_named(tmp_path):
-    from rerank.experiments import unreadable_model
-    from rerank.registry import ModelRegistry
+    from rerank.experiments.book import unreadable_model
+    from rerank.models.registry import ModelRegistry
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")

@@ -24,7 +24,7 @@ N_USERS = 160
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
     """A small synthetic shop, a SASRec trained in seconds (the app's model) and a popularity model."""
-    from rerank.train import train
+    from rerank.models.train import train
     from online_helpers import small_shop
 
     root = tmp_path_factory.mktemp("xp")
@@ -56,7 +56,7 @@ def service(serve_url, redis_server, shop):
     }  # fmt: skip
     serve.run(build_app(args), name=APP, route_prefix="/xp")
     client = httpx.Client(base_url=f"{serve_url}/xp", timeout=30)
-    from rerank.dataset import load_dataset
+    from rerank.data.dataset import load_dataset
 
     items = [str(i) for i in load_dataset(shop / "data").item_ids[1:]]
     yield {"client": client, "redis": redis.Redis.from_url(redis_server.url, decode_responses=True),
@@ -107,8 +107,8 @@ def test_answers_name_their_arm_serve_its_model_and_are_recorded(service):
 
 def test_interleaved_lists_mix_both_arms_fairly(service):
     answers = _rank_all(service, [f"xi{i}" for i in range(N_USERS)])
-    from rerank.attribution import read_shown
-    from rerank.feature_store import Keys
+    from rerank.experiments.attribution import read_shown
+    from rerank.store.feature_store import Keys
 
     interleaved = [(u, a) for u, a in answers.items() if a["experiment"] == "il"]
     assert interleaved
@@ -153,7 +153,7 @@ def test_events_are_attributed_sunk_to_parquet_and_read_out(service):
     assert stream[f"p-{next(iter(answers))}"]["value"] == "25.0"
 
     # the sink persists both streams; the readout counts exactly what was sent
-    from rerank.readout import load_parquet
+    from rerank.experiments.readout import load_parquet
 
     sink = service["shop"] / "sink"
 
@@ -232,7 +232,7 @@ def test_an_arm_with_online_learning_trains_on_its_arms_events_only(service):
 
 
 def test_the_simulator_drives_the_live_service_and_its_events_are_attributed(service, serve_url):
-    from rerank.simulate import SimConfig, ShopTruth, simulate
+    from rerank.clients.simulate import SimConfig, ShopTruth, simulate
 
     r = service["redis"]
     before = r.xlen(f"{PREFIX}events")

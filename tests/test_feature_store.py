@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import redis
 
-from rerank.dataset import load_dataset, write_dataset
-from rerank.feature_store import (
+from rerank.data.dataset import load_dataset, write_dataset
+from rerank.store.feature_store import (
     Event,
     EventValidationError,
     FeatureStore,
@@ -283,7 +283,7 @@ def test_server_out_of_memory_is_reported_as_unavailable(redis_url):
 
 def test_real_beauty_slice_round_trips_through_the_store(shared_data, tmp_path, redis_url):
     """Real Amazon Beauty sequences (first 300 users): the store returns each user's newest events."""
-    from rerank.importers import import_sasrec
+    from rerank.data.importers import import_sasrec
 
     beauty = shared_data / "amazon-beauty"
     lines = (beauty / "Beauty.txt").read_text().splitlines()[:300]
@@ -311,7 +311,7 @@ def test_real_beauty_slice_round_trips_through_the_store(shared_data, tmp_path, 
 def test_real_movielens_events_replayed_online_match_the_history(shared_data, tmp_path, redis_url):
     """MovieLens 100k with real timestamps: load all but each user's last 5 ratings, replay those
     as events, and the store ends up with the full time-ordered history."""
-    from rerank.importers import import_recbole
+    from rerank.data.importers import import_recbole
 
     ml = shared_data / "ml-100k"
     import_recbole(ml / "ml-100k.inter", tmp_path / "ml", ml / "ml-100k.item")
@@ -474,7 +474,7 @@ def test_ensure_item_floor_when_unavailable(redis_server, redis_url):
 
 
 def test_check_server_accepts_the_embedded_server(redis_url):
-    from rerank.redis_server import DEFAULT_MAXMEMORY, parse_memory_size
+    from rerank.infra.redis_server import DEFAULT_MAXMEMORY, parse_memory_size
 
     store = FeatureStore(redis_url)
     mem = store.server_memory()

@@ -1,4 +1,4 @@
-"""The front HAProxy (rerank.front_proxy): a real haproxy process in front of a real HTTP server process."""
+"""The front HAProxy (rerank.infra.front_proxy): a real haproxy process in front of a real HTTP server process."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rerank.front_proxy import FrontProxy, FrontProxyConfig, check_config, render_config, write_errorfiles
-from rerank.redis_server import free_port
+from rerank.infra.front_proxy import FrontProxy, FrontProxyConfig, check_config, render_config, write_errorfiles
+from rerank.infra.redis_server import free_port
 
 CLUSTER_CFG = Path(__file__).resolve().parents[1] / "cluster" / "haproxy-front.cfg"
 CLUSTER_ERRORS, CLUSTER_SOCKET = "/etc/haproxy/rerank-errors", "/run/haproxy/rerank-front.sock"

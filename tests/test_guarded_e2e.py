@@ -21,7 +21,7 @@ RANK_KEY, ADMIN_KEY = "rank-key-0123456789abcdef", "admin-key-0123456789abcdef"
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory, redis_server):
     from deployments.app import ensure_loaded
-    from rerank.dataset import load_dataset
+    from rerank.data.dataset import load_dataset
 
     data, model = tiny_model_dir(tmp_path_factory.mktemp("guarded"))
     redis_server.start()
@@ -122,7 +122,7 @@ def test_a_failing_scorer_gives_a_degraded_ranking_not_an_error(deploy, shop):
 
 
 def test_oversized_bodies_and_whole_catalogue_over_the_cap_are_refused(deploy, shop):
-    from rerank.api import MAX_BODY_BYTES
+    from rerank.serving.api import MAX_BODY_BYTES
 
     client = deploy("bounded", max_catalogue_items=10)
     huge = b'{"user_id": "u", "candidates": ["' + b"x" * (MAX_BODY_BYTES + 10) + b'"]}'

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rerank.dataset import leave_one_out
-from rerank.hybrid import WEIGHT_GRID, HybridRecommender
-from rerank.recommender import load_model, save_model
+from rerank.data.dataset import leave_one_out
+from rerank.models.hybrid import WEIGHT_GRID, HybridRecommender
+from rerank.models.recommender import load_model, save_model
 
 N_ITEMS = 30
 TINY = dict(d_model=32, n_heads=2, max_len=10, dropout=0.1, attn_dropout=0.1, batch_size=64, eval_every=2,
@@ -30,7 +30,7 @@ def noisy_chain(make_dataset):
 
 
 def test_fit_picks_the_weight_with_the_best_validation_ndcg(noisy_chain):
-    from rerank.train import TrainLog
+    from rerank.models.train_log import TrainLog
 
     split = leave_one_out(noisy_chain)
     model = HybridRecommender.create(noisy_chain, seed=0, max_minutes=0, **TINY)

@@ -11,9 +11,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from rerank.cli import main
-from rerank.dataset import load_dataset
-from rerank.importers import import_events, import_recbole, import_sasrec
+from rerank.cli.main import main
+from rerank.data.dataset import load_dataset
+from rerank.data.importers import import_events, import_recbole, import_sasrec
 
 
 def _head(src: Path, dst: Path, n_lines: int) -> Path:
@@ -159,7 +159,7 @@ def test_events_parquet_with_integer_ids_and_timestamp_type(tmp_path):
 def test_synth_stream_round_trips_through_the_events_importer(tmp_path):
     import pyarrow.csv as pacsv
 
-    from rerank.synth import SynthConfig, generate_shop
+    from rerank.data.synth import SynthConfig, generate_shop
 
     shop = generate_shop(SynthConfig(n_users=60, n_items=80, seed=3))
     ev = shop.events

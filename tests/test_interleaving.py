@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from rerank.interleaving import credit, request_rng, team_draft, winner
+from rerank.experiments.interleaving import credit, request_rng, team_draft, winner
 
 
 def random_lists(rng: random.Random) -> tuple[list[str], list[str]]:

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rerank.evaluate import mask_history
-from rerank.metrics import MISS_RANK, metrics_from_ranks, target_ranks
+from rerank.models.evaluate import mask_history
+from rerank.models.metrics import MISS_RANK, metrics_from_ranks, target_ranks
 
 NEG = -np.inf
 

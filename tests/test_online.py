@@ -10,12 +10,12 @@ import pytest
 import redis
 import torch
 
-from rerank.online import (Example, IncrementalTrainer, OnlineConfig, OnlineLoop, PublishGuard,
+from rerank.online.loop import (Example, IncrementalTrainer, OnlineConfig, OnlineLoop, PublishGuard,
                            example_from_entry, is_holdout, parse_seq)
-from rerank.dataset import load_dataset
-from rerank.recommender import load_model
-from rerank.registry import ModelRegistry
-from rerank.stream import EventStream, StreamConfig, StreamEntry
+from rerank.data.dataset import load_dataset
+from rerank.models.recommender import load_model
+from rerank.models.registry import ModelRegistry
+from rerank.store.stream import EventStream, StreamConfig, StreamEntry
 
 from online_helpers import synth_events, tiny_model_dir
 
@@ -148,7 +148,7 @@ def test_guard_refuses_nan_and_sabotaged_weights_and_accepts_a_normal_update(mod
 
 # ------------------------------------------------------------------ the loop over real Redis
 def _write(url: str, tiny_data, limit: int, start: int = 0):
-    from rerank.feature_store import Event, FeatureStore
+    from rerank.store.feature_store import Event, FeatureStore
 
     store = FeatureStore(url)
     events = synth_events(tiny_data, start + limit)[start:]
@@ -396,7 +396,7 @@ def test_a_failed_state_write_after_a_publish_acks_and_a_restart_stands_on_the_v
 
 
 def test_model_freshness_counts_events_behind_the_served_version(redis_url):
-    from rerank.online import model_freshness
+    from rerank.online.loop import model_freshness
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     ids = [client.xadd("rr:events", {"event_id": str(i)}) for i in range(5)]
@@ -412,7 +412,7 @@ def test_model_freshness_counts_events_behind_the_served_version(redis_url):
 
 # ------------------------------------------------------------------ bounded state
 def test_growth_never_exceeds_max_items(model):
-    from rerank.online import ensure_capacity
+    from rerank.online.loop import ensure_capacity
 
     n0, cap0 = model.n_items, model.module.config.item_capacity
     unbounded = copy.deepcopy(model)
@@ -525,7 +525,7 @@ def test_items_added_counts_distinct_new_items_once(redis_url, tiny, tmp_path):
 
 
 def test_entries_trimmed_before_the_trainer_read_them_are_counted_not_silent(redis_url, tiny, tmp_path):
-    from rerank.feature_store import Event, FeatureStore
+    from rerank.store.feature_store import Event, FeatureStore
 
     registry = ModelRegistry(str(tmp_path / "reg"))
     registry.publish_dir(tiny[1])

@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
 
 
 def _write_events(url: str, events, prefix: str = "rr:", every_s: float = 0.0, batch: int = 20) -> int:
-    from rerank.feature_store import Event, FeatureStore
+    from rerank.store.feature_store import Event, FeatureStore
 
     store = FeatureStore(url, prefix=prefix)
     accepted = 0
@@ -50,7 +50,7 @@ def test_killing_the_trainer_replica_mid_stream_loses_and_duplicates_no_event(se
     from ray import serve
 
     from deployments.online_trainer import GROUP, OnlineTrainer
-    from rerank.registry import ModelRegistry
+    from rerank.models.registry import ModelRegistry
 
     registry = ModelRegistry(str(tmp_path / "reg"))
     registry.publish_dir(tiny[1])
@@ -95,7 +95,7 @@ def test_a_second_trainer_on_the_same_stream_stands_by_until_the_first_stops(ser
     from ray import serve
 
     from deployments.online_trainer import OnlineTrainer
-    from rerank.registry import ModelRegistry
+    from rerank.models.registry import ModelRegistry
 
     registry = ModelRegistry(str(tmp_path / "reg"))
     registry.publish_dir(tiny[1])
@@ -118,8 +118,8 @@ def test_a_lapsed_lease_taken_again_restarts_the_loop_from_the_checkpoint(serve_
     from ray import serve
 
     from deployments.online_trainer import OnlineTrainer
-    from rerank.feature_store import Keys
-    from rerank.registry import ModelRegistry
+    from rerank.store.feature_store import Keys
+    from rerank.models.registry import ModelRegistry
 
     registry = ModelRegistry(str(tmp_path / "reg"))
     registry.publish_dir(tiny[1])
@@ -141,9 +141,9 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redi
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
-    from rerank.dataset import load_dataset
-    from rerank.registry import ModelRegistry
-    from rerank.replay import ReplayConfig, replay
+    from rerank.data.dataset import load_dataset
+    from rerank.models.registry import ModelRegistry
+    from rerank.clients.replay import ReplayConfig, replay
 
     prefix = "swap:"
     redis_server.start()

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from rerank.dataset import leave_one_out, load_dataset
-from rerank.online import OnlineConfig
-from rerank.prequential import PrequentialConfig, _rank_of_targets, run_prequential, time_split, train_dataset
-from rerank.replay import ReplayConfig, dataset_events, schedule
-from rerank.synth import SynthConfig, write_synth
+from rerank.data.dataset import leave_one_out, load_dataset
+from rerank.online.loop import OnlineConfig
+from rerank.online.prequential import PrequentialConfig, _rank_of_targets, run_prequential, time_split, train_dataset
+from rerank.clients.replay import ReplayConfig, dataset_events, schedule
+from rerank.data.synth import SynthConfig, write_synth
 
 from online_helpers import TINY_SASREC
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
-    from rerank.sequential import SequentialRecommender
+    from rerank.models.sequential import SequentialRecommender
 
     path = tmp_path_factory.mktemp("preq") / "data"
     write_synth(path, SynthConfig(n_users=120, n_items=60, seed=5))

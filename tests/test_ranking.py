@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rerank.ranking import SCORE_LIMIT, RankingRules, attribute_features, dpp, mmr, popularity_prior, rank
+from rerank.serving.ranking import SCORE_LIMIT, RankingRules, attribute_features, dpp, mmr, popularity_prior, rank
 
 IDS = ["a", "b", "c", "d", "e"]
 IDX = np.array([1, 2, 3, 4, 5])
@@ -154,7 +154,7 @@ def test_dpp_increases_attribute_diversity_of_the_top_k():
 
 
 def test_dpp_tends_to_score_order_and_fills_up_after_duplicates():
-    from rerank.ranking import dpp
+    from rerank.serving.ranking import dpp
 
     scores = np.array([0.3, 0.9, 0.5, 0.7])
     feats = np.eye(4)

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rerank.cli import main
-from rerank.readout import (Look, chi2_sf, load_parquet, msprt_interval, msprt_p_value, plot_report, ratio_by_user,
+from rerank.cli.main import main
+from rerank.experiments.readout import (Look, chi2_sf, load_parquet, msprt_interval, msprt_p_value, plot_report, ratio_by_user,
                             report, sample_ratio, sequential_test)
-from rerank.records import EVENT_SCHEMA, IMPRESSION_SCHEMA, IMPRESSION_ITEM, events_table, impressions_table
+from rerank.eventlog.records import EVENT_SCHEMA, IMPRESSION_SCHEMA, IMPRESSION_ITEM, events_table, impressions_table
 
 DAY = "2024-01-01"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from rerank.redis_server import (
+from rerank.infra.redis_server import (
     DEFAULT_MAXMEMORY,
     EmbeddedRedis,
     find_redis_server_binary,
@@ -105,7 +105,7 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
     import time
 
     code = (
-        "import sys; from rerank.redis_server import EmbeddedRedis; "
+        "import sys; from rerank.infra.redis_server import EmbeddedRedis; "
         f"s = EmbeddedRedis(data_dir={str(tmp_path)!r}).start(); print(s.pid, s.port, flush=True); "
         "sys.stdin.read()"
     )
@@ -145,7 +145,7 @@ def test_auto_port_taken_before_start_moves_to_another(tmp_path):
 
 
 def test_explicit_port_in_use_is_a_clear_error(tmp_path, redis_server):
-    from rerank.redis_server import RedisServerError
+    from rerank.infra.redis_server import RedisServerError
 
     redis_server.start()
     other = EmbeddedRedis(port=redis_server.port, data_dir=tmp_path)
@@ -223,7 +223,7 @@ def test_a_supervised_server_killed_with_sigkill_comes_back_with_its_data(tmp_pa
 
     import redis
 
-    from rerank.redis_server import EmbeddedRedis
+    from rerank.infra.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis(data_dir=tmp_path / "supervised").start().supervise(every_s=0.1)
     try:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rerank.recommender import load_model
-from rerank.registry import ModelRegistry, RegistryConflict, RegistryError, RegistryPinned
+from rerank.models.recommender import load_model
+from rerank.models.registry import ModelRegistry, RegistryConflict, RegistryError, RegistryPinned
 
 from online_helpers import tiny_model_dir
 
@@ -252,7 +252,7 @@ def test_a_remote_registry_is_read_through_one_pruned_cache_per_node(tiny, tmp_p
     """mock:// is a non-local pyarrow filesystem (in this process), so reads go through the cache."""
     import uuid
 
-    from rerank.registry import CACHE_ENV
+    from rerank.models.registry import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "node-cache"))
     uri = f"mock:///reg-{uuid.uuid4().hex}"
@@ -276,7 +276,7 @@ def test_a_remote_registry_is_read_through_one_pruned_cache_per_node(tiny, tmp_p
 
 
 def test_resolve_model_dir_without_a_version_needs_a_model_directory(tiny, tmp_path):
-    from rerank.registry import resolve_model_dir
+    from rerank.models.registry import resolve_model_dir
 
     empty = str(tmp_path / "empty")
     assert resolve_model_dir(str(tiny[1]), empty) == (tiny[1], None)
@@ -310,7 +310,7 @@ def test_prune_removes_staging_copies_a_killed_publisher_left_but_not_fresh_ones
 def test_garbage_weights_are_a_model_load_error(tiny, tmp_path):
     import shutil
 
-    from rerank.recommender import ModelLoadError
+    from rerank.models.recommender import ModelLoadError
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny[1], broken)

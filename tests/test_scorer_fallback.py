@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from deployments.scorer import Scorer
-from rerank.registry import ModelRegistry, RegistryError, version_name
-from rerank.sequential import WEIGHTS_FILE
+from rerank.models.registry import ModelRegistry, RegistryError, version_name
+from rerank.models.sequential import WEIGHTS_FILE
 
 from online_helpers import tiny_model_dir, wait_until
 

@@ -1,16 +1,16 @@
-"""rerank.scoring.score_batch: many requests in one model call, same scores as one by one."""
+"""rerank.serving.scoring.score_batch: many requests in one model call, same scores as one by one."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rerank.scoring import ScoreInput, score_batch
+from rerank.serving.scoring import ScoreInput, score_batch
 
 
 @pytest.fixture
 def model(make_dataset):
-    from rerank.sequential import SequentialRecommender
+    from rerank.models.sequential import SequentialRecommender
 
     dataset = make_dataset([[1, 2, 3, 4], [2, 3, 5, 6, 7], [8, 1, 2]], attributes={1: [1], 2: [2], 3: [1, 3]})
     return SequentialRecommender.create(dataset, seed=0, d_model=16, n_heads=2, n_layers=1, max_len=10,

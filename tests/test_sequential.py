@@ -1,4 +1,4 @@
-"""The SASRec transformer (rerank.model) and its Recommender wrapper (rerank.sequential).
+"""The SASRec transformer (rerank.models.sasrec) and its Recommender wrapper (rerank.models.sequential).
 
 Small synthetic data only; the Beauty-scale run lives in benchmarks/beauty_sasrec.py.
 """
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from rerank.model import SASRec, SASRecConfig
-from rerank.recommender import ModelLoadError, load_model, save_model
-from rerank.sequential import SequentialRecommender, left_pad
+from rerank.models.sasrec import SASRec, SASRecConfig
+from rerank.models.recommender import ModelLoadError, load_model, save_model
+from rerank.models.sequential import SequentialRecommender, left_pad
 
 N_ITEMS = 30
 
@@ -152,10 +152,10 @@ def test_create_rejects_unknown_options(chain_dataset):
 
 
 def test_learns_a_planted_sequence_and_beats_popularity(chain_dataset):
-    from rerank.dataset import leave_one_out
-    from rerank.evaluate import evaluate
-    from rerank.recommender import model_class
-    from rerank.train import TrainLog
+    from rerank.data.dataset import leave_one_out
+    from rerank.models.evaluate import evaluate
+    from rerank.models.recommender import model_class
+    from rerank.models.train_log import TrainLog
 
     split = leave_one_out(chain_dataset)
     model = SequentialRecommender.create(chain_dataset, seed=0, epochs=10, **SMALL)
@@ -213,7 +213,7 @@ def test_load_refuses_weights_that_do_not_match_the_config(chain_dataset, tmp_pa
 
 
 def test_batches_cover_every_user_once_with_balanced_positions(chain_dataset):
-    from rerank.dataset import leave_one_out
+    from rerank.data.dataset import leave_one_out
 
     model = SequentialRecommender.create(chain_dataset, seed=0, **{**SMALL, "batch_size": 16})
     inputs, types, targets, lengths = model._training_arrays(leave_one_out(chain_dataset))
@@ -228,8 +228,8 @@ def test_batches_cover_every_user_once_with_balanced_positions(chain_dataset):
 
 
 def test_time_budget_stops_after_a_validated_epoch_and_keeps_the_best_weights(chain_dataset):
-    from rerank.dataset import leave_one_out
-    from rerank.train import TrainLog
+    from rerank.data.dataset import leave_one_out
+    from rerank.models.train_log import TrainLog
 
     options = {**SMALL, "max_minutes": 1e-6, "eval_every": 5}
     model = SequentialRecommender.create(chain_dataset, seed=0, epochs=50, **options)
@@ -244,7 +244,7 @@ def test_time_budget_stops_after_a_validated_epoch_and_keeps_the_best_weights(ch
 def test_the_frozen_item_table_follows_weight_updates(make_dataset):
     import torch
 
-    from rerank.sequential import SequentialRecommender
+    from rerank.models.sequential import SequentialRecommender
 
     dataset = make_dataset([[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6]], attributes={1: [1], 2: [1, 2], 3: [2]})
     model = SequentialRecommender.create(dataset, seed=0, d_model=8, n_layers=1, n_heads=1, max_len=5, epochs=1,

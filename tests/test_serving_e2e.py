@@ -39,8 +39,8 @@ def wait_until(check, what: str, timeout_s: float = 60.0, every_s: float = 0.2):
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
     """A small synthetic shop and a SASRec trained on it for a few seconds; a registry with v1."""
-    from rerank.dataset import load_dataset
-    from rerank.registry import ModelRegistry
+    from rerank.data.dataset import load_dataset
+    from rerank.models.registry import ModelRegistry
     from online_helpers import small_shop
 
     root = tmp_path_factory.mktemp("e2e")
@@ -89,8 +89,8 @@ def candidate_ids(dataset, n: int, seed: int = 0) -> list[str]:
 
 
 def test_rank_is_the_model_order_of_the_candidates(service):
-    from rerank.feature_store import FeatureStore
-    from rerank.recommender import load_model
+    from rerank.store.feature_store import FeatureStore
+    from rerank.models.recommender import load_model
 
     dataset, client = service["dataset"], service["client"]
     user = user_with_history(dataset)

@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from rerank.api import EventsRequest, RankRequest, RankResponse
-from rerank.cli import main
-from rerank.simulate import (
+from rerank.serving.api import EventsRequest, RankRequest, RankResponse
+from rerank.cli.main import main
+from rerank.clients.simulate import (
     PRICE_BASE,
     PRICE_GROWTH,
     ArmStats,
@@ -37,7 +37,7 @@ from rerank.simulate import (
     retry_delay,
     user_schedule,
 )
-from rerank.synth import SynthConfig, generate_shop, write_synth
+from rerank.data.synth import SynthConfig, generate_shop, write_synth
 
 SMALL = SynthConfig(n_users=50, n_items=200)
 
@@ -270,8 +270,8 @@ def test_cli_errors(tmp_path, data_dir, capsys):
 
 
 def test_a_changed_shop_has_new_successors_in_the_same_categories(tmp_path):
-    from rerank.simulate import ShopTruth
-    from rerank.synth import SynthConfig, write_synth
+    from rerank.clients.simulate import ShopTruth
+    from rerank.data.synth import SynthConfig, write_synth
 
     write_synth(tmp_path / "shop", SynthConfig(n_users=20, n_items=200, seed=2))
     truth = ShopTruth.from_dataset(tmp_path / "shop")
@@ -287,8 +287,8 @@ def test_a_changed_shop_has_new_successors_in_the_same_categories(tmp_path):
 
 
 def test_users_can_differ_in_how_much_they_click(tmp_path):
-    from rerank.simulate import ChoiceModel, ShopTruth, new_user
-    from rerank.synth import SynthConfig, write_synth
+    from rerank.clients.simulate import ChoiceModel, ShopTruth, new_user
+    from rerank.data.synth import SynthConfig, write_synth
 
     write_synth(tmp_path / "shop", SynthConfig(n_users=20, n_items=200, seed=2))
     truth = ShopTruth.from_dataset(tmp_path / "shop")

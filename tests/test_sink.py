@@ -1,4 +1,4 @@
-"""rerank.sink on a real Redis server: Parquet layout and schema, rejects, trims, retention, lag,
+"""rerank.eventlog.sink on a real Redis server: Parquet layout and schema, rejects, trims, retention, lag,
 exactly-once across crashes (in-process between write and ack, and kill -9 of a subprocess), and the
 single-sink lease (a second sink stands by; takeover on release, on expiry and mid-flush)."""
 
@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from rerank.feature_store import Keys
-from rerank.records import EVENT_SCHEMA, IMPRESSION_SCHEMA, Impression
-from rerank.sink import SinkConfig, StreamSink
-from rerank.stream import EventStream, StreamConfig
+from rerank.store.feature_store import Keys
+from rerank.eventlog.records import EVENT_SCHEMA, IMPRESSION_SCHEMA, Impression
+from rerank.eventlog.sink import SinkConfig, StreamSink
+from rerank.store.stream import EventStream, StreamConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAY1, DAY2 = "1700000000000", "1700090000000"  # 2023-11-14 and 2023-11-15 (UTC)
@@ -242,7 +242,7 @@ def test_crash_between_write_and_ack_then_restart_writes_no_duplicates(redis_url
 
 
 SINK_SCRIPT = ("import sys, threading\n"
-               "from rerank.sink import SinkConfig, StreamSink\n"
+               "from rerank.eventlog.sink import SinkConfig, StreamSink\n"
                "url, prefix, out, batch, lease_ttl_s = sys.argv[1:]\n"
                "sink = StreamSink(SinkConfig(url, prefix, out, batch=int(batch), block_ms=100,\n"
                "                             lease_ttl_s=float(lease_ttl_s)))\n"
@@ -304,7 +304,7 @@ def test_keep_days_deletes_old_partitions(redis_url, tmp_path):
 
 
 def test_cli_once_persists_the_streams_and_prints_counts(redis_url, tmp_path, capsys):
-    from rerank.cli import main
+    from rerank.cli.main import main
 
     prefix = _prefix()
     _add(redis_url, Keys(prefix).impressions, [_impression(i) for i in range(3)])
@@ -539,7 +539,7 @@ def test_event_sink_deployment_stands_by_then_takes_over_when_the_holder_stops(r
 
 
 def test_cli_once_waits_for_the_lease_then_fails_or_persists(redis_url, tmp_path, capsys):
-    from rerank.cli import main
+    from rerank.cli.main import main
 
     prefix = _prefix()
     ids = _add(redis_url, Keys(prefix).events, [_event(i) for i in range(4)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from rerank.stream import EventStream, StreamConfig, id_key
+from rerank.store.stream import EventStream, StreamConfig, id_key
 
 
 def _add(url: str, n: int, stream: str = "rr:events") -> list[str]:

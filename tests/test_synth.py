@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from rerank.cli import main
-from rerank.dataset import EVENT_CODE, leave_one_out, load_dataset
-from rerank.synth import SynthConfig, generate_shop
+from rerank.cli.main import main
+from rerank.data.dataset import EVENT_CODE, leave_one_out, load_dataset
+from rerank.data.synth import SynthConfig, generate_shop
 
 SMALL = SynthConfig(n_users=500, n_items=300, seed=1)
 

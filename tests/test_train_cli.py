@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rerank.cli import main
+from rerank.cli.main import main
 
 
 @pytest.fixture(scope="module")

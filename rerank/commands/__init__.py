@@ -1,1 +1,0 @@
-"""Subcommands of the `rerank` CLI; each module has `register(subparsers)`."""

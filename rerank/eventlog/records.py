@@ -1,0 +1,152 @@
+"""The two analysis records, impressions and events: their stream fields, one parser each, and
+their Parquet schema.
+
+    impression  one /rank answer: what was shown to whom, in which experiment arm, by which
+                model. Written by the ingress to the `{prefix}impressions` stream.
+    event       one behaviour event (rerank.store.feature_store writes it to `{prefix}events`), with
+                its attribution to an impression when there is one.
+
+Stream fields are strings (Redis). An impression's items travel as one compact JSON field,
+`[[item_id, score, team], ...]` in position order (position = index + 1; team = the arm whose
+list contributed the item under interleaving, "" otherwise). The Parquet tables written by
+rerank.eventlog.sink add `stream_id` (the Redis entry id, unique: what makes a rewrite idempotent) and
+`day` (UTC date of the stream id, the partition column).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+IMPRESSION_ITEM = pa.struct([("item_id", pa.string()), ("position", pa.int32()), ("score", pa.float64()),
+                             ("team", pa.string())])
+IMPRESSION_SCHEMA = pa.schema([
+    ("stream_id", pa.string()),
+    ("request_id", pa.string()),
+    ("user_id", pa.string()),
+    ("experiment", pa.string()),  # "" = the user is in no experiment
+    ("arm", pa.string()),  # arm name ("default" outside experiments; "interleaved" for interleaving)
+    ("model_version", pa.string()),
+    ("ts", pa.float64()),  # Unix seconds of the answer
+    ("items", pa.list_(IMPRESSION_ITEM)),
+    ("day", pa.string()),  # YYYY-MM-DD (UTC) of stream_id: the partition
+])
+EVENT_SCHEMA = pa.schema([
+    ("stream_id", pa.string()),
+    ("event_id", pa.string()),
+    ("user_id", pa.string()),
+    ("item_id", pa.string()),
+    ("item_idx", pa.int32()),
+    ("type", pa.string()),  # view | click | cart | purchase
+    ("ts", pa.float64()),
+    ("request_id", pa.string()),  # the impression it is attributed to; null = none
+    ("position", pa.int32()),  # 1-based position of the item in that impression; null = none
+    ("experiment", pa.string()),
+    ("arm", pa.string()),  # the user's arm (from the impression, else the user's assignment)
+    ("team", pa.string()),  # interleaving: the arm whose list contributed the item
+    ("attributed", pa.string()),  # "request_id" | "window" | "" (not attributed)
+    ("value", pa.float64()),  # revenue of a purchase when the client sent a price; null = unknown
+    ("day", pa.string()),
+])
+ATTRIBUTION_FIELDS = ("request_id", "position", "experiment", "arm", "team", "attributed", "value")
+
+
+def stream_day(stream_id: str) -> str:
+    """UTC date (YYYY-MM-DD) of a Redis stream id "ms-seq"."""
+    ms = int(stream_id.partition("-")[0])
+    return dt.datetime.fromtimestamp(ms / 1000.0, dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+@dataclass
+class Impression:
+    """One ranking answer as shown. items: (item_id, score, team) in position order."""
+
+    request_id: str
+    user_id: str
+    experiment: str
+    arm: str
+    model_version: str
+    ts: float
+    items: list[tuple[str, float, str]] = field(default_factory=list)
+
+    def to_fields(self) -> dict[str, str]:
+        """The stream entry (all strings); non-finite scores are written as null."""
+        items = [[item_id, score if math.isfinite(score) else None, team] for item_id, score, team in self.items]
+        return {"request_id": self.request_id, "user_id": self.user_id, "experiment": self.experiment,
+                "arm": self.arm, "model_version": self.model_version, "ts": repr(float(self.ts)),
+                "items": json.dumps(items, separators=(",", ":"))}
+
+
+def _text(fields: dict[str, str], name: str) -> str:
+    if name not in fields:
+        raise ValueError(f"field {name!r} missing")
+    return fields[name]
+
+
+def _float(fields: dict[str, str], name: str) -> float:
+    try:
+        return float(_text(fields, name))
+    except ValueError:
+        raise ValueError(f"field {name!r}: not a number: {fields[name]!r}") from None
+
+
+def impression_row(stream_id: str, fields: dict[str, str]) -> dict:
+    """The Parquet row (IMPRESSION_SCHEMA) of one impressions-stream entry; ValueError names the field."""
+    try:
+        raw = json.loads(_text(fields, "items"))
+    except json.JSONDecodeError:
+        raise ValueError("field 'items': not JSON") from None
+    if not isinstance(raw, list) or not all(isinstance(x, list) and len(x) == 3 for x in raw):
+        raise ValueError("field 'items': expected [[item_id, score, team], ...]")
+    items = [{"item_id": str(item_id), "position": pos, "score": None if score is None else float(score),
+              "team": str(team)} for pos, (item_id, score, team) in enumerate(raw, start=1)]
+    return {"stream_id": stream_id, "request_id": _text(fields, "request_id"), "user_id": _text(fields, "user_id"),
+            "experiment": _text(fields, "experiment"), "arm": _text(fields, "arm"),
+            "model_version": _text(fields, "model_version"), "ts": _float(fields, "ts"), "items": items,
+            "day": stream_day(stream_id)}
+
+
+def event_row(stream_id: str, fields: dict[str, str]) -> dict:
+    """The Parquet row (EVENT_SCHEMA) of one events-stream entry; entries written before
+    attribution existed read as unattributed. ValueError names the field."""
+    def optional(name: str) -> str | None:
+        value = fields.get(name, "")
+        return value or None
+
+    position, value = optional("position"), optional("value")
+    try:
+        item_idx = int(_text(fields, "item_idx"))
+        position_num = int(position) if position is not None else None
+    except ValueError:
+        raise ValueError("field 'item_idx' or 'position': not an integer") from None
+    return {"stream_id": stream_id, "event_id": _text(fields, "event_id"), "user_id": _text(fields, "user_id"),
+            "item_id": _text(fields, "item_id"), "item_idx": item_idx, "type": _text(fields, "type"),
+            "ts": _float(fields, "ts"), "request_id": optional("request_id"), "position": position_num,
+            "experiment": fields.get("experiment", ""), "arm": fields.get("arm", ""),
+            "team": fields.get("team", ""), "attributed": fields.get("attributed", ""),
+            "value": float(value) if value is not None else None, "day": stream_day(stream_id)}
+
+
+def impressions_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=IMPRESSION_SCHEMA)
+
+
+def events_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+
+
+def explode_impressions(impressions: pa.Table) -> pa.Table:
+    """One row per shown item: request_id, user_id, experiment, arm, ts, item_id, position, score, team."""
+    import pyarrow.compute as pc
+
+    parent = pc.list_parent_indices(impressions["items"])
+    flat = pc.list_flatten(impressions["items"])
+    columns = {name: pc.take(impressions[name], parent)
+               for name in ("request_id", "user_id", "experiment", "arm", "ts")}
+    for name in ("item_id", "position", "score", "team"):
+        columns[name] = pc.struct_field(flat, name)
+    return pa.table(columns)

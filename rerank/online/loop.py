@@ -1,0 +1,912 @@
+"""Continuous learning from the event stream: incremental SASRec steps, a publish guard, exactly-once.
+
+Three layers, each usable alone:
+- `IncrementalTrainer` (model level, no Redis): next-item examples (pre-event sequence -> item)
+  -> gradient steps in small batches with the offline loss (full-softmax cross-entropy, here at
+  the last position: the only new transition an event brings); items beyond the catalogue get
+  embedding rows on the fly (reserved `item_capacity` rows, or a grown table), initialised from
+  the mean item embedding (their attribute embeddings add on top when attributes are known).
+  A grown table doubles, but never beyond `max_items` + 1 rows (`max_items` > 0: the feature
+  store's item capacity, the highest item_idx it assigns; the loop skips entries naming an
+  item_idx above it, as target or in their seq, counted in `events_invalid` and
+  `events_over_max_items`).
+- `PublishGuard`: 1 in `holdout_every` events is held out, never trained on, and kept in a
+  rolling window. The choice is made server-side, by a keyed hash (blake2b) of the stream entry
+  id (assigned by Redis, stable across restarts) under a secret salt kept in the registry
+  (`holdout_salt.json`, made at the first start): a client can neither pick its event's fate
+  (as it could with a hash of its own `event_id`) nor, knowing or guessing an entry id (the
+  server's ms clock + a sequence number), predict it; and a replayed entry is classified the
+  same after a restart. Before
+  publishing, the candidate weights must be finite and their holdout cross-entropy must not
+  exceed the serving version's by more than `guard_margin` (relative). Otherwise the candidate
+  is refused (counted), the serving version stays, and the trainer goes back to its weights.
+- `OnlineLoop` (Redis stream + registry): reads the stream as one consumer of a group,
+  trains in full batches of `batch_size` examples (the rest waits for the next poll, or is
+  trained by the checkpoint, before its guard check), and every `publish_every_s` seconds or
+  `publish_every_events` events publishes.
+  `items_added` counts distinct new items: those a version it publishes is the first to hold,
+  beyond the most items of any version it stood on or published (the high-water mark
+  `items_high`, kept in the state file and the meta); items of a refused candidate are not
+  counted, nor counted again when the trainer regrows them on the serving weights (or after a
+  rollback).
+
+Exactly-once. A *checkpoint* is the trainer state file `trainer_state.json` in the registry
+(`version` = the weights the trainer stands on, `trained_until_id` = the last stream id
+consumed, counters), written after a successful publish (with the same numbers in the version's
+meta.json) or after a refusal (the version stays, the refused events are counted as
+`events_refused`). Entries are XACKed only after the checkpoint that covers them is written.
+A publish moves LATEST before the state file is written; a crash in between leaves a state file
+older than LATEST, so on (re)start the loop takes whichever of the two is further along the
+stream: the state file, or LATEST's meta when LATEST is a version of this trainer (it has
+`trained_until_id`; its meta carries the same counters the state file would have).
+On (re)start the loop loads that checkpoint and its version's weights, recovers its own and dead
+consumers' pending entries, acks without applying every entry with id <= trained_until_id (its
+effect is already in the checkpoint), and applies the rest once, in stream order. So every
+stream entry is counted exactly once in `events_applied` (= trained + held out + invalid;
+`events_refused` counts the trained ones whose candidate the guard refused). A checkpoint that
+fails (the registry unreachable, a pin or a concurrent publish at the commit) keeps its entries
+consumed-but-uncheckpointed (not acked, still applied) and, except for a pin/conflict, re-raises
+so the caller backs off; the next checkpoint covers them. The backlog is bounded: once
+`max_uncommitted` entries wait for a checkpoint (the registry down for long), poll_once reads
+nothing new (`stats.backlogged`), it only retries the checkpoint, so neither the loop's memory
+nor the group's pending list grows with the outage; unread entries wait in the stream (its
+MAXLEN trimming applies to them as to any lag). Entries recovered at a start are all taken,
+whatever their number. (If only the state write after a successful publish fails, the
+version's meta is their checkpoint: they are acked, the error is re-raised, and the next
+checkpoint rewrites the state.) Rollback: see rerank/models/registry.py; while LATEST is pinned the
+loop reads nothing; when the pin is released (or LATEST moved to another version) it reloads
+LATEST's version, resets the counters to the last checkpoint's and re-applies the events it had
+consumed but not checkpointed, so they are counted once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from rerank.data.dataset import EVENT_CODE, EVENT_TYPES
+from rerank.store.stream import id_key
+
+if TYPE_CHECKING:
+    from rerank.models.registry import ModelRegistry
+    from rerank.models.sequential import SequentialRecommender
+    from rerank.store.stream import EventStream, StreamEntry
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+SALT_FILE = "holdout_salt.json"  # the secret key of the holdout choice (see the module docstring)
+TRAINABLE = {"all": None, "items": ("item_emb.weight", "item_bias")}  # OnlineConfig.trainable -> parameter names
+
+
+@dataclass
+class OnlineConfig:
+    lr: float = 5e-4
+    batch_size: int = 64  # examples per gradient step
+    weight_decay: float = 0.0
+    publish_every_s: float = 0.5
+    publish_every_events: int = 2000
+    holdout_every: int = 10  # 1 in holdout_every events is held out (0 = no holdout, no guard metric)
+    holdout_size: int = 500  # rolling window of held-out examples
+    guard_eval_size: int = 200  # the guard scores the newest this many held-out examples (cost per publish)
+    guard_margin: float = 0.05  # refuse if holdout CE > serving CE * (1 + margin)
+    guard_min_holdout: int = 10  # fewer held-out examples: only the finiteness check
+    guard_anchor: bool = True  # candidates must also be within guard_margin of the newest offline version
+    read_count: int = 512
+    max_param_abs: float = 1e4  # weights beyond this are treated like NaN by the guard
+    only_arm: str = ""  # "experiment/arm": train on that experiment arm's events only (an arm's own trainer)
+    max_items: int = 0  # highest item_idx the trainer gives a row (the store's item capacity); 0 = no cap
+    max_uncommitted: int = 50_000  # consumed-but-uncheckpointed entries before the loop stops reading; 0 = no bound
+    # event types whose item is a training target; the others are context only (they are in later
+    # events' seq, never a label): e.g. without "view" when clients send a view for every list item
+    # they show (exposure pings), which as labels reward what was shown rather than what was chosen
+    target_types: tuple[str, ...] = EVENT_TYPES
+    # what the steps update: "all" weights, or "items" (the item embedding rows and item bias; the
+    # sequence encoder stays as trained offline)
+    trainable: str = "all"
+    warmup_steps: int = 50  # the learning rate ramps linearly from 0 over this many steps of a fresh optimizer
+    #                         (Adam's first full-size steps cost CTR before they gain; see docs/SERVING.md)
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {list(TRAINABLE)}, got {self.trainable!r}")
+        self.target_types = tuple(self.target_types)
+        unknown = sorted(set(self.target_types) - set(EVENT_TYPES))
+        if unknown or not self.target_types:
+            raise ValueError(f"target_types must be a non-empty subset of {list(EVENT_TYPES)}, got "
+                             f"{list(self.target_types)}")
+
+
+@dataclass
+class Example:
+    """One next-item example from a stream entry: seq (oldest->newest) and its types -> target."""
+
+    seq: np.ndarray  # int64 item_idx
+    types: np.ndarray  # int64 EVENT_CODE
+    target: int
+    target_type: int
+    event_id: str = ""
+    item_id: str = ""
+    entry_id: str = ""
+
+
+def is_holdout(key: str, every: int, salt: bytes = b"") -> bool:
+    """Stable 1-in-`every` choice by `key` under `salt` (the same for the same key and salt).
+
+    The online loop passes the stream entry id and the registry's secret salt (server-side,
+    see the module docstring); the prequential benchmark passes its event ids, unsalted.
+    """
+    if every <= 0:
+        return False
+    digest = hashlib.blake2b(key.encode(), digest_size=8, key=salt[:64]).digest()
+    return int.from_bytes(digest, "little") % every == 0
+
+
+def parse_seq(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a stream `seq` field: tokens "idx" or "idx:type" (type a code or a name), oldest first.
+
+    Separators: comma or whitespace. Raises ValueError naming the bad token.
+    """
+    items, types = [], []
+    for tok in text.replace(",", " ").split():
+        idx, _, typ = tok.partition(":")
+        try:
+            items.append(int(idx))
+        except ValueError:
+            raise ValueError(f"seq token {tok!r}: expected item_idx[:type]") from None
+        if not typ:
+            types.append(EVENT_CODE["purchase"])
+        elif typ.isdigit():
+            types.append(int(typ))
+        elif typ in EVENT_CODE:
+            types.append(EVENT_CODE[typ])
+        else:
+            raise ValueError(f"seq token {tok!r}: unknown event type {typ!r}")
+    return np.asarray(items, dtype=np.int64), np.asarray(types, dtype=np.int64)
+
+
+def in_arm(fields: dict[str, str], only_arm: str) -> bool:
+    """Whether a stream entry belongs to the experiment arm "experiment/arm" (its attribution
+    fields, rerank.eventlog.records: the impression's arm, else the user's assignment at event time)."""
+    experiment, _, arm = only_arm.partition("/")
+    return fields.get("experiment") == experiment and fields.get("arm") == arm
+
+
+def example_from_entry(entry: "StreamEntry") -> Example:
+    """Example of a stream entry (fields of rerank.store.feature_store's XADD); ValueError names the field."""
+    f = entry.fields
+    for name in ("item_idx", "type"):
+        if name not in f:
+            raise ValueError(f"stream entry {entry.id}: field {name!r} missing")
+    try:
+        target = int(f["item_idx"])
+    except ValueError:
+        raise ValueError(f"stream entry {entry.id}: field 'item_idx': expected an int, got {f['item_idx']!r}") from None
+    typ = f["type"]
+    if typ not in EVENT_CODE:
+        raise ValueError(f"stream entry {entry.id}: field 'type': unknown event type {typ!r}")
+    seq, types = parse_seq(f.get("seq", ""))
+    return Example(seq, types, target, EVENT_CODE[typ], f.get("event_id", entry.id), f.get("item_id", ""), entry.id)
+
+
+def _left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
+    width = max(1, min(length, max((len(r) for r in rows), default=1)))
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        tail = r[-width:]
+        if len(tail):
+            out[i, width - len(tail):] = tail
+    return out
+
+
+def batch_tensors(examples: list[Example], max_len: int, n_items: int, device) -> tuple[torch.Tensor, ...]:
+    """(seq, types, targets) for the last position; items beyond n_items read as padding."""
+    seq = _left_pad([e.seq for e in examples], max_len)
+    types = _left_pad([e.types for e in examples], max_len)
+    bad = (seq < 0) | (seq > n_items)
+    seq[bad], types[bad] = 0, 0
+    types[seq == 0] = 0
+    targets = np.asarray([e.target for e in examples], dtype=np.int64)
+    to = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return to(seq), to(types), to(targets)
+
+
+def last_position_loss(module, seq: torch.Tensor, types: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's own training loss (full-softmax CE) with a target at the last position only."""
+    y = torch.zeros_like(seq)
+    y[:, -1] = targets
+    return module.loss(seq, types, y)
+
+
+def ensure_capacity(model: "SequentialRecommender", n_items: int, max_items: int = 0) -> bool:
+    """Make room for item_idx up to n_items: reserved rows first, else a bigger table. True if rebuilt.
+
+    A bigger table doubles the rows (amortised growth), but never beyond `max_items` + 1 rows when
+    `max_items` > 0 (ValueError if n_items itself is beyond it)."""
+    from rerank.models.sasrec import SASRec, SASRecConfig
+
+    module = model.module
+    if n_items + 1 <= module.config.item_capacity:
+        return False
+    if max_items > 0 and n_items > max_items:
+        raise ValueError(f"item_idx {n_items} is beyond max_items {max_items}")
+    old_cap = module.config.item_capacity
+    capacity = max(n_items + 1, old_cap * 2)
+    if max_items > 0:
+        capacity = min(capacity, max_items + 1)
+    cfg = SASRecConfig.from_dict({**module.config.to_dict(), "item_capacity": capacity})
+    new = SASRec(cfg).to(model.device)
+    state = module.state_dict()
+    new_state = new.state_dict()
+    for key, value in state.items():
+        if new_state[key].shape == value.shape:
+            new_state[key] = value
+        else:  # item-indexed rows (embedding, attributes buffer, bias): copy the old rows
+            new_state[key][: value.shape[0]] = value
+    new.load_state_dict(new_state)
+    new.train(module.training)
+    model.module, model.config = new, new.config
+    return True
+
+
+class IncrementalTrainer:
+    """Gradient steps on next-item examples for a SequentialRecommender, growing items as they come.
+
+    `items_added` counts distinct item_idx this trainer gave rows to beyond the largest catalogue
+    it stood on (a high-water mark: items grown again after a `reset` to weights without them, e.g.
+    after a guard refusal, are not counted again). With `config.max_items` > 0 the table never
+    grows beyond max_items + 1 rows and `step` drops examples whose target is beyond it.
+    """
+
+    def __init__(self, model: "SequentialRecommender", config: OnlineConfig | None = None):
+        self.model = model
+        self.config = config or OnlineConfig()
+        self._make_optimizer()
+        self.steps = 0
+        self.items_added = 0
+        self._items_high = model.n_items  # the most items any weights of this trainer had
+
+    def _make_optimizer(self) -> None:
+        names = TRAINABLE[self.config.trainable]
+        params = []
+        for name, param in self.model.module.named_parameters():
+            param.requires_grad_(names is None or name in names)
+            if param.requires_grad:
+                params.append(param)
+        self._opt_steps = 0  # steps of this optimizer (the warmup restarts with it)
+        self.opt = torch.optim.AdamW(params, lr=self.config.lr,
+                                     weight_decay=self.config.weight_decay, betas=(0.9, 0.98))
+
+    def reset(self, model: "SequentialRecommender") -> None:
+        """Stand on other weights (after a refusal or a rollback); fresh optimizer state."""
+        self.model = model
+        self._items_high = max(self._items_high, model.n_items)
+        self._make_optimizer()
+
+    def grow(self, max_idx: int, attributes: np.ndarray | None = None) -> int:
+        """Start scoring items up to max_idx; new rows start at the mean item embedding. Returns #rows added
+        to these weights (`items_added` grows only by the items no earlier weights had). ValueError
+        beyond `config.max_items`."""
+        model = self.model
+        old = model.n_items
+        if max_idx <= old:
+            return 0
+        if ensure_capacity(model, max_idx, self.config.max_items):
+            self._make_optimizer()
+        module = model.module
+        with torch.no_grad():
+            mean = module.item_emb.weight[1 : old + 1].mean(0)
+            module.item_emb.weight[old + 1 : max_idx + 1] = mean
+        module.grow_items(max_idx, None if attributes is None else torch.as_tensor(attributes))
+        self.items_added += max(0, max_idx - max(old, self._items_high))
+        self._items_high = max(self._items_high, max_idx)
+        return max_idx - old
+
+    def step(self, examples: list[Example]) -> float:
+        """One optimizer step per `batch_size` examples; returns the mean loss (nan when none).
+
+        Examples whose target is beyond `config.max_items` (> 0) are dropped (the loop skips and
+        counts their entries before they get here)."""
+        if self.config.max_items > 0:
+            examples = [e for e in examples if e.target <= self.config.max_items]
+        if not examples:
+            return math.nan
+        self.grow(max(e.target for e in examples))
+        module = self.model.module
+        module.train()
+        total = 0.0
+        bs = self.config.batch_size
+        for lo in range(0, len(examples), bs):
+            chunk = examples[lo : lo + bs]
+            seq, types, targets = batch_tensors(chunk, module.config.max_len, module.n_items, self.model.device)
+            loss = last_position_loss(module, seq, types, targets)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self._opt_steps += 1
+            if self.config.warmup_steps > 0:
+                for group in self.opt.param_groups:
+                    group["lr"] = self.config.lr * min(1.0, self._opt_steps / self.config.warmup_steps)
+            self.opt.step()
+            with torch.no_grad():
+                module.item_emb.weight[0].zero_()
+            total += float(loss.detach()) * len(chunk)
+            self.steps += 1
+        module.eval()
+        return total / len(examples)
+
+
+@dataclass
+class GuardResult:
+    ok: bool
+    reason: str
+    candidate_loss: float | None = None
+    serving_loss: float | None = None
+    holdout: int = 0
+    anchor_loss: float | None = None  # the offline baseline's (PublishGuard.anchor), when there is one
+
+
+class PublishGuard:
+    """Checks candidate weights against the serving ones on a rolling holdout of recent events.
+
+    The comparison runs on a snapshot of the newest `guard_eval_size` held-out examples, renewed
+    once a quarter of it is stale; while the snapshot stands, the serving weights' loss on it is
+    cached (after a publish the accepted candidate's loss is the new serving loss), so a check
+    usually costs one forward pass over the snapshot, not two.
+
+    `anchor` (the registry's newest offline version, set by the loop when `guard_anchor`): the
+    candidate must also stay within the margin of it. Compared with the serving version alone,
+    candidates each up to `guard_margin` worse than the last could ratchet down step by step.
+    """
+
+    def __init__(self, config: OnlineConfig):
+        self.config = config
+        self.holdout: deque[Example] = deque(maxlen=config.holdout_size)
+        self.refusals = 0
+        self._added = 0  # examples added since the snapshot was taken
+        self._snapshot: list[Example] = []
+        self._cache: tuple[int, int, float] | None = None  # (id(serving model), n_items, loss)
+        self._last: tuple[int, float] | None = None  # (n_items, loss) of the last accepted candidate
+        self.anchor: "SequentialRecommender | None" = None
+        self._anchor_cache: tuple[int, float] | None = None  # (n_items, loss) on the current snapshot
+
+    def add(self, example: Example) -> None:
+        self.holdout.append(example)
+        self._added += 1
+
+    def _rows(self, n_items: int) -> list[Example]:
+        stale = self._added >= max(self.config.guard_min_holdout, len(self._snapshot) // 4)
+        if not self._snapshot or stale:
+            self._snapshot = list(self.holdout)[-self.config.guard_eval_size:]
+            self._added = 0
+            self._cache = None
+            self._anchor_cache = None
+        return [e for e in self._snapshot if 0 < e.target <= n_items]
+
+    @torch.no_grad()
+    def holdout_loss(self, model: "SequentialRecommender", n_items: int,
+                     rows: list[Example] | None = None) -> tuple[float, int]:
+        """Mean last-position CE over held-out examples whose items both models know."""
+        if rows is None:
+            rows = [e for e in list(self.holdout)[-self.config.guard_eval_size:] if 0 < e.target <= n_items]
+        if not rows:
+            return math.nan, 0
+        module = model.module
+        module.eval()
+        seq, types, targets = batch_tensors(rows, module.config.max_len, n_items, model.device)
+        return float(last_position_loss(module, seq, types, targets)), len(rows)
+
+    def finite(self, model: "SequentialRecommender") -> bool:
+        limit = self.config.max_param_abs
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) <= limit
+                       for p in model.module.parameters() if p.numel())
+
+    def accepted(self, serving: "SequentialRecommender") -> None:
+        """The last checked candidate is now `serving`: reuse its holdout loss."""
+        if self._last is not None:
+            self._cache = (id(serving), *self._last)
+        self._last = None
+
+    def check(self, candidate: "SequentialRecommender", serving: "SequentialRecommender | None") -> GuardResult:
+        """ok=False (and refusals += 1) for non-finite weights or a holdout loss beyond the margin."""
+        self._last = None
+        if not self.finite(candidate):
+            self.refusals += 1
+            return GuardResult(False, "non-finite or exploding weights")
+        if serving is None:
+            return GuardResult(True, "no serving version to compare with")
+        n = min(candidate.n_items, serving.n_items)
+        rows = self._rows(n)
+        if len(rows) < self.config.guard_min_holdout:
+            return GuardResult(True, f"holdout too small ({len(rows)})", holdout=len(rows))
+        cand, count = self.holdout_loss(candidate, n, rows)
+        if self._cache is not None and self._cache[:2] == (id(serving), n):
+            serve = self._cache[2]
+        else:
+            serve, _ = self.holdout_loss(serving, n, rows)
+            self._cache = (id(serving), n, serve)
+        if not math.isfinite(cand):
+            self.refusals += 1
+            return GuardResult(False, "non-finite holdout loss", cand, serve, count)
+        if cand > serve * (1.0 + self.config.guard_margin) + 1e-9:
+            self.refusals += 1
+            return GuardResult(False, f"holdout loss {cand:.4f} > serving {serve:.4f} * (1 + {self.config.guard_margin})",
+                               cand, serve, count)
+        anchor = self._anchor_check(candidate, cand, n, rows)
+        if anchor is not None and anchor[0] > anchor[1] * (1.0 + self.config.guard_margin) + 1e-9:
+            self.refusals += 1
+            return GuardResult(False, f"holdout loss {anchor[0]:.4f} > offline baseline {anchor[1]:.4f} * "
+                                      f"(1 + {self.config.guard_margin})", cand, serve, count, anchor[1])
+        self._last = (n, cand)
+        return GuardResult(True, "ok", cand, serve, count, None if anchor is None else anchor[1])
+
+    def _anchor_check(self, candidate: "SequentialRecommender", cand: float, n: int,
+                      rows: list[Example]) -> tuple[float, float] | None:
+        """(candidate loss, anchor loss) on the held-out rows whose items the anchor knows too
+        (new items since the offline version are left out of this comparison only); None without
+        an anchor or with too few such rows."""
+        if self.anchor is None:
+            return None
+        n_anchor = min(n, self.anchor.n_items)
+        if n_anchor < n:
+            rows = [e for e in rows if e.target <= n_anchor]
+            if len(rows) < self.config.guard_min_holdout:
+                return None
+            cand = self.holdout_loss(candidate, n_anchor, rows)[0]
+        if self._anchor_cache is None or self._anchor_cache[0] != n_anchor:
+            self._anchor_cache = (n_anchor, self.holdout_loss(self.anchor, n_anchor, rows)[0])
+        return cand, self._anchor_cache[1]
+
+
+@dataclass
+class LoopStats:
+    version: int | None = None
+    trained_until_id: str | None = None  # stream id of the last entry in the checkpoint
+    events_applied: int = 0  # every stream entry, counted once: trained + held out + invalid + other arm + not target
+    events_other_arm: int = 0  # entries of other experiment arms (an arm's own trainer skips them)
+    events_not_target: int = 0  # entries of a type outside config.target_types (context only, never a label)
+    events_trimmed_unapplied: int = 0  # entries the stream cap trimmed before the loop applied them (not in applied)
+    events_trained: int = 0
+    events_heldout: int = 0
+    events_invalid: int = 0
+    events_over_max_items: int = 0  # of events_invalid: naming an item_idx (target or seq) above max_items
+    events_refused: int = 0  # of events_trained: in a candidate the guard refused
+    events_skipped_duplicate: int = 0  # redelivered entries already in the checkpoint (acked, not applied)
+    versions_published: int = 0
+    guard_refusals: int = 0
+    items_added: int = 0  # distinct new items first included by a version this trainer published (see _publish)
+    last_publish_at: float | None = None
+    last_guard: dict = field(default_factory=dict)
+    paused: bool = False
+    backlogged: bool = False  # max_uncommitted entries wait for a checkpoint: reading nothing until one succeeds
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+COUNTERS = ("events_applied", "events_trained", "events_heldout", "events_invalid", "events_refused",
+            "versions_published", "guard_refusals", "items_added", "events_other_arm", "events_over_max_items",
+            "events_trimmed_unapplied", "events_not_target")
+
+
+def stream_time_s(entry_id: str) -> float:
+    """Redis server time (seconds) at which the entry was added: the ms part of its id."""
+    return int(entry_id.partition("-")[0]) / 1000.0
+
+
+class OnlineLoop:
+    """The continuous-learning loop over a Redis stream and a model registry (no Ray; see module doc)."""
+
+    def __init__(self, stream: "EventStream", registry: "ModelRegistry", config: OnlineConfig | None = None,
+                 clock: Callable[[], float] = time.time,
+                 on_publish: Callable[[int, list[float]], None] | None = None):
+        self.stream = stream
+        self.registry = registry
+        self.config = config or OnlineConfig()
+        self.clock = clock
+        self.on_publish = on_publish  # (version, per-event stream->publish delays in s)
+        self.stats = LoopStats()
+        self.guard = PublishGuard(self.config)
+        self.trainer: IncrementalTrainer | None = None
+        self.serving: "SequentialRecommender | None" = None
+        self._uncommitted: list["StreamEntry"] = []  # consumed since the last checkpoint
+        self._window_trained = 0
+        self._batch: list[Example] = []  # trained examples waiting for a full batch (or the checkpoint)
+        self._last_checkpoint = clock()
+        self._items: dict[int, str] = {}  # new item_idx -> item_id seen in the stream
+        self._checkpointed: dict[str, int] = {}  # COUNTERS as of the last checkpoint
+        self._items_high = 0  # the most items of any version this loop stood on or published
+        self._n_seen: int | None = None  # the stream number `n` of the newest entry consumed (trim gaps)
+        self._warned_over_max_items = False
+        self.holdout_salt = b""  # the registry's secret, loaded by start()
+
+    # ---------------------------------------------------------------- state
+    def _load_state(self) -> dict:
+        """The checkpoint to stand on: trainer_state.json, or LATEST's meta when that is further
+        along the stream (a crash between a publish and its state write; see the module doc)."""
+        state = self.registry.read_state(STATE_FILE)
+        latest = self.registry.latest()
+        if latest is None:
+            if state is not None:
+                return state
+            raise RuntimeError(f"{self.registry.uri}: empty registry; publish a trained model first "
+                               "(ModelRegistry.publish_dir or `rerank model publish`)")
+        meta = self.registry.meta(latest)
+        from_meta = {"version": latest, "trained_until_id": meta.get("trained_until_id"),
+                     "items_high": meta.get("items_high"), "n_until": meta.get("n_until"),
+                     **{k: int(meta.get(k) or 0) for k in COUNTERS}}
+        if state is None:
+            return from_meta
+        ahead = meta.get("trained_until_id")  # None: not a version of this trainer (offline)
+        done = state.get("trained_until_id")
+        if ahead and (done is None or id_key(ahead) > id_key(done)):
+            log.warning("%s: LATEST v%s covers the stream up to %s, %s only up to %s (a crash between "
+                        "publish and state write): continuing from v%s", self.registry.uri, latest, ahead,
+                        STATE_FILE, done, latest)
+            return from_meta
+        return state
+
+    def _load_salt(self) -> bytes:
+        """The registry's secret holdout salt, made (randomly) at the first start."""
+        raw = self.registry.read_state(SALT_FILE)
+        if raw and raw.get("holdout_salt"):
+            return bytes.fromhex(raw["holdout_salt"])
+        salt = secrets.token_bytes(32)
+        self.registry.write_state(SALT_FILE, {"holdout_salt": salt.hex(), "created_at": time.time()})
+        return salt
+
+    def _stand_on(self, version: int) -> None:
+        model = self.registry.load(version)
+        self.serving = copy.deepcopy(model)
+        if self.trainer is None:
+            self.trainer = IncrementalTrainer(model, self.config)
+        else:
+            self.trainer.reset(model)
+        self.stats.version = version
+        if self.config.guard_anchor:
+            self.guard.anchor = self._offline_baseline(version, model)
+        self._batch = []  # examples of the old weights' window: the caller re-applies their entries
+        self._items = {}
+        self._items_high = max(self._items_high, model.n_items)
+
+    def _offline_baseline(self, version: int, model: "SequentialRecommender") -> "SequentialRecommender | None":
+        """The registry's newest version not made by a trainer (no `trained_until_id`): the offline
+        model the online line descends from (registry retention keeps it). None when there is none."""
+        offline = [v for v in self.registry.versions() if self.registry.meta(v).get("trained_until_id") is None]
+        if not offline:
+            return None
+        if offline[-1] == version:
+            return copy.deepcopy(model)
+        return self.registry.load(offline[-1])
+
+    def start(self) -> list["StreamEntry"]:
+        """Load the checkpoint, then recover pending entries: ack those already applied, apply the rest."""
+        state = self._load_state()
+        for k in COUNTERS:
+            setattr(self.stats, k, int(state.get(k) or 0))
+        self._checkpointed = {k: getattr(self.stats, k) for k in COUNTERS}
+        self.stats.trained_until_id = state.get("trained_until_id")
+        self.holdout_salt = self._load_salt()
+        self._items_high = int(state.get("items_high") or 0)
+        self._n_seen = state.get("n_until")
+        self._stand_on(int(state["version"]))
+        self.stream.ensure_group()
+        recovered = self.stream.recover()
+        self._consume(recovered)
+        return recovered
+
+    # ---------------------------------------------------------------- consuming
+    def _already_applied(self, entry_id: str) -> bool:
+        done = self.stats.trained_until_id
+        return done is not None and id_key(entry_id) <= id_key(done)
+
+    def _consume(self, entries: list["StreamEntry"]) -> int:
+        """Apply entries not yet in the checkpoint; returns how many were applied."""
+        fresh, dup_ids = [], []
+        for e in entries:
+            (dup_ids if self._already_applied(e.id) else fresh).append(e)
+        if dup_ids:
+            self.stream.ack([e.id for e in dup_ids])
+            self.stats.events_skipped_duplicate += len(dup_ids)
+        self._count_trimmed(fresh)
+        self._apply(fresh)
+        self._uncommitted.extend(fresh)
+        return len(fresh)
+
+    def _count_trimmed(self, entries: list["StreamEntry"]) -> None:
+        """Entries MAXLEN trimmed before this loop applied them: gaps in the stream numbers `n`
+        (rerank.store.feature_store numbers every entry). Counted, logged, never silent."""
+        for e in entries:
+            try:
+                n = int(e.fields["n"])
+            except (KeyError, ValueError):
+                continue  # an entry from before the numbering
+            if self._n_seen is not None and n > self._n_seen + 1:
+                lost = n - self._n_seen - 1
+                self.stats.events_trimmed_unapplied += lost
+                log.error("%d stream entries were trimmed (stream_maxlen) before the trainer applied them "
+                          "(numbers %d..%d); the trainer is behind the stream cap", lost, self._n_seen + 1, n - 1)
+            self._n_seen = n if self._n_seen is None else max(self._n_seen, n)
+
+    def _apply(self, entries: list["StreamEntry"], replay: bool = False) -> None:
+        """Train on entries / hold them out; `replay`: re-applied after a reload, their held-out
+        examples are already in the guard's window."""
+        train: list[Example] = []
+        for e in entries:
+            if self.config.only_arm and not in_arm(e.fields, self.config.only_arm):
+                self.stats.events_other_arm += 1
+                continue
+            if e.fields.get("type") in EVENT_CODE and e.fields["type"] not in self.config.target_types:
+                self.stats.events_not_target += 1
+                continue
+            try:
+                ex = example_from_entry(e)
+            except ValueError as err:
+                log.warning("skipping invalid stream entry: %s", err)
+                self.stats.events_invalid += 1
+                continue
+            cap = self.config.max_items
+            if cap > 0 and (ex.target > cap or (len(ex.seq) and int(ex.seq.max()) > cap)):
+                if not self._warned_over_max_items:  # once: a flood of new items would flood the log
+                    log.warning("skipping stream entries naming an item_idx above max_items %d (first: %s)",
+                                cap, e.id)
+                    self._warned_over_max_items = True
+                self.stats.events_invalid += 1
+                self.stats.events_over_max_items += 1
+                continue
+            if ex.item_id and ex.target > 0:
+                self._items[ex.target] = ex.item_id
+            if ex.target <= 0:
+                self.stats.events_invalid += 1
+            elif is_holdout(e.id, self.config.holdout_every, self.holdout_salt):
+                if not replay:
+                    self.guard.add(ex)
+                self.stats.events_heldout += 1
+            else:
+                train.append(ex)
+        self.stats.events_applied += len(entries)
+        self.stats.events_trained += len(train)
+        self._window_trained += len(train)
+        self._batch.extend(train)
+        full = len(self._batch) // self.config.batch_size * self.config.batch_size
+        if full:
+            self._train(full)
+
+    def _train(self, count: int) -> None:
+        """One gradient step per `batch_size` of the first `count` buffered examples. Steps wait
+        for a full batch: a poll often brings a handful of events, and a step on 3 examples at
+        lr 1e-3 is noise the guard then refuses (measured on the simulator, docs/EXPERIMENTS.md)."""
+        assert self.trainer is not None
+        batch, self._batch = self._batch[:count], self._batch[count:]
+        self.trainer.step(batch)
+
+    def _room(self) -> int:
+        """How many more entries may be consumed before the checkpoint (max_uncommitted)."""
+        if self.config.max_uncommitted <= 0:
+            return self.config.read_count
+        return self.config.max_uncommitted - len(self._uncommitted)
+
+    def poll_once(self, block_ms: int | None = None) -> int:
+        """Read one batch (unless paused by a rollback pin), train, publish when due. Returns #entries.
+
+        With `max_uncommitted` entries waiting for a checkpoint (the registry failing), it reads
+        nothing (`stats.backlogged`): it only retries the checkpoint, which re-raises a failure
+        (the caller backs off) or, kept back by a pin or a conflict, waits block_ms."""
+        wait_s = (block_ms if block_ms is not None else self.stream.config.block_ms) / 1000.0
+        if self._check_pin():
+            time.sleep(wait_s)
+            return 0
+        if self._room() <= 0:
+            self.stats.backlogged = True
+            self.checkpoint()
+            if self._room() <= 0:
+                time.sleep(wait_s)
+                return 0
+        self.stats.backlogged = False
+        entries = self.stream.read(count=min(self.config.read_count, self._room()), block_ms=block_ms)
+        n = self._consume(entries)
+        if self._due():
+            self.checkpoint()
+        return n
+
+    def _due(self) -> bool:
+        if not self._uncommitted:
+            return False
+        return (len(self._uncommitted) >= self.config.publish_every_events
+                or self.clock() - self._last_checkpoint >= self.config.publish_every_s)
+
+    def _check_pin(self) -> bool:
+        """True while LATEST is pinned; on release (or an outside publish) stand on LATEST again."""
+        ptr = self.registry.pointer()
+        if ptr is None:
+            return False
+        if ptr.pinned:
+            self.stats.paused = True
+            return True
+        if ptr.version != self.stats.version:
+            # rollback released, or someone published a version: continue from it, re-applying
+            # the entries consumed since the last checkpoint (their effect was on the old weights)
+            log.info("registry LATEST moved to v%s (was v%s): reloading", ptr.version, self.stats.version)
+            pending = self._uncommitted
+            self._uncommitted = []
+            for k, v in self._checkpointed.items():  # re-counted by _apply, on the new weights
+                setattr(self.stats, k, v)
+            self._window_trained = 0
+            self._stand_on(ptr.version)
+            self._apply(pending, replay=True)
+            self._uncommitted = pending
+        self.stats.paused = False
+        return False
+
+    # ---------------------------------------------------------------- publishing
+    def checkpoint(self) -> GuardResult | None:
+        """Guard + publish (or refuse), write the trainer state, then ack what it covers.
+
+        If it fails before their effect is kept (in the state file, or in a published version's
+        meta), the entries stay consumed-but-uncheckpointed: applied, not acked, covered by the
+        next checkpoint. A pin or a concurrent publish at the commit returns None; any other
+        error is re-raised (the caller backs off and polls again).
+        """
+        if not self._uncommitted:
+            return None
+        assert self.trainer is not None
+        from rerank.models.registry import RegistryPinned
+
+        entries, self._uncommitted = self._uncommitted, []
+        until = max(entries, key=lambda e: id_key(e.id)).id
+        try:
+            result = self._commit(entries, until)
+        except RegistryPinned:  # a rollback pinned LATEST (or it moved) meanwhile: keep them for later
+            self._uncommitted = entries + self._uncommitted
+            return None
+        except BaseException:  # the registry failed (e.g. OSError from S3): let the caller back off
+            if self.stats.trained_until_id == until:
+                # the version was published, only the state write failed: LATEST's meta is their
+                # checkpoint (start() reads it), so they are done; the next checkpoint rewrites the state
+                self._checkpointed = {k: getattr(self.stats, k) for k in COUNTERS}
+                self._last_checkpoint = self.clock()
+                self.stream.ack([e.id for e in entries])
+            else:  # nothing of theirs is kept anywhere: they stay consumed-but-uncheckpointed
+                self._uncommitted = entries + self._uncommitted
+            raise
+        self._checkpointed = {k: getattr(self.stats, k) for k in COUNTERS}
+        self.stream.ack([e.id for e in entries])
+        self._last_checkpoint = self.clock()
+        return result
+
+    def _commit(self, entries: list["StreamEntry"], until: str) -> GuardResult:
+        """The checkpoint of `entries` (up to `until`); self.stats changes only once their effect is
+        kept: a written state file, or a published version (see _publish). Buffered examples are
+        trained first, so the checkpoint holds every entry it covers."""
+        if self._batch:
+            self._train(len(self._batch))
+        if self._window_trained == 0:  # only held-out / invalid entries: nothing new to publish
+            self._write_state(trained_until_id=until)
+            self.stats.trained_until_id = until
+            return GuardResult(True, "nothing trained")
+        result = self.guard.check(self.trainer.model, self.serving)
+        self.stats.last_guard = asdict(result)
+        if result.ok:
+            self._publish(until)
+            if self.on_publish:
+                now = self.clock()
+                self.on_publish(self.stats.version, [now - stream_time_s(e.id) for e in entries])
+            return result
+        log.warning("guard refused the candidate: %s", result.reason)
+        refused = {"guard_refusals": self.stats.guard_refusals + 1,
+                   "events_refused": self.stats.events_refused + self._window_trained}
+        self._write_state(trained_until_id=until, **refused)
+        for k, v in refused.items():
+            setattr(self.stats, k, v)
+        self.stats.trained_until_id = until
+        self.trainer.reset(copy.deepcopy(self.serving))
+        self._window_trained = 0
+        return result
+
+    def _dataset_for_publish(self):
+        """save_model's dataset: the serving version's item table plus items first seen online."""
+        import pyarrow as pa
+
+        from rerank.models.registry import dataset_shell
+
+        base_dir = self.registry.local_dir(self.stats.version)
+        shell = dataset_shell(base_dir)
+        n_items = self.trainer.model.n_items
+        have = shell.items.num_rows
+        if n_items > have:
+            idx = list(range(have + 1, n_items + 1))
+            extra = pa.table({"item_idx": pa.array(idx, pa.int32()),
+                              "item_id": pa.array([self._items.get(i, f"new-{i}") for i in idx], pa.string()),
+                              "attributes": pa.array([[] for _ in idx], pa.list_(pa.int32()))})
+            shell = dataset_shell(base_dir, pa.concat_tables([shell.items, extra.cast(shell.items.schema)]))
+        return shell
+
+    def _publish(self, until: str) -> int:
+        """Publish the trainer's weights as a version covering entries up to `until`; write the state.
+
+        Once the registry's publish succeeded the loop stands on the new version even if the state
+        write then fails: LATEST's meta holds the same numbers and start() reads it when it is
+        ahead of the state file, so checkpoint() still acks the entries (and re-raises)."""
+        counters = {k: getattr(self.stats, k) for k in COUNTERS}
+        counters["versions_published"] += 1
+        n_items = self.trainer.model.n_items
+        added = max(0, n_items - self._items_high)  # items no version this loop stood on had
+        counters["items_added"] += added
+        high = max(self._items_high, n_items)
+        meta = {**counters, "trained_until_id": until, "trained_until": stream_time_s(until),
+                "items_high": high, "n_until": self._n_seen, "guard": self.stats.last_guard}
+        version = self.registry.publish(self.trainer.model, meta, dataset=self._dataset_for_publish())
+        self.stats.versions_published += 1
+        self.stats.items_added += added
+        self._items_high = high
+        self.stats.version = version
+        self.stats.trained_until_id = until
+        self.serving = copy.deepcopy(self.trainer.model)
+        self.guard.accepted(self.serving)
+        self.stats.last_publish_at = self.clock()
+        self._window_trained = 0
+        self._write_state()
+        return version
+
+    def _write_state(self, **overrides) -> None:
+        """Write the checkpoint: self.stats with `overrides` (applied by the caller once written)."""
+        state = {"version": self.stats.version, "trained_until_id": self.stats.trained_until_id,
+                 "items_high": self._items_high, "n_until": self._n_seen,
+                 **{k: getattr(self.stats, k) for k in COUNTERS}, **overrides,
+                 "updated_at": self.clock()}
+        self.registry.write_state(STATE_FILE, state)
+
+    def lag(self) -> int:
+        """Stream entries after the last checkpoint's trained_until_id."""
+        return self.stream.behind(self.stats.trained_until_id, limit=10_000)
+
+
+def model_freshness(meta: dict, loaded_at: float | None, redis_url_or_client, stream_key: str,
+                    now: float | None = None, limit: int = 10_000) -> dict:
+    """Freshness of served weights for GET /model: version age, events behind the stream head, delay.
+
+    `meta` is the version's registry meta (trained_until = Unix s of its newest event,
+    trained_until_id its stream id). Never raises: fields it cannot compute are None.
+    """
+    import redis
+
+    now = time.time() if now is None else now
+    created = meta.get("created_at")
+    newest = meta.get("trained_until")
+    out = {
+        "version_age_s": round(now - created, 3) if isinstance(created, (int, float)) else None,
+        "serving_for_s": round(now - loaded_at, 3) if loaded_at else None,
+        "newest_event_age_s": round(now - newest, 3) if isinstance(newest, (int, float)) else None,
+        "newest_event_to_serving_s": (round(loaded_at - newest, 3)
+                                      if loaded_at and isinstance(newest, (int, float)) else None),
+        "events_behind_head": None,
+        "stream_head_id": None,
+        "trained_until_id": meta.get("trained_until_id"),
+    }
+    client = redis_url_or_client
+    own = isinstance(client, str)
+    try:
+        if own:
+            client = redis.Redis.from_url(client, socket_timeout=0.2, socket_connect_timeout=0.2,
+                                          decode_responses=True)
+        head = client.xrevrange(stream_key, count=1)
+        head_id = head[0][0] if head else None
+        out["stream_head_id"] = head_id.decode() if isinstance(head_id, bytes) else head_id
+        since = meta.get("trained_until_id")  # None: an offline version, it saw none of the stream
+        start = f"({since}" if since else "-"
+        out["events_behind_head"] = len(client.xrange(stream_key, min=start, max="+", count=limit))
+    except (redis.RedisError, OSError):
+        pass
+    finally:
+        if own and not isinstance(client, str):
+            client.close()
+    return out
