@@ -183,7 +183,8 @@ def train_on_stream(url: str, stream: str, model_dir: str, registry_dir: str, ma
     import psutil
     import torch
 
-    from rerank.online.loop import OnlineConfig, OnlineLoop
+    from rerank.online.config import OnlineConfig
+    from rerank.online.loop import OnlineLoop
     from rerank.models.registry import ModelRegistry
     from rerank.models.sequential import WEIGHTS_FILE
     from rerank.store.stream import EventStream, StreamConfig

@@ -57,7 +57,10 @@ def main() -> int:
 
     from deployments.local import DEMO_DATA, DEMO_MODEL, ensure_demo_data, ensure_model
     from rerank.data.dataset import EVENT_CODE
-    from rerank.online.loop import Example, IncrementalTrainer, OnlineConfig, PublishGuard
+    from rerank.online.config import OnlineConfig
+    from rerank.online.examples import Example
+    from rerank.online.guard import PublishGuard
+    from rerank.online.trainer import IncrementalTrainer
     from rerank.models.recommender import load_model
     from rerank.clients.simulate import (ChoiceModel, CandidateMix, Drift, ShopTruth, click_probability, draw_candidates,
                                  maybe_drift, new_user, react, user_schedule)

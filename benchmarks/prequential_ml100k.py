@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rerank.data.dataset import leave_one_out, load_dataset  # noqa: E402
-from rerank.online.loop import OnlineConfig  # noqa: E402
+from rerank.online.config import OnlineConfig  # noqa: E402
 from rerank.online.prequential import PrequentialConfig, plot_windows, run_prequential, time_split, train_dataset  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "ml-100k"

@@ -51,10 +51,11 @@ from ray import serve
 
 from deployments.feature_fetch import FeatureFetch
 from deployments.ingress import Ingress, IngressSettings
-from deployments.online_trainer import OnlineTrainer, online_config
+from deployments.online_trainer import OnlineTrainer
 from deployments.ranker import Ranker
 from deployments.scorer import Scorer
 from deployments.sink import EventSink
+from rerank.online.config import online_config
 from rerank.serving.auth import ApiKeys
 from rerank.experiments.attribution import AttributionConfig
 from rerank.experiments.book import EXPERIMENT_NAME, Experiment, ExperimentSpec, check_traffic, servable

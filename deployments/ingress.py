@@ -471,7 +471,7 @@ class Ingress:
     @app.get("/model", response_model=ModelInfo, responses={**KEYED, 503: RETRY_LATER})
     async def model(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ModelInfo:
         """The weights a scorer replica serves: version, source, loaded_at, trained_until, meta."""
-        from rerank.online.loop import model_freshness
+        from rerank.online.freshness import model_freshness
 
         self._authorize(credentials, "rank", "/model")
         try:

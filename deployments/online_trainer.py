@@ -4,9 +4,10 @@ Part of the app (deployments/app.py binds it when `online.enabled`), so `serve r
 `serve deploy` and the RayService all start it, Serve restarts its replica when it dies, and
 `serve delete` stops it. One replica; a Redis lease (rerank.store.lease, key `{prefix}trainer:lease`)
 makes sure that only one trainer works a stream even while a redeploy briefly runs an old and a
-new replica: the other waits as a standby. The loop, the guard and exactly-once live in
-rerank/online/loop.py; this wrapper adds the thread, backoff, the lease and Ray metrics (events applied,
-versions published, guard refusals, lag, event -> published-weights delay, loop errors).
+new replica: the other waits as a standby. The loop and exactly-once live in rerank/online/loop.py
+(the steps in trainer.py, the guard in guard.py, the options in config.py); this wrapper adds the
+thread, backoff, the lease and Ray metrics (events applied, versions published, guard refusals, lag,
+event -> published-weights delay, loop errors).
 
 A Redis outage never kills the replica: starting (checkpoint load, recovery of pending entries)
 and every poll retry with exponential backoff, and the state shows in `stats()` / `/healthz`.
@@ -17,29 +18,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import fields
 
 import numpy as np
 from ray import serve
 
+from rerank.online.config import online_config
+from rerank.online.loop import LoopStats, OnlineLoop
 from rerank.store.feature_store import DEFAULT_PREFIX
-from rerank.online.loop import LoopStats, OnlineConfig, OnlineLoop
 
 logger = logging.getLogger("ray.serve")
 DELAY_BOUNDARIES_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]
 CONSUMER = "trainer"  # one name for every holder of the lease: a successor recovers its pending entries
 GROUP = "online-trainer"
 MAX_BACKOFF_S = 5.0
-
-
-def online_config(options: dict | None) -> OnlineConfig:
-    """OnlineConfig from a dict, naming unknown keys."""
-    options = dict(options or {})
-    known = {f.name for f in fields(OnlineConfig)}
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(f"unknown online trainer option(s) {sorted(unknown)} (known: {sorted(known)})")
-    return OnlineConfig(**options)
 
 
 @serve.deployment(name="OnlineTrainer", num_replicas=1, ray_actor_options={"num_cpus": 0.5},

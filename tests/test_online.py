@@ -10,8 +10,11 @@ import pytest
 import redis
 import torch
 
-from rerank.online.loop import (Example, IncrementalTrainer, OnlineConfig, OnlineLoop, PublishGuard,
-                           example_from_entry, is_holdout, parse_seq)
+from rerank.online.config import OnlineConfig
+from rerank.online.examples import Example, example_from_entry, is_holdout, parse_seq
+from rerank.online.guard import PublishGuard
+from rerank.online.loop import OnlineLoop
+from rerank.online.trainer import IncrementalTrainer
 from rerank.data.dataset import load_dataset
 from rerank.models.recommender import load_model
 from rerank.models.registry import ModelRegistry
@@ -396,7 +399,7 @@ def test_a_failed_state_write_after_a_publish_acks_and_a_restart_stands_on_the_v
 
 
 def test_model_freshness_counts_events_behind_the_served_version(redis_url):
-    from rerank.online.loop import model_freshness
+    from rerank.online.freshness import model_freshness
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     ids = [client.xadd("rr:events", {"event_id": str(i)}) for i in range(5)]
@@ -412,7 +415,7 @@ def test_model_freshness_counts_events_behind_the_served_version(redis_url):
 
 # ------------------------------------------------------------------ bounded state
 def test_growth_never_exceeds_max_items(model):
-    from rerank.online.loop import ensure_capacity
+    from rerank.online.trainer import ensure_capacity
 
     n0, cap0 = model.n_items, model.module.config.item_capacity
     unbounded = copy.deepcopy(model)

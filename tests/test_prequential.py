@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rerank.data.dataset import leave_one_out, load_dataset
-from rerank.online.loop import OnlineConfig
+from rerank.online.config import OnlineConfig
 from rerank.online.prequential import PrequentialConfig, _rank_of_targets, run_prequential, time_split, train_dataset
 from rerank.clients.replay import ReplayConfig, dataset_events, schedule
 from rerank.data.synth import SynthConfig, write_synth

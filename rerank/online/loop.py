@@ -1,34 +1,22 @@
-"""Continuous learning from the event stream: incremental SASRec steps, a publish guard, exactly-once.
+"""`OnlineLoop` (Redis stream + registry): continuous learning from the event stream, exactly-once.
 
-Three layers, each usable alone:
-- `IncrementalTrainer` (model level, no Redis): next-item examples (pre-event sequence -> item)
-  -> gradient steps in small batches with the offline loss (full-softmax cross-entropy, here at
-  the last position: the only new transition an event brings); items beyond the catalogue get
-  embedding rows on the fly (reserved `item_capacity` rows, or a grown table), initialised from
-  the mean item embedding (their attribute embeddings add on top when attributes are known).
-  A grown table doubles, but never beyond `max_items` + 1 rows (`max_items` > 0: the feature
-  store's item capacity, the highest item_idx it assigns; the loop skips entries naming an
-  item_idx above it, as target or in their seq, counted in `events_invalid` and
-  `events_over_max_items`).
-- `PublishGuard`: 1 in `holdout_every` events is held out, never trained on, and kept in a
-  rolling window. The choice is made server-side, by a keyed hash (blake2b) of the stream entry
-  id (assigned by Redis, stable across restarts) under a secret salt kept in the registry
-  (`holdout_salt.json`, made at the first start): a client can neither pick its event's fate
-  (as it could with a hash of its own `event_id`) nor, knowing or guessing an entry id (the
-  server's ms clock + a sequence number), predict it; and a replayed entry is classified the
-  same after a restart. Before
-  publishing, the candidate weights must be finite and their holdout cross-entropy must not
-  exceed the serving version's by more than `guard_margin` (relative). Otherwise the candidate
-  is refused (counted), the serving version stays, and the trainer goes back to its weights.
-- `OnlineLoop` (Redis stream + registry): reads the stream as one consumer of a group,
-  trains in full batches of `batch_size` examples (the rest waits for the next poll, or is
-  trained by the checkpoint, before its guard check), and every `publish_every_s` seconds or
-  `publish_every_events` events publishes.
-  `items_added` counts distinct new items: those a version it publishes is the first to hold,
-  beyond the most items of any version it stood on or published (the high-water mark
-  `items_high`, kept in the state file and the meta); items of a refused candidate are not
-  counted, nor counted again when the trainer regrows them on the serving weights (or after a
-  rollback).
+It reads the stream as one consumer of a group, trains (rerank.online.trainer) in full batches
+of `batch_size` examples (the rest waits for the next poll, or is trained by the checkpoint,
+before its guard check), and every `publish_every_s` seconds or `publish_every_events` events
+publishes through the guard (rerank.online.guard).
+`items_added` counts distinct new items: those a version it publishes is the first to hold,
+beyond the most items of any version it stood on or published (the high-water mark
+`items_high`, kept in the state file and the meta); items of a refused candidate are not
+counted, nor counted again when the trainer regrows them on the serving weights (or after a
+rollback).
+
+The holdout. 1 in `holdout_every` events is held out for the guard. The choice is made
+server-side, by a keyed hash (blake2b, rerank.online.examples.is_holdout) of the stream entry
+id (assigned by Redis, stable across restarts) under a secret salt kept in the registry
+(`holdout_salt.json`, made at the first start): a client can neither pick its event's fate
+(as it could with a hash of its own `event_id`) nor, knowing or guessing an entry id (the
+server's ms clock + a sequence number), predict it; and a replayed entry is classified the
+same after a restart.
 
 Exactly-once. A *checkpoint* is the trainer state file `trainer_state.json` in the registry
 (`version` = the weights the trainer stands on, `trained_until_id` = the last stream id
@@ -62,19 +50,17 @@ consumed but not checkpointed, so they are counted once.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
-import math
 import secrets
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-import torch
-
-from rerank.data.dataset import EVENT_CODE, EVENT_TYPES
+from rerank.data.dataset import EVENT_CODE
+from rerank.online.config import OnlineConfig
+from rerank.online.examples import Example, example_from_entry, in_arm, is_holdout
+from rerank.online.guard import GuardResult, PublishGuard
+from rerank.online.trainer import IncrementalTrainer
 from rerank.store.stream import id_key
 
 if TYPE_CHECKING:
@@ -85,386 +71,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 SALT_FILE = "holdout_salt.json"  # the secret key of the holdout choice (see the module docstring)
-TRAINABLE = {"all": None, "items": ("item_emb.weight", "item_bias")}  # OnlineConfig.trainable -> parameter names
-
-
-@dataclass
-class OnlineConfig:
-    lr: float = 5e-4
-    batch_size: int = 64  # examples per gradient step
-    weight_decay: float = 0.0
-    publish_every_s: float = 0.5
-    publish_every_events: int = 2000
-    holdout_every: int = 10  # 1 in holdout_every events is held out (0 = no holdout, no guard metric)
-    holdout_size: int = 500  # rolling window of held-out examples
-    guard_eval_size: int = 200  # the guard scores the newest this many held-out examples (cost per publish)
-    guard_margin: float = 0.05  # refuse if holdout CE > serving CE * (1 + margin)
-    guard_min_holdout: int = 10  # fewer held-out examples: only the finiteness check
-    guard_anchor: bool = True  # candidates must also be within guard_margin of the newest offline version
-    read_count: int = 512
-    max_param_abs: float = 1e4  # weights beyond this are treated like NaN by the guard
-    only_arm: str = ""  # "experiment/arm": train on that experiment arm's events only (an arm's own trainer)
-    max_items: int = 0  # highest item_idx the trainer gives a row (the store's item capacity); 0 = no cap
-    max_uncommitted: int = 50_000  # consumed-but-uncheckpointed entries before the loop stops reading; 0 = no bound
-    # event types whose item is a training target; the others are context only (they are in later
-    # events' seq, never a label): e.g. without "view" when clients send a view for every list item
-    # they show (exposure pings), which as labels reward what was shown rather than what was chosen
-    target_types: tuple[str, ...] = EVENT_TYPES
-    # what the steps update: "all" weights, or "items" (the item embedding rows and item bias; the
-    # sequence encoder stays as trained offline)
-    trainable: str = "all"
-    warmup_steps: int = 50  # the learning rate ramps linearly from 0 over this many steps of a fresh optimizer
-    #                         (Adam's first full-size steps cost CTR before they gain; see docs/SERVING.md)
-
-    def __post_init__(self) -> None:
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {list(TRAINABLE)}, got {self.trainable!r}")
-        self.target_types = tuple(self.target_types)
-        unknown = sorted(set(self.target_types) - set(EVENT_TYPES))
-        if unknown or not self.target_types:
-            raise ValueError(f"target_types must be a non-empty subset of {list(EVENT_TYPES)}, got "
-                             f"{list(self.target_types)}")
-
-
-@dataclass
-class Example:
-    """One next-item example from a stream entry: seq (oldest->newest) and its types -> target."""
-
-    seq: np.ndarray  # int64 item_idx
-    types: np.ndarray  # int64 EVENT_CODE
-    target: int
-    target_type: int
-    event_id: str = ""
-    item_id: str = ""
-    entry_id: str = ""
-
-
-def is_holdout(key: str, every: int, salt: bytes = b"") -> bool:
-    """Stable 1-in-`every` choice by `key` under `salt` (the same for the same key and salt).
-
-    The online loop passes the stream entry id and the registry's secret salt (server-side,
-    see the module docstring); the prequential benchmark passes its event ids, unsalted.
-    """
-    if every <= 0:
-        return False
-    digest = hashlib.blake2b(key.encode(), digest_size=8, key=salt[:64]).digest()
-    return int.from_bytes(digest, "little") % every == 0
-
-
-def parse_seq(text: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parse a stream `seq` field: tokens "idx" or "idx:type" (type a code or a name), oldest first.
-
-    Separators: comma or whitespace. Raises ValueError naming the bad token.
-    """
-    items, types = [], []
-    for tok in text.replace(",", " ").split():
-        idx, _, typ = tok.partition(":")
-        try:
-            items.append(int(idx))
-        except ValueError:
-            raise ValueError(f"seq token {tok!r}: expected item_idx[:type]") from None
-        if not typ:
-            types.append(EVENT_CODE["purchase"])
-        elif typ.isdigit():
-            types.append(int(typ))
-        elif typ in EVENT_CODE:
-            types.append(EVENT_CODE[typ])
-        else:
-            raise ValueError(f"seq token {tok!r}: unknown event type {typ!r}")
-    return np.asarray(items, dtype=np.int64), np.asarray(types, dtype=np.int64)
-
-
-def in_arm(fields: dict[str, str], only_arm: str) -> bool:
-    """Whether a stream entry belongs to the experiment arm "experiment/arm" (its attribution
-    fields, rerank.eventlog.records: the impression's arm, else the user's assignment at event time)."""
-    experiment, _, arm = only_arm.partition("/")
-    return fields.get("experiment") == experiment and fields.get("arm") == arm
-
-
-def example_from_entry(entry: "StreamEntry") -> Example:
-    """Example of a stream entry (fields of rerank.store.feature_store's XADD); ValueError names the field."""
-    f = entry.fields
-    for name in ("item_idx", "type"):
-        if name not in f:
-            raise ValueError(f"stream entry {entry.id}: field {name!r} missing")
-    try:
-        target = int(f["item_idx"])
-    except ValueError:
-        raise ValueError(f"stream entry {entry.id}: field 'item_idx': expected an int, got {f['item_idx']!r}") from None
-    typ = f["type"]
-    if typ not in EVENT_CODE:
-        raise ValueError(f"stream entry {entry.id}: field 'type': unknown event type {typ!r}")
-    seq, types = parse_seq(f.get("seq", ""))
-    return Example(seq, types, target, EVENT_CODE[typ], f.get("event_id", entry.id), f.get("item_id", ""), entry.id)
-
-
-def _left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
-    width = max(1, min(length, max((len(r) for r in rows), default=1)))
-    out = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        tail = r[-width:]
-        if len(tail):
-            out[i, width - len(tail):] = tail
-    return out
-
-
-def batch_tensors(examples: list[Example], max_len: int, n_items: int, device) -> tuple[torch.Tensor, ...]:
-    """(seq, types, targets) for the last position; items beyond n_items read as padding."""
-    seq = _left_pad([e.seq for e in examples], max_len)
-    types = _left_pad([e.types for e in examples], max_len)
-    bad = (seq < 0) | (seq > n_items)
-    seq[bad], types[bad] = 0, 0
-    types[seq == 0] = 0
-    targets = np.asarray([e.target for e in examples], dtype=np.int64)
-    to = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-    return to(seq), to(types), to(targets)
-
-
-def last_position_loss(module, seq: torch.Tensor, types: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The model's own training loss (full-softmax CE) with a target at the last position only."""
-    y = torch.zeros_like(seq)
-    y[:, -1] = targets
-    return module.loss(seq, types, y)
-
-
-def ensure_capacity(model: "SequentialRecommender", n_items: int, max_items: int = 0) -> bool:
-    """Make room for item_idx up to n_items: reserved rows first, else a bigger table. True if rebuilt.
-
-    A bigger table doubles the rows (amortised growth), but never beyond `max_items` + 1 rows when
-    `max_items` > 0 (ValueError if n_items itself is beyond it)."""
-    from rerank.models.sasrec import SASRec, SASRecConfig
-
-    module = model.module
-    if n_items + 1 <= module.config.item_capacity:
-        return False
-    if max_items > 0 and n_items > max_items:
-        raise ValueError(f"item_idx {n_items} is beyond max_items {max_items}")
-    old_cap = module.config.item_capacity
-    capacity = max(n_items + 1, old_cap * 2)
-    if max_items > 0:
-        capacity = min(capacity, max_items + 1)
-    cfg = SASRecConfig.from_dict({**module.config.to_dict(), "item_capacity": capacity})
-    new = SASRec(cfg).to(model.device)
-    state = module.state_dict()
-    new_state = new.state_dict()
-    for key, value in state.items():
-        if new_state[key].shape == value.shape:
-            new_state[key] = value
-        else:  # item-indexed rows (embedding, attributes buffer, bias): copy the old rows
-            new_state[key][: value.shape[0]] = value
-    new.load_state_dict(new_state)
-    new.train(module.training)
-    model.module, model.config = new, new.config
-    return True
-
-
-class IncrementalTrainer:
-    """Gradient steps on next-item examples for a SequentialRecommender, growing items as they come.
-
-    `items_added` counts distinct item_idx this trainer gave rows to beyond the largest catalogue
-    it stood on (a high-water mark: items grown again after a `reset` to weights without them, e.g.
-    after a guard refusal, are not counted again). With `config.max_items` > 0 the table never
-    grows beyond max_items + 1 rows and `step` drops examples whose target is beyond it.
-    """
-
-    def __init__(self, model: "SequentialRecommender", config: OnlineConfig | None = None):
-        self.model = model
-        self.config = config or OnlineConfig()
-        self._make_optimizer()
-        self.steps = 0
-        self.items_added = 0
-        self._items_high = model.n_items  # the most items any weights of this trainer had
-
-    def _make_optimizer(self) -> None:
-        names = TRAINABLE[self.config.trainable]
-        params = []
-        for name, param in self.model.module.named_parameters():
-            param.requires_grad_(names is None or name in names)
-            if param.requires_grad:
-                params.append(param)
-        self._opt_steps = 0  # steps of this optimizer (the warmup restarts with it)
-        self.opt = torch.optim.AdamW(params, lr=self.config.lr,
-                                     weight_decay=self.config.weight_decay, betas=(0.9, 0.98))
-
-    def reset(self, model: "SequentialRecommender") -> None:
-        """Stand on other weights (after a refusal or a rollback); fresh optimizer state."""
-        self.model = model
-        self._items_high = max(self._items_high, model.n_items)
-        self._make_optimizer()
-
-    def grow(self, max_idx: int, attributes: np.ndarray | None = None) -> int:
-        """Start scoring items up to max_idx; new rows start at the mean item embedding. Returns #rows added
-        to these weights (`items_added` grows only by the items no earlier weights had). ValueError
-        beyond `config.max_items`."""
-        model = self.model
-        old = model.n_items
-        if max_idx <= old:
-            return 0
-        if ensure_capacity(model, max_idx, self.config.max_items):
-            self._make_optimizer()
-        module = model.module
-        with torch.no_grad():
-            mean = module.item_emb.weight[1 : old + 1].mean(0)
-            module.item_emb.weight[old + 1 : max_idx + 1] = mean
-        module.grow_items(max_idx, None if attributes is None else torch.as_tensor(attributes))
-        self.items_added += max(0, max_idx - max(old, self._items_high))
-        self._items_high = max(self._items_high, max_idx)
-        return max_idx - old
-
-    def step(self, examples: list[Example]) -> float:
-        """One optimizer step per `batch_size` examples; returns the mean loss (nan when none).
-
-        Examples whose target is beyond `config.max_items` (> 0) are dropped (the loop skips and
-        counts their entries before they get here)."""
-        if self.config.max_items > 0:
-            examples = [e for e in examples if e.target <= self.config.max_items]
-        if not examples:
-            return math.nan
-        self.grow(max(e.target for e in examples))
-        module = self.model.module
-        module.train()
-        total = 0.0
-        bs = self.config.batch_size
-        for lo in range(0, len(examples), bs):
-            chunk = examples[lo : lo + bs]
-            seq, types, targets = batch_tensors(chunk, module.config.max_len, module.n_items, self.model.device)
-            loss = last_position_loss(module, seq, types, targets)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self._opt_steps += 1
-            if self.config.warmup_steps > 0:
-                for group in self.opt.param_groups:
-                    group["lr"] = self.config.lr * min(1.0, self._opt_steps / self.config.warmup_steps)
-            self.opt.step()
-            with torch.no_grad():
-                module.item_emb.weight[0].zero_()
-            total += float(loss.detach()) * len(chunk)
-            self.steps += 1
-        module.eval()
-        return total / len(examples)
-
-
-@dataclass
-class GuardResult:
-    ok: bool
-    reason: str
-    candidate_loss: float | None = None
-    serving_loss: float | None = None
-    holdout: int = 0
-    anchor_loss: float | None = None  # the offline baseline's (PublishGuard.anchor), when there is one
-
-
-class PublishGuard:
-    """Checks candidate weights against the serving ones on a rolling holdout of recent events.
-
-    The comparison runs on a snapshot of the newest `guard_eval_size` held-out examples, renewed
-    once a quarter of it is stale; while the snapshot stands, the serving weights' loss on it is
-    cached (after a publish the accepted candidate's loss is the new serving loss), so a check
-    usually costs one forward pass over the snapshot, not two.
-
-    `anchor` (the registry's newest offline version, set by the loop when `guard_anchor`): the
-    candidate must also stay within the margin of it. Compared with the serving version alone,
-    candidates each up to `guard_margin` worse than the last could ratchet down step by step.
-    """
-
-    def __init__(self, config: OnlineConfig):
-        self.config = config
-        self.holdout: deque[Example] = deque(maxlen=config.holdout_size)
-        self.refusals = 0
-        self._added = 0  # examples added since the snapshot was taken
-        self._snapshot: list[Example] = []
-        self._cache: tuple[int, int, float] | None = None  # (id(serving model), n_items, loss)
-        self._last: tuple[int, float] | None = None  # (n_items, loss) of the last accepted candidate
-        self.anchor: "SequentialRecommender | None" = None
-        self._anchor_cache: tuple[int, float] | None = None  # (n_items, loss) on the current snapshot
-
-    def add(self, example: Example) -> None:
-        self.holdout.append(example)
-        self._added += 1
-
-    def _rows(self, n_items: int) -> list[Example]:
-        stale = self._added >= max(self.config.guard_min_holdout, len(self._snapshot) // 4)
-        if not self._snapshot or stale:
-            self._snapshot = list(self.holdout)[-self.config.guard_eval_size:]
-            self._added = 0
-            self._cache = None
-            self._anchor_cache = None
-        return [e for e in self._snapshot if 0 < e.target <= n_items]
-
-    @torch.no_grad()
-    def holdout_loss(self, model: "SequentialRecommender", n_items: int,
-                     rows: list[Example] | None = None) -> tuple[float, int]:
-        """Mean last-position CE over held-out examples whose items both models know."""
-        if rows is None:
-            rows = [e for e in list(self.holdout)[-self.config.guard_eval_size:] if 0 < e.target <= n_items]
-        if not rows:
-            return math.nan, 0
-        module = model.module
-        module.eval()
-        seq, types, targets = batch_tensors(rows, module.config.max_len, n_items, model.device)
-        return float(last_position_loss(module, seq, types, targets)), len(rows)
-
-    def finite(self, model: "SequentialRecommender") -> bool:
-        limit = self.config.max_param_abs
-        with torch.no_grad():
-            return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) <= limit
-                       for p in model.module.parameters() if p.numel())
-
-    def accepted(self, serving: "SequentialRecommender") -> None:
-        """The last checked candidate is now `serving`: reuse its holdout loss."""
-        if self._last is not None:
-            self._cache = (id(serving), *self._last)
-        self._last = None
-
-    def check(self, candidate: "SequentialRecommender", serving: "SequentialRecommender | None") -> GuardResult:
-        """ok=False (and refusals += 1) for non-finite weights or a holdout loss beyond the margin."""
-        self._last = None
-        if not self.finite(candidate):
-            self.refusals += 1
-            return GuardResult(False, "non-finite or exploding weights")
-        if serving is None:
-            return GuardResult(True, "no serving version to compare with")
-        n = min(candidate.n_items, serving.n_items)
-        rows = self._rows(n)
-        if len(rows) < self.config.guard_min_holdout:
-            return GuardResult(True, f"holdout too small ({len(rows)})", holdout=len(rows))
-        cand, count = self.holdout_loss(candidate, n, rows)
-        if self._cache is not None and self._cache[:2] == (id(serving), n):
-            serve = self._cache[2]
-        else:
-            serve, _ = self.holdout_loss(serving, n, rows)
-            self._cache = (id(serving), n, serve)
-        if not math.isfinite(cand):
-            self.refusals += 1
-            return GuardResult(False, "non-finite holdout loss", cand, serve, count)
-        if cand > serve * (1.0 + self.config.guard_margin) + 1e-9:
-            self.refusals += 1
-            return GuardResult(False, f"holdout loss {cand:.4f} > serving {serve:.4f} * (1 + {self.config.guard_margin})",
-                               cand, serve, count)
-        anchor = self._anchor_check(candidate, cand, n, rows)
-        if anchor is not None and anchor[0] > anchor[1] * (1.0 + self.config.guard_margin) + 1e-9:
-            self.refusals += 1
-            return GuardResult(False, f"holdout loss {anchor[0]:.4f} > offline baseline {anchor[1]:.4f} * "
-                                      f"(1 + {self.config.guard_margin})", cand, serve, count, anchor[1])
-        self._last = (n, cand)
-        return GuardResult(True, "ok", cand, serve, count, None if anchor is None else anchor[1])
-
-    def _anchor_check(self, candidate: "SequentialRecommender", cand: float, n: int,
-                      rows: list[Example]) -> tuple[float, float] | None:
-        """(candidate loss, anchor loss) on the held-out rows whose items the anchor knows too
-        (new items since the offline version are left out of this comparison only); None without
-        an anchor or with too few such rows."""
-        if self.anchor is None:
-            return None
-        n_anchor = min(n, self.anchor.n_items)
-        if n_anchor < n:
-            rows = [e for e in rows if e.target <= n_anchor]
-            if len(rows) < self.config.guard_min_holdout:
-                return None
-            cand = self.holdout_loss(candidate, n_anchor, rows)[0]
-        if self._anchor_cache is None or self._anchor_cache[0] != n_anchor:
-            self._anchor_cache = (n_anchor, self.holdout_loss(self.anchor, n_anchor, rows)[0])
-        return cand, self._anchor_cache[1]
 
 
 @dataclass
@@ -868,45 +474,3 @@ class OnlineLoop:
     def lag(self) -> int:
         """Stream entries after the last checkpoint's trained_until_id."""
         return self.stream.behind(self.stats.trained_until_id, limit=10_000)
-
-
-def model_freshness(meta: dict, loaded_at: float | None, redis_url_or_client, stream_key: str,
-                    now: float | None = None, limit: int = 10_000) -> dict:
-    """Freshness of served weights for GET /model: version age, events behind the stream head, delay.
-
-    `meta` is the version's registry meta (trained_until = Unix s of its newest event,
-    trained_until_id its stream id). Never raises: fields it cannot compute are None.
-    """
-    import redis
-
-    now = time.time() if now is None else now
-    created = meta.get("created_at")
-    newest = meta.get("trained_until")
-    out = {
-        "version_age_s": round(now - created, 3) if isinstance(created, (int, float)) else None,
-        "serving_for_s": round(now - loaded_at, 3) if loaded_at else None,
-        "newest_event_age_s": round(now - newest, 3) if isinstance(newest, (int, float)) else None,
-        "newest_event_to_serving_s": (round(loaded_at - newest, 3)
-                                      if loaded_at and isinstance(newest, (int, float)) else None),
-        "events_behind_head": None,
-        "stream_head_id": None,
-        "trained_until_id": meta.get("trained_until_id"),
-    }
-    client = redis_url_or_client
-    own = isinstance(client, str)
-    try:
-        if own:
-            client = redis.Redis.from_url(client, socket_timeout=0.2, socket_connect_timeout=0.2,
-                                          decode_responses=True)
-        head = client.xrevrange(stream_key, count=1)
-        head_id = head[0][0] if head else None
-        out["stream_head_id"] = head_id.decode() if isinstance(head_id, bytes) else head_id
-        since = meta.get("trained_until_id")  # None: an offline version, it saw none of the stream
-        start = f"({since}" if since else "-"
-        out["events_behind_head"] = len(client.xrange(stream_key, min=start, max="+", count=limit))
-    except (redis.RedisError, OSError):
-        pass
-    finally:
-        if own and not isinstance(client, str):
-            client.close()
-    return out

@@ -37,7 +37,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rerank.data.dataset import EVENT_CODE, Dataset
-from rerank.online.loop import Example, IncrementalTrainer, OnlineConfig, PublishGuard, is_holdout
+from rerank.online.config import OnlineConfig
+from rerank.online.examples import Example, is_holdout
+from rerank.online.guard import PublishGuard
+from rerank.online.trainer import IncrementalTrainer
 
 SYSTEMS = ("static", "features", "online")
 # diagnostic: (a)'s scores with (b)'s mask, to separate "knows what to exclude" from "knows the context"
