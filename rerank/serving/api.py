@@ -282,7 +282,7 @@ class ModelInfo(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict, description="registry metadata (online trainer)")
     freshness: dict[str, Any] = Field(
         default_factory=dict,
-        description="version_age_s, serving_for_s, newest_event_to_serving_s, events_behind_head (rerank.online.loop.model_freshness)",
+        description="version_age_s, serving_for_s, newest_event_to_serving_s, events_behind_head (rerank.online.freshness.model_freshness)",
     )
 
 
