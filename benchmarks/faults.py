@@ -136,20 +136,20 @@ async def open_loop_statuses(host: str, port: int, path: str, bodies: list[bytes
     """POST `path` at `rate` req/s for `seconds`, each request on its own connection (Connection:
     close), sent at its scheduled time whether or not earlier ones returned. Per outcome (HTTP
     status, "timeout" after `timeout_s` in all, or the exception's name): count and latency from
-    the scheduled time; 503s with a Retry-After header; the generator's send lag."""
+    the scheduled time; 503s with a Retry-After header; the generator's send lag (the schedule is
+    rerank.clients.bench.open_loop's)."""
     import numpy as np
+
+    from rerank.clients.bench import open_loop
 
     requests = [b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                 % (path.encode(), host.encode(), port, len(b), b) for b in bodies]
     latencies: dict[str, list[float]] = {}
     retry_after: Counter = Counter()
-    lags: list[float] = []
-    dropped, in_flight = 0, 0
 
-    async def one(request: bytes, scheduled: float) -> None:
-        nonlocal in_flight
-        lags.append(time.perf_counter() - scheduled)
+    async def one(i: int, scheduled: float) -> None:
+        request = requests[i % len(requests)]
         writer = None
         try:
             async with asyncio.timeout(timeout_s):
@@ -169,28 +169,13 @@ async def open_loop_statuses(host: str, port: int, path: str, bodies: list[bytes
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, IndexError) as err:
             outcome = type(err).__name__
         finally:
-            in_flight -= 1
             if writer is not None:
                 writer.close()
         latencies.setdefault(outcome, []).append(time.perf_counter() - scheduled)
 
     n = int(round(rate * seconds))
-    tasks: set[asyncio.Task] = set()
-    start = time.perf_counter() + 0.005
-    for i in range(n):
-        scheduled = start + i / rate
-        if (delay := scheduled - time.perf_counter()) > 0:
-            await asyncio.sleep(delay)
-        if in_flight >= max_in_flight:
-            dropped += 1
-            continue
-        in_flight += 1
-        task = asyncio.create_task(one(requests[i % len(requests)], scheduled))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    sent_s = time.perf_counter() - start
-    if tasks:
-        await asyncio.gather(*tasks)
+    run = await open_loop(one, n, rate, max_in_flight)
+    dropped, sent_s, lags = run.dropped, run.schedule_end - run.start, run.lags_s
 
     def pct(values: list[float], q: float) -> float:
         return round(float(np.percentile(values, q)) * 1000, 1)

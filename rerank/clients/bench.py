@@ -6,7 +6,8 @@ at that concurrency. `run_open_loop` is an open loop: requests arrive at a fixed
 rate whether or not earlier ones have returned, and latency is measured from each
 request's *scheduled* arrival time, so time a request spent waiting in the
 client counts (no coordinated omission); it answers "at R req/s, what are p50 /
-p99 and what share misses the SLO". `compare` runs the same loads against
+p99 and what share misses the SLO". Its schedule, `open_loop`, takes any
+`send(i, scheduled)` coroutine (benchmarks/faults.py drives raw sockets with it). `compare` runs the same loads against
 several named targets (layouts of the pipeline and the no-op baseline),
 interleaved point by point, and reports each target's ratios to the baseline;
 `summary` extracts the SLO answers from its result. Bodies are serialised once up
@@ -25,7 +26,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 import httpx
 import numpy as np
@@ -244,6 +245,61 @@ async def run_load(url: str, bodies: Sequence[bytes], config: LoadConfig) -> Loa
     )
 
 
+@dataclass
+class OpenLoopRun:
+    """What `open_loop` did: times are `time.perf_counter()` readings."""
+
+    start: float  # the scheduled time of request 0
+    sent: int
+    dropped: int  # due while `max_in_flight` requests were outstanding: not sent
+    last_send: float  # when the last sent request was started (`start` when none was)
+    schedule_end: float  # when the last request was sent or dropped
+    finished: float  # when every sent request had returned
+    lags_s: list[float] = field(default_factory=list)  # per sent request: its start - its scheduled time
+
+
+async def open_loop(send: Callable[[int, float], Awaitable[None]], n: int, rate: float,
+                    max_in_flight: int) -> OpenLoopRun:
+    """The open-loop schedule: `send(i, scheduled)` for request i of `n` as its own task at
+    `scheduled` = start + i / `rate` (perf_counter time), whether or not earlier ones returned;
+    a request due while `max_in_flight` are outstanding is not sent (`dropped`). Returns once all
+    sent requests returned. `send` measures its own latency from `scheduled` (coordinated
+    omission avoided); the lag of each start behind its schedule is recorded here."""
+    lags: list[float] = []
+    sent = dropped = in_flight = 0
+
+    async def one(i: int, scheduled: float) -> None:
+        nonlocal in_flight
+        try:
+            lags.append(time.perf_counter() - scheduled)
+            await send(i, scheduled)
+        finally:
+            in_flight -= 1
+
+    tasks: set[asyncio.Task] = set()
+    start = time.perf_counter() + 0.005  # a small lead so request 0 is not late by construction
+    last_send = start
+    for i in range(n):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if in_flight >= max_in_flight:
+            dropped += 1
+            continue
+        in_flight += 1
+        sent += 1
+        last_send = time.perf_counter()
+        task = asyncio.create_task(one(i, scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    schedule_end = time.perf_counter()
+    if tasks:
+        await asyncio.gather(*tasks)
+    return OpenLoopRun(start=start, sent=sent, dropped=dropped, last_send=last_send, schedule_end=schedule_end,
+                       finished=time.perf_counter(), lags_s=lags)
+
+
 async def run_open_loop(
     url: str,
     bodies: Sequence[bytes],
@@ -275,50 +331,24 @@ async def run_open_loop(
     n = max(1, int(round(rate * duration_s)))
     cap = int(max_in_flight) if max_in_flight else max(1, math.ceil(rate * timeout_s))
     latencies: list[float] = []
-    lags: list[float] = []
     batch_sizes: list[int] = []
     errors: list[str] = []
-    dropped = 0
-    sent = 0
-    in_flight = 0
-    last_send = 0.0
 
     async with _client(cap, timeout_s, headers) as client:
         await _warm_up(client, url, bodies, warmup_requests, min(cap, 8))
 
-        async def one(body: bytes, scheduled: float) -> None:
-            nonlocal in_flight
-            try:
-                lags.append((time.perf_counter() - scheduled) * 1000.0)
-                await _post_and_record(client, url, body, scheduled, latencies, batch_sizes, errors)
-            finally:
-                in_flight -= 1
+        async def send(i: int, scheduled: float) -> None:
+            await _post_and_record(client, url, bodies[i % len(bodies)], scheduled, latencies, batch_sizes, errors)
 
-        tasks: set[asyncio.Task] = set()
-        start = time.perf_counter() + 0.005  # a small lead so request 0 is not late by construction
-        for i in range(n):
-            scheduled = start + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if in_flight >= cap:
-                dropped += 1
-                continue
-            in_flight += 1
-            sent += 1
-            last_send = time.perf_counter()
-            task = asyncio.create_task(one(bodies[i % len(bodies)], scheduled))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        run = await open_loop(send, n, rate, cap)
 
+    start, sent, dropped = run.start, run.sent, run.dropped
+    elapsed = run.finished - start
     lat = np.asarray(latencies)
-    lag = np.asarray(lags)
+    lag = np.asarray(run.lags_s) * 1000.0
     done = len(latencies)
     late = int((lat > slo_ms).sum()) + len(errors) + dropped
-    window = (last_send - start) + 1.0 / rate
+    window = (run.last_send - start) + 1.0 / rate
     samples = errors[:3]
     if dropped:
         samples.append(f"dropped {dropped}: {cap} requests already in flight (max_in_flight)")
