@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import queue
 import re
@@ -69,6 +70,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from rerank.infra.stats import percentile  # noqa: E402  (in the unit of its input)
+
 SCENARIOS = ("bad_neighbour", "scorer_kill", "overload", "redis_freeze", "redis_kill", "trainer_kill")
 TRAINER_KILL_ONLINE = {"publish_every_s": 0.3, "publish_every_events": 100, "lease_ttl_s": 2.0}
 VERSION_DIR = re.compile(r"^v(\d{6})$")
@@ -138,8 +142,6 @@ async def open_loop_statuses(host: str, port: int, path: str, bodies: list[bytes
     status, "timeout" after `timeout_s` in all, or the exception's name): count and latency from
     the scheduled time; 503s with a Retry-After header; the generator's send lag (the schedule is
     rerank.clients.bench.open_loop's)."""
-    import numpy as np
-
     from rerank.clients.bench import open_loop
 
     requests = [b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
@@ -177,17 +179,15 @@ async def open_loop_statuses(host: str, port: int, path: str, bodies: list[bytes
     run = await open_loop(one, n, rate, max_in_flight)
     dropped, sent_s, lags = run.dropped, run.schedule_end - run.start, run.lags_s
 
-    def pct(values: list[float], q: float) -> float:
-        return round(float(np.percentile(values, q)) * 1000, 1)
+    def ms(values: list[float], q: float) -> float:  # seconds in, ms out (converted, then rounded)
+        return round(percentile(values, q) * 1000, 1)
 
-    lag = np.asarray(lags)
     return {
         "offered_req_s": round(rate, 1), "scheduled": n, "dropped_by_generator": dropped,
         "achieved_send_req_s": round((n - dropped) / sent_s, 1),
-        "send_lag_ms": {"p50": round(float(np.percentile(lag, 50)) * 1000, 1),
-                        "p99": round(float(np.percentile(lag, 99)) * 1000, 1)} if len(lag) else None,
+        "send_lag_ms": {"p50": ms(lags, 50), "p99": ms(lags, 99)} if lags else None,
         "statuses": {k: len(v) for k, v in sorted(latencies.items())},
-        "latency_ms_from_scheduled": {k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": pct(v, 100)}
+        "latency_ms_from_scheduled": {k: {"p50": ms(v, 50), "p99": ms(v, 99), "max": ms(v, 100)}
                                       for k, v in sorted(latencies.items())},
         "accepted_200_req_s": round(len(latencies.get("200", [])) / seconds, 1),
         "retry_after_on_503": dict(retry_after),
@@ -224,11 +224,9 @@ class HealthProbe:
         self._thread.join(timeout=15)
 
     def summary(self) -> dict:
-        import numpy as np
-
-        ms = np.asarray(self.ms or [np.nan])
-        return {"statuses": dict(self.statuses), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-                "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1)}
+        ms = self.ms or [math.nan]
+        return {"statuses": dict(self.statuses), "p50_ms": percentile(ms, 50, digits=1),
+                "p99_ms": percentile(ms, 99, digits=1), "max_ms": round(max(ms), 1)}
 
 
 def stack_processes() -> dict:
@@ -548,7 +546,7 @@ def trainer_kill(url: str, redis_url: str, prefix: str, registry: Path, events: 
     result = {
         "kills": len(kills), "kills_during_publish": in_publish,
         "kills_while_version_dir_written": windows["version_dir_being_written"], "kill_windows": dict(windows),
-        "restart_s": {"p50": round(sorted(restart_s)[len(restart_s) // 2], 2), "max": round(max(restart_s), 2)}
+        "restart_s": {"p50": percentile(restart_s, 50, digits=2, method="higher"), "max": round(max(restart_s), 2)}
         if restart_s else None,
         "writer": writer_result, "entries_of_run": client.xlen(stream) - entries_before, "caught_up_s": caught_up,
         "versions_published": len([v for v, m in watch.metas.items() if m.get("trained_until_id")]),

@@ -27,6 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rerank.infra.stats import percentile  # noqa: E402  (in the unit of its input)
+
 
 class Timer:
     """Wall-clock and this process's CPU time of each timed call (CPU time is what the client
@@ -45,16 +47,16 @@ class Timer:
         self.cpu.append(time.process_time() - self._cpu)
 
     def summary(self) -> dict:
-        return {**summary(self.wall), "client_cpu_p50_ms": round(float(np.percentile(self.cpu, 50)) * 1000, 3)}
+        return {**summary(self.wall), "client_cpu_p50_ms": round(percentile(self.cpu, 50) * 1000, 3)}
 
 
 def summary(times_s: list[float]) -> dict:
     ms = np.asarray(times_s) * 1000.0
     return {
         "calls": len(ms),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p90_ms": round(float(np.percentile(ms, 90)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "p50_ms": percentile(ms, 50, digits=3),
+        "p90_ms": percentile(ms, 90, digits=3),
+        "p99_ms": percentile(ms, 99, digits=3),
         "mean_ms": round(float(ms.mean()), 3),
     }
 

@@ -30,11 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def pct(values, q):
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values), q)) if len(values) else None
+from rerank.infra.stats import percentile  # noqa: E402  (unrounded, in the unit of its input)
 
 
 def main() -> int:
@@ -185,10 +181,10 @@ def measure(args, result: dict, url: str, redis_url: str, stream_key: str, data:
             delays.append(max(0.0, hit - t_ret))
     result.update({
         "replay": summary.to_dict(),
-        "event_to_feature_visible_ms": {"p50": pct(visible_ms, 50), "p99": pct(visible_ms, 99),
+        "event_to_feature_visible_ms": {"p50": percentile(visible_ms, 50), "p99": percentile(visible_ms, 99),
                                         "n": len(visible_ms)},
-        "event_to_serving_weights_s": {"p50": pct(delays, 50), "p99": pct(delays, 99), "n": len(delays),
-                                       "not_served_by_end": not_served},
+        "event_to_serving_weights_s": {"p50": percentile(delays, 50), "p99": percentile(delays, 99),
+                                       "n": len(delays), "not_served_by_end": not_served},
         "versions_served": len({v for _, _, v in served}),
         "trainer": {"state": trainer.get("state"), "lag_events": trainer.get("lag_events"),
                     **{k: meta.get(k) for k in ("events_applied", "events_trained", "versions_published",

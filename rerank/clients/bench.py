@@ -31,6 +31,8 @@ from typing import Awaitable, Callable, Mapping, Sequence
 import httpx
 import numpy as np
 
+from rerank.infra.stats import percentile
+
 
 @dataclass
 class LoadConfig:
@@ -156,10 +158,6 @@ def make_rank_bodies(
     return bodies
 
 
-def _percentile(values: np.ndarray, q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 2) if len(values) else None
-
-
 def _client(max_connections: int, timeout_s: float, headers: Mapping[str, str] | None) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     return httpx.AsyncClient(limits=limits, timeout=timeout_s,
@@ -236,9 +234,9 @@ async def run_load(url: str, bodies: Sequence[bytes], config: LoadConfig) -> Loa
         errors=len(errors),
         duration_s=round(elapsed, 3),
         requests_per_s=round(done / elapsed, 2) if elapsed > 0 else 0.0,
-        p50_ms=_percentile(lat, 50),
-        p90_ms=_percentile(lat, 90),
-        p99_ms=_percentile(lat, 99),
+        p50_ms=percentile(lat, 50, digits=2),
+        p90_ms=percentile(lat, 90, digits=2),
+        p99_ms=percentile(lat, 99, digits=2),
         mean_ms=round(float(lat.mean()), 2) if done else None,
         mean_scorer_batch_size=round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
         error_samples=errors[:3],
@@ -362,14 +360,14 @@ async def run_open_loop(
         dropped=dropped,
         duration_s=round(elapsed, 3),
         requests_per_s=round(done / max(elapsed, n / rate), 2),
-        p50_ms=_percentile(lat, 50),
-        p90_ms=_percentile(lat, 90),
-        p99_ms=_percentile(lat, 99),
+        p50_ms=percentile(lat, 50, digits=2),
+        p90_ms=percentile(lat, 90, digits=2),
+        p99_ms=percentile(lat, 99, digits=2),
         mean_ms=round(float(lat.mean()), 2) if done else None,
         slo_ms=float(slo_ms),
         late_share=round(late / n, 4),
-        send_lag_ms_p50=_percentile(lag, 50),
-        send_lag_ms_p99=_percentile(lag, 99),
+        send_lag_ms_p50=percentile(lag, 50, digits=2),
+        send_lag_ms_p99=percentile(lag, 99, digits=2),
         send_lag_ms_max=round(float(lag.max()), 2) if len(lag) else None,
         max_in_flight=cap,
         mean_scorer_batch_size=round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,

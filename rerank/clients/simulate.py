@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from rerank.data.synth import SynthConfig, generate_shop
+from rerank.infra.stats import percentile
 
 PRICE_BASE = 10.0
 PRICE_GROWTH = 1.8  # price = PRICE_BASE * PRICE_GROWTH ** band
@@ -577,10 +578,6 @@ def user_schedule(n_users: int, requests: int, activity: float, rng: np.random.G
     return rng.permutation(n_users)[rng.choice(n_users, size=requests, p=weights / weights.sum())]
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 2) if values else None
-
-
 def _summary(run: _Run, wall_s: float) -> dict:
     stats = run.stats
     return {
@@ -596,7 +593,7 @@ def _summary(run: _Run, wall_s: float) -> dict:
         "unknown_items": stats.unknown_items,
         "experiments": dict(stats.experiments),
         "arms": {name: arm.summary() for name, arm in sorted(stats.arms.items())},
-        "latency_ms": {f"p{q}": _percentile(stats.latencies_ms, q) for q in (50, 90, 99)},
+        "latency_ms": {f"p{q}": percentile(stats.latencies_ms, q, digits=2) for q in (50, 90, 99)},
         "wall_s": round(wall_s, 3),
         "rate": round(stats.requests / wall_s, 2) if wall_s > 0 else None,
         "config": {k: v for k, v in asdict(run.cfg).items() if k != "api_key"},
