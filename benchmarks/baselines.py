@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from rerank.cli.train import parse_overrides
+from rerank.infra.results import write_results
 from rerank.data.dataset import leave_one_out, load_dataset
 from rerank.models.evaluate import evaluate
 from rerank.models.recommender import load_model
@@ -67,8 +68,7 @@ def main() -> int:
                     "load_avg_1m_at_end": os.getloadavg()[0]},
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

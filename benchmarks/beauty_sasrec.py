@@ -101,11 +101,11 @@ def main() -> int:
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        from rerank.infra.results import write_results
+
+        write_results(args.out, result)
+    print(json.dumps(result, indent=2))
     return 0
 
 

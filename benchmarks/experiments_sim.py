@@ -271,6 +271,7 @@ def main() -> int:
     from deployments.local import DEMO_DATA, DEMO_MODEL, LocalStack, LocalStackConfig, ensure_demo_data, ensure_model
     from rerank.experiments.readout import plot_report, report
     from rerank.clients.simulate import ShopTruth
+    from rerank.infra.results import write_results
 
     data = ensure_demo_data(DEMO_DATA)
     ensure_model(data, DEMO_MODEL)
@@ -325,8 +326,7 @@ def main() -> int:
         results = {(f"{k}_{args.results_key}" if k not in ("scenarios", "wall_s", "plots") else k): v
                    for k, v in results.items()}
         results["propensity_sd"] = args.propensity_sd
-    previous = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    OUT.write_text(json.dumps({**previous, **results}, indent=2) + "\n")
+    write_results(OUT, results, merge=True)  # the scenarios not run keep their entries
     print(json.dumps(results, indent=None if args.json else 2))
     return 0
 

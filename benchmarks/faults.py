@@ -71,6 +71,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rerank.infra.results import write_results  # noqa: E402
 from rerank.infra.stats import percentile  # noqa: E402  (in the unit of its input)
 
 SCENARIOS = ("bad_neighbour", "scorer_kill", "overload", "redis_freeze", "redis_kill", "trainer_kill")
@@ -789,10 +790,7 @@ def main() -> int:
     result["load_average"] = os.getloadavg()
     for name in only:
         result[name + suffix]["command"] = command
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    merged = json.loads(out.read_text()) if out.is_file() else {}  # other scenarios' results stay
-    out.write_text(json.dumps({**merged, **result}, indent=2) + "\n")
+    write_results(args.out, result, merge=True)  # other scenarios' results stay
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

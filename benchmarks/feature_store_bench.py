@@ -27,6 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rerank.infra.results import write_results  # noqa: E402
 from rerank.infra.stats import percentile  # noqa: E402  (in the unit of its input)
 
 
@@ -155,11 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         "rank_500_to_50": {name: t.summary() for name, t in rank_timers.items()},
         "load_average": os.getloadavg(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_results(args.out, report)
     return 0
 
 

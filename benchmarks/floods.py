@@ -418,8 +418,9 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown scenarios {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
     results = run(args.scale, args.maxmemory, args.anon_seconds, only, not args.no_progress)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    from rerank.infra.results import write_results
+
+    write_results(args.out, results)
     plot(results, args.out.with_suffix(".png"))
     print(json.dumps(results, indent=2))
 

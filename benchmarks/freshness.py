@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rerank.infra.results import write_results  # noqa: E402
 from rerank.infra.stats import percentile  # noqa: E402  (unrounded, in the unit of its input)
 
 
@@ -85,9 +86,7 @@ def main() -> int:
             served_app.stop()
         if redis_server is not None:
             redis_server.close()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

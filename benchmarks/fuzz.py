@@ -304,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
     out = {"url": base_url if args.url else "own stack (LocalStack, demo shop)", "credentials": list(creds),
            "modes": list(modes), "max_examples": per, **report.as_dict()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    from rerank.infra.results import write_results
+
+    write_results(args.out, out)
     if args.json:
         print(json.dumps(out, indent=2))
     else:

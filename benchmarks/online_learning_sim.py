@@ -142,9 +142,10 @@ def main() -> int:
     name = args.name or (f"{args.trainable}-lr{args.lr:g}-batch{args.batch_size}-warmup{args.warmup_steps}"
                          f"-labels_{args.labels.replace(',', '+')}-seed{args.seed}"
                          + ("-views_posted" if args.post_views else ""))
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    args.out.write_text(json.dumps({**previous, name: {**result, "config": {**vars(args), "out": str(args.out)}}},
-                                   indent=2) + "\n")
+    from rerank.infra.results import write_results
+
+    write_results(args.out, {name: {**result, "config": {**vars(args), "out": str(args.out)}}},
+                  merge=True)  # each named run keeps its entry
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rerank.data.dataset import leave_one_out, load_dataset  # noqa: E402
+from rerank.infra.results import write_results  # noqa: E402
 from rerank.online.config import OnlineConfig  # noqa: E402
 from rerank.online.prequential import PrequentialConfig, plot_windows, run_prequential, time_split, train_dataset  # noqa: E402
 
@@ -79,8 +80,7 @@ def main() -> int:
     summary["offline_train_seconds"] = round(train_s, 1)
     summary["command"] = " ".join(["python", *sys.argv])
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(out.with_suffix(".json"), summary)
     plot_windows(summary, out.with_suffix(".png"))
     if args.json:
         print(json.dumps(summary))

@@ -175,6 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from rerank.clients.bench import CpuMeter, LoadConfig, compare, make_rank_bodies, summary
     from rerank.data.dataset import load_dataset
+    from rerank.infra.results import write_results
 
     # Everything is checked before the stack starts.
     concurrencies = int_list("--concurrency", args.concurrency)
@@ -252,8 +253,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "summary": summary(result),
         "summaries": {name: summary(result, name) for name in layouts_run + references},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     if args.plot:
         plot(result, args.plot)
     if args.json:
