@@ -4,8 +4,8 @@ Pacing: `rate` events per second, or `speed` times the dataset's own clock (gaps
 timestamps divided by `speed`, long silences capped at `max_gap_s`). Events due at the same
 moment go out together in one POST (up to `batch` events); up to `concurrency` POSTs are in
 flight. Event ids are deterministic (`{dataset}-{row}`), so replaying twice yields duplicates,
-not double counts. A 503 (Redis down) is retried after its Retry-After; other failures are
-counted as errors. `on_batch(event_ids, returned_at)` lets callers (the freshness benchmark)
+not double counts. A 503 (Redis down) is retried after its Retry-After, an HTTP error (no
+answer) after 0.5 s (`retry_policy`); other failures are counted as errors. `on_batch(event_ids, returned_at)` lets callers (the freshness benchmark)
 time each event from the moment /events returned.
 """
 
@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from rerank.clients.retry import RetryPolicy, post_with_retries
 from rerank.data.dataset import Dataset
 
 
@@ -90,30 +91,23 @@ def schedule(events: list[dict], config: ReplayConfig) -> np.ndarray:
     return np.cumsum(np.maximum(gaps, 0.0))
 
 
+def retry_policy(config: ReplayConfig) -> RetryPolicy:
+    """`config.retries` retries: after any httpx error 0.5 s, after a 503 its Retry-After (1 s without one)."""
+    return RetryPolicy(retries=config.retries, exceptions=(httpx.HTTPError,), backoff_s=0.5, growth=1.0,
+                       retry_after_default_s=1.0)
+
+
 async def _post(client: httpx.AsyncClient, events: list[dict], config: ReplayConfig, summary: ReplaySummary) -> bool:
-    body = {"events": events}
-    for attempt in range(config.retries + 1):
-        try:
-            r = await client.post("/events", json=body)
-        except httpx.HTTPError as err:
-            msg = f"{type(err).__name__}: {err}"
-            wait = 0.5
-        else:
-            if r.status_code == 200:
-                data = r.json()
-                summary.accepted += int(data.get("accepted", 0))
-                summary.duplicates += int(data.get("duplicates", 0))
-                return True
-            msg = f"HTTP {r.status_code}: {r.text[:200]}"
-            if r.status_code != 503:
-                break
-            wait = float(r.headers.get("Retry-After", 1))
-        if attempt < config.retries:
-            summary.retries += 1
-            await asyncio.sleep(wait)
+    result = await post_with_retries(client, "/events", {"events": events}, retry_policy(config))
+    summary.retries += result.retries
+    if result.response is not None:
+        data = result.response.json()
+        summary.accepted += int(data.get("accepted", 0))
+        summary.duplicates += int(data.get("duplicates", 0))
+        return True
     summary.errors += len(events)
     if len(summary.error_samples) < 5:
-        summary.error_samples.append(msg)
+        summary.error_samples.append(result.message)
     return False
 
 

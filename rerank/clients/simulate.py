@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from rerank.clients.retry import RetryPolicy, post_with_retries as post
 from rerank.data.synth import SynthConfig, generate_shop
 from rerank.infra.stats import percentile
 
@@ -452,45 +453,27 @@ class RunStats:
     experiments: Counter = field(default_factory=Counter)
 
 
+# a 503's Retry-After (capped at MAX_RETRY_AFTER_S; none: not retried), 0.5 s * 2**attempt after a
+# connection error or a timeout (event ids make retried events safe); nothing else
+RETRY = RetryPolicy(retries=MAX_RETRIES, exceptions=(httpx.TransportError,), backoff_s=0.5, growth=2.0,
+                    retry_after_max_s=MAX_RETRY_AFTER_S)
+
+
 def retry_delay(failure: httpx.Response | httpx.TransportError, attempt: int) -> float | None:
-    """Seconds to wait before retrying a failed attempt (0-based), None = do not retry: a 503's
-    Retry-After (capped at MAX_RETRY_AFTER_S), 0.5 s * 2**attempt after a connection error or a
-    timeout (event ids make retried events safe); nothing else, and nothing after MAX_RETRIES."""
-    if attempt >= MAX_RETRIES:
-        return None
-    if isinstance(failure, httpx.TransportError):
-        return 0.5 * 2**attempt
-    if failure.status_code != 503:
-        return None
-    try:
-        return min(max(float(failure.headers["retry-after"]), 0.0), MAX_RETRY_AFTER_S)
-    except (KeyError, ValueError):
-        return None
+    """Seconds to wait before retrying a failed attempt (0-based), None = do not retry (`RETRY`)."""
+    return RETRY.delay(failure, attempt)
 
 
 async def post_with_retries(
     client: httpx.AsyncClient, url: str, body: dict, stats: RunStats, kind: str
 ) -> tuple[httpx.Response | None, float]:
-    """POST `body`, retrying by `retry_delay`. Returns the 200 response (None after counting the
+    """POST `body`, retrying by `RETRY`. Returns the 200 response (None after counting the
     error in `stats.errors[kind]`, by status code or exception class name) and the last attempt's ms."""
-    attempt = 0
-    while True:
-        sent = time.perf_counter()
-        try:
-            response = await client.post(url, json=body)
-        except httpx.TransportError as err:
-            failure, error = err, type(err).__name__
-        else:
-            if response.status_code == 200:
-                return response, (time.perf_counter() - sent) * 1000.0
-            failure, error = response, str(response.status_code)
-        delay = retry_delay(failure, attempt)
-        if delay is None:
-            stats.errors[kind][error] += 1
-            return None, (time.perf_counter() - sent) * 1000.0
-        attempt += 1
-        stats.retries += 1
-        await asyncio.sleep(delay)
+    result = await post(client, url, body, RETRY)
+    stats.retries += result.retries
+    if result.response is None:
+        stats.errors[kind][result.error] += 1
+    return result.response, result.ms
 
 
 @dataclass
