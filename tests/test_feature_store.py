@@ -11,14 +11,10 @@ import pytest
 import redis
 
 from rerank.data.dataset import load_dataset, write_dataset
-from rerank.store.feature_store import (
-    Event,
-    EventValidationError,
-    FeatureStore,
-    FeatureStoreError,
-    FeatureStoreUnavailable,
-    parse_stream_seq,
-)
+from rerank.store.entry import parse_seq
+from rerank.store.errors import EventValidationError, FeatureStoreError, FeatureStoreUnavailable
+from rerank.store.events import Event
+from rerank.store.feature_store import FeatureStore
 
 # user -> [(item_id, type, ts)] in time order
 HISTORIES = {
@@ -164,9 +160,9 @@ def test_stream_entry_carries_the_pre_event_sequence(loaded):
     assert fields["event_id"] == "s1" and fields["user_id"] == "bob" and fields["item_id"] == "i5"
     assert fields["item_idx"] == "5" and fields["type"] == "click" and float(fields["ts"]) == 90.5
     assert fields["seq"] == "2:1 4:3 4:4 1:1"
-    idx, types = parse_stream_seq(fields["seq"])
+    idx, types = parse_seq(fields["seq"])
     assert idx.tolist() == [2, 4, 4, 1] and types.tolist() == [1, 3, 4, 1]
-    assert parse_stream_seq("")[0].size == 0
+    assert parse_seq("")[0].size == 0
 
 
 def test_stream_seq_is_capped(redis_url):
@@ -422,7 +418,7 @@ def test_item_capacity_grows_the_catalogue_to_the_cap_and_counts_the_rest(redis_
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     entries = [f for _, f in client.xrange(store.keys.events)]
     assert [f["item_idx"] for f in entries] == [str(i) for i in range(6, 11)] + ["0"] * 15
-    last_seq, _ = parse_stream_seq(entries[-1]["seq"])
+    last_seq, _ = parse_seq(entries[-1]["seq"])
     assert 0 not in last_seq.tolist() and last_seq.tolist()[-5:] == [6, 7, 8, 9, 10]
 
     again = store.write_events_detailed(unseen)  # a retry: duplicates, nothing counted twice
@@ -547,5 +543,5 @@ def test_new_items_are_admitted_at_most_new_item_rate_per_min(redis_url, dataset
     known = store.write_events_detailed([Event("eve", "fresh0", "click", ts=300.0)])  # known items are not rated
     assert known.new_items == 0 and known.over_rate == 0
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    (rate_key,) = client.keys(f"{store.keys.prefix}new_items:*")
+    (rate_key,) = client.keys(store.keys.new_items("*"))
     assert 0 < client.ttl(rate_key) <= 120  # the minute's counter goes away by itself

@@ -3,8 +3,9 @@ their Parquet schema.
 
     impression  one /rank answer: what was shown to whom, in which experiment arm, by which
                 model. Written by the ingress to the `{prefix}impressions` stream.
-    event       one behaviour event (rerank.store.feature_store writes it to `{prefix}events`), with
-                its attribution to an impression when there is one.
+    event       one behaviour event (rerank.store.events writes it to `{prefix}events`), with
+                its attribution to an impression when there is one. Its stream fields are
+                rerank.store.entry's (the one definition: EventEntry decodes them).
 
 Stream fields are strings (Redis). An impression's items travel as one compact JSON field,
 `[[item_id, score, team], ...]` in position order (position = index + 1; team = the arm whose
@@ -21,6 +22,8 @@ import math
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+
+from rerank.store.entry import EventEntry
 
 IMPRESSION_ITEM = pa.struct([("item_id", pa.string()), ("position", pa.int32()), ("score", pa.float64()),
                              ("team", pa.string())])
@@ -52,7 +55,6 @@ EVENT_SCHEMA = pa.schema([
     ("value", pa.float64()),  # revenue of a purchase when the client sent a price; null = unknown
     ("day", pa.string()),
 ])
-ATTRIBUTION_FIELDS = ("request_id", "position", "experiment", "arm", "team", "attributed", "value")
 
 
 def stream_day(stream_id: str) -> str:
@@ -113,22 +115,11 @@ def impression_row(stream_id: str, fields: dict[str, str]) -> dict:
 def event_row(stream_id: str, fields: dict[str, str]) -> dict:
     """The Parquet row (EVENT_SCHEMA) of one events-stream entry; entries written before
     attribution existed read as unattributed. ValueError names the field."""
-    def optional(name: str) -> str | None:
-        value = fields.get(name, "")
-        return value or None
-
-    position, value = optional("position"), optional("value")
-    try:
-        item_idx = int(_text(fields, "item_idx"))
-        position_num = int(position) if position is not None else None
-    except ValueError:
-        raise ValueError("field 'item_idx' or 'position': not an integer") from None
-    return {"stream_id": stream_id, "event_id": _text(fields, "event_id"), "user_id": _text(fields, "user_id"),
-            "item_id": _text(fields, "item_id"), "item_idx": item_idx, "type": _text(fields, "type"),
-            "ts": _float(fields, "ts"), "request_id": optional("request_id"), "position": position_num,
-            "experiment": fields.get("experiment", ""), "arm": fields.get("arm", ""),
-            "team": fields.get("team", ""), "attributed": fields.get("attributed", ""),
-            "value": float(value) if value is not None else None, "day": stream_day(stream_id)}
+    e = EventEntry.from_fields(fields)
+    return {"stream_id": stream_id, "event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id,
+            "item_idx": e.item_idx, "type": e.type, "ts": e.ts, "request_id": e.request_id, "position": e.position,
+            "experiment": e.experiment, "arm": e.arm, "team": e.team, "attributed": e.attributed, "value": e.value,
+            "day": stream_day(stream_id)}
 
 
 def impressions_table(rows: list[dict]) -> pa.Table:

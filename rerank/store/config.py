@@ -1,0 +1,31 @@
+"""FeatureStoreConfig: the key prefix, caps, TTLs and timeouts of one FeatureStore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rerank.store.keys import DEFAULT_PREFIX
+
+
+@dataclass
+class FeatureStoreConfig:
+    """Key prefix, caps, TTLs and timeouts of a FeatureStore."""
+
+    prefix: str = DEFAULT_PREFIX
+    max_history: int = 200  # events kept per user
+    user_ttl_s: int = 30 * 24 * 3600  # user keys expire after 30 days without events
+    event_ttl_s: int = 7 * 24 * 3600  # how long a duplicate event_id is recognised
+    stream_maxlen: int = 1_000_000  # approximate cap of the event stream
+    stream_seq_len: int = 50  # pre-event history carried in each stream entry
+    item_capacity: int | None = None  # highest item_idx the store may assign; None = no limit
+    new_item_rate_per_min: int | None = None  # new items events may add per minute (per store); None = no rate
+    socket_timeout_s: float = 0.2
+    connect_timeout_s: float = 0.2
+    retries: int = 1  # one reconnect attempt (e.g. a pooled socket that died in a restart)
+
+    def __post_init__(self) -> None:
+        for name in ("max_history", "user_ttl_s", "event_ttl_s", "stream_maxlen", "stream_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"FeatureStoreConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.item_capacity is not None and self.item_capacity <= 0:
+            raise ValueError(f"FeatureStoreConfig.item_capacity must be > 0 or None, got {self.item_capacity}")
