@@ -74,7 +74,7 @@ def read_streams(redis_url: str, prefix: str, since_ms: int):
     """Impressions and events added to the streams since `since_ms` (rerank.eventlog.records tables)."""
     import redis
 
-    from rerank.store.feature_store import Keys
+    from rerank.store.keys import Keys
     from rerank.eventlog.records import event_row, events_table, impression_row, impressions_table
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)

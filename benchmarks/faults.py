@@ -507,7 +507,7 @@ def trainer_kill(url: str, redis_url: str, prefix: str, registry: Path, events: 
     import redis
 
     from deployments.online_trainer import GROUP
-    from rerank.store.feature_store import Keys
+    from rerank.store.keys import Keys
 
     stream = Keys(prefix).events
     client = redis.Redis.from_url(redis_url, decode_responses=True)

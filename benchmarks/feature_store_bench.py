@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
 
-    from rerank.store.feature_store import Event, FeatureStore
+    from rerank.store.events import Event
+    from rerank.store.feature_store import FeatureStore
     from rerank.serving.ranking import RankingRules, rank
     from rerank.infra.redis_server import find_redis_server_binary, resolve_redis
 

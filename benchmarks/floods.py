@@ -39,7 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # online_helpers.tiny_model_dir: the tiny trained model
 
-from rerank.store.feature_store import Event, FeatureStore, FeatureStoreUnavailable, Keys  # noqa: E402
+from rerank.store.errors import FeatureStoreUnavailable  # noqa: E402
+from rerank.store.events import Event  # noqa: E402
+from rerank.store.feature_store import FeatureStore  # noqa: E402
+from rerank.store.keys import Keys  # noqa: E402
 
 SCENARIOS = ("new_items", "anonymous_events", "impressions")
 TYPES = np.array(["view", "click", "cart", "purchase"])
@@ -283,8 +286,8 @@ def anonymous_scenario(url: str, sizes: Sizes, seconds: float, progress: bool = 
 
 def _anonymous_state(client: redis.Redis, store: FeatureStore) -> dict:
     """Markers, user sequences, bought sets, the stream, and what the default caps would take."""
-    prefix = store.config.prefix
-    seqs, bought = scan_keys(client, f"{prefix}u:*:seq"), scan_keys(client, f"{prefix}u:*:bought")
+    keys = store.keys
+    seqs, bought = scan_keys(client, keys.user_seq("*")), scan_keys(client, keys.user_bought("*"))
     seq_len, bought_len = lengths(client, seqs, "llen"), lengths(client, bought, "scard")
     xlen = int(client.xlen(store.keys.events))
     stream_bytes = int(client.memory_usage(store.keys.events, samples=0) or 0)
@@ -292,7 +295,7 @@ def _anonymous_state(client: redis.Redis, store: FeatureStore) -> dict:
     per_full_user = mean_usage(client, full) or mean_usage(client, seqs)
     per_entry = stream_bytes / max(1, xlen)
     return {
-        "xlen": xlen, "evt_keys": len(scan_keys(client, f"{prefix}evt:*")), "dbsize": int(client.dbsize()),
+        "xlen": xlen, "evt_keys": len(scan_keys(client, keys.event("*"))), "dbsize": int(client.dbsize()),
         "user_seq_keys": len(seqs), "user_seq_len_max": max(seq_len, default=0),
         "user_seq_len_mean": round(float(np.mean(seq_len)), 1) if seq_len else 0,
         "bought_sets": len(bought), "bought_size_max": max(bought_len, default=0),
@@ -329,7 +332,7 @@ def impressions_scenario(url: str, sizes: Sizes, progress: bool = True) -> dict:
             flood.refused(err)
             break
         flood.add(n)
-    shown, lists = scan_keys(client, f"{keys.prefix}u:*:shown"), scan_keys(client, f"{keys.prefix}u:*:imps")
+    shown, lists = scan_keys(client, keys.user_shown("*")), scan_keys(client, keys.user_impressions("*"))
     list_len, fields = lengths(client, lists, "llen"), lengths(client, shown, "hlen")
     full = [key for key, n in zip(shown, fields) if n == config.recent_per_user]
     full_lists = [key for key, n in zip(lists, list_len) if n == config.recent_per_user]

@@ -51,7 +51,7 @@ def main() -> int:
     args = p.parse_args()
 
     from deployments.local import DEMO_DATA, DEMO_MODEL, ServeRun, ensure_demo_data, ensure_model, write_serve_config
-    from rerank.store.feature_store import Keys
+    from rerank.store.keys import Keys
     from rerank.infra.redis_server import EmbeddedRedis, free_port
 
     if args.url and not args.redis_url:

@@ -59,7 +59,7 @@ from rerank.online.config import online_config
 from rerank.serving.auth import ApiKeys
 from rerank.experiments.attribution import AttributionConfig
 from rerank.experiments.book import EXPERIMENT_NAME, Experiment, ExperimentSpec, check_traffic, servable
-from rerank.store.feature_store import DEFAULT_PREFIX
+from rerank.store.keys import DEFAULT_PREFIX
 
 logger = logging.getLogger("ray.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def prepare_experiments(redis_url: str, prefix: str, experiments: dict[str, Expe
     import redis as redis_lib
 
     from rerank.experiments.book import write_experiment
-    from rerank.store.feature_store import Keys
+    from rerank.store.keys import Keys
     from rerank.models.registry import ModelRegistry, resolve_model_dir
 
     for spec in experiments.values():

@@ -6,7 +6,8 @@ import asyncio
 
 from ray import serve
 
-from rerank.store.feature_store import DEFAULT_PREFIX, FeatureStore
+from rerank.store.feature_store import FeatureStore
+from rerank.store.keys import DEFAULT_PREFIX
 from rerank.serving.pipeline import FeatureFetcher, FetchedBatch, serving_catalogue
 
 

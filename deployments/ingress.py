@@ -65,7 +65,10 @@ from rerank.experiments.book import (
     unreadable_model,
     write_experiment,
 )
-from rerank.store.feature_store import DEFAULT_PREFIX, Event, FeatureStore, FeatureStoreUnavailable
+from rerank.store.errors import FeatureStoreUnavailable
+from rerank.store.events import Event
+from rerank.store.feature_store import FeatureStore
+from rerank.store.keys import DEFAULT_PREFIX
 from rerank.serving.ranking import RankingRules
 from rerank.eventlog.records import Impression
 from rerank.serving.pipeline import (

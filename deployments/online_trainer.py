@@ -24,7 +24,7 @@ from ray import serve
 
 from rerank.online.config import online_config
 from rerank.online.loop import LoopStats, OnlineLoop
-from rerank.store.feature_store import DEFAULT_PREFIX
+from rerank.store.keys import DEFAULT_PREFIX
 
 logger = logging.getLogger("ray.serve")
 DELAY_BOUNDARIES_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]
@@ -44,7 +44,7 @@ class OnlineTrainer:
         import torch
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        from rerank.store.feature_store import Keys
+        from rerank.store.keys import Keys
         from rerank.store.lease import RedisLease
         from rerank.models.registry import ModelRegistry
         from rerank.store.stream import EventStream, StreamConfig

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ray import serve
 
-from rerank.store.feature_store import DEFAULT_PREFIX, FeatureStore
+from rerank.store.feature_store import FeatureStore
+from rerank.store.keys import DEFAULT_PREFIX
 from rerank.serving.pipeline import FetchedBatch, ModelScores, RankedBatch, RankPlan, ScoredBatch, rank_batch, serving_catalogue
 
 

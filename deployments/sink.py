@@ -16,7 +16,7 @@ import time
 from ray import serve
 
 from rerank.infra.redact import redact
-from rerank.store.feature_store import DEFAULT_PREFIX
+from rerank.store.keys import DEFAULT_PREFIX
 from rerank.eventlog.sink import SinkConfig, StreamSink
 
 logger = logging.getLogger("ray.serve")

@@ -19,7 +19,8 @@ def shops(tmp_path_factory):
 
 def test_ensure_loaded_loads_once_and_keeps_online_events(redis_server, shops):
     from deployments.app import ensure_loaded
-    from rerank.store.feature_store import Event, FeatureStore
+    from rerank.store.events import Event
+    from rerank.store.feature_store import FeatureStore
 
     redis_server.start()
     prefix = f"t{uuid.uuid4().hex[:8]}:"  # no flush: other modules share the server

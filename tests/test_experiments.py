@@ -23,7 +23,9 @@ from rerank.experiments.book import (
     stop_experiment,
     write_experiment,
 )
-from rerank.store.feature_store import Event, FeatureStore, Keys
+from rerank.store.events import Event
+from rerank.store.feature_store import FeatureStore
+from rerank.store.keys import Keys
 from rerank.eventlog.records import Impression, event_row
 
 USERS = [f"user{i}" for i in range(6000)]

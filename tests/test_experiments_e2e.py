@@ -108,7 +108,7 @@ def test_answers_name_their_arm_serve_its_model_and_are_recorded(service):
 def test_interleaved_lists_mix_both_arms_fairly(service):
     answers = _rank_all(service, [f"xi{i}" for i in range(N_USERS)])
     from rerank.experiments.attribution import read_shown
-    from rerank.store.feature_store import Keys
+    from rerank.store.keys import Keys
 
     interleaved = [(u, a) for u, a in answers.items() if a["experiment"] == "il"]
     assert interleaved

@@ -151,7 +151,8 @@ def test_guard_refuses_nan_and_sabotaged_weights_and_accepts_a_normal_update(mod
 
 # ------------------------------------------------------------------ the loop over real Redis
 def _write(url: str, tiny_data, limit: int, start: int = 0):
-    from rerank.store.feature_store import Event, FeatureStore
+    from rerank.store.events import Event
+    from rerank.store.feature_store import FeatureStore
 
     store = FeatureStore(url)
     events = synth_events(tiny_data, start + limit)[start:]
@@ -528,7 +529,8 @@ def test_items_added_counts_distinct_new_items_once(redis_url, tiny, tmp_path):
 
 
 def test_entries_trimmed_before_the_trainer_read_them_are_counted_not_silent(redis_url, tiny, tmp_path):
-    from rerank.store.feature_store import Event, FeatureStore
+    from rerank.store.events import Event
+    from rerank.store.feature_store import FeatureStore
 
     registry = ModelRegistry(str(tmp_path / "reg"))
     registry.publish_dir(tiny[1])

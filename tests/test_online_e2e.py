@@ -21,7 +21,8 @@ def tiny(tmp_path_factory):
 
 
 def _write_events(url: str, events, prefix: str = "rr:", every_s: float = 0.0, batch: int = 20) -> int:
-    from rerank.store.feature_store import Event, FeatureStore
+    from rerank.store.events import Event
+    from rerank.store.feature_store import FeatureStore
 
     store = FeatureStore(url, prefix=prefix)
     accepted = 0
@@ -118,7 +119,7 @@ def test_a_lapsed_lease_taken_again_restarts_the_loop_from_the_checkpoint(serve_
     from ray import serve
 
     from deployments.online_trainer import OnlineTrainer
-    from rerank.store.feature_store import Keys
+    from rerank.store.keys import Keys
     from rerank.models.registry import ModelRegistry
 
     registry = ModelRegistry(str(tmp_path / "reg"))

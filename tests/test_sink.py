@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from rerank.store.feature_store import Keys
+from rerank.store.keys import Keys
 from rerank.eventlog.records import EVENT_SCHEMA, IMPRESSION_SCHEMA, Impression
 from rerank.eventlog.sink import SinkConfig, StreamSink
 from rerank.store.stream import EventStream, StreamConfig

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import redis
 
+from rerank.store.keys import Keys
 from rerank.store.stream import EventStream, StreamConfig, id_key
 
+STREAM = Keys().events  # the default store's events stream
 
-def _add(url: str, n: int, stream: str = "rr:events") -> list[str]:
+
+def _add(url: str, n: int, stream: str = STREAM) -> list[str]:
     client = redis.Redis.from_url(url, decode_responses=True)
     ids = [client.xadd(stream, {"event_id": f"e{i}", "item_idx": str(i)}) for i in range(n)]
     client.close()
@@ -15,7 +18,7 @@ def _add(url: str, n: int, stream: str = "rr:events") -> list[str]:
 
 
 def _stream(url: str, consumer: str, **kw) -> EventStream:
-    s = EventStream(StreamConfig(url=url, stream=kw.pop("stream", "rr:events"), consumer=consumer, block_ms=50, **kw))
+    s = EventStream(StreamConfig(url=url, stream=kw.pop("stream", STREAM), consumer=consumer, block_ms=50, **kw))
     s.ensure_group()
     return s
 
@@ -67,7 +70,7 @@ def test_trimmed_pending_entries_are_acked_and_counted(redis_url):
     _add(redis_url, 4)
     s.read(count=4)
     client = redis.Redis.from_url(redis_url)
-    client.xtrim("rr:events", maxlen=1, approximate=False)
+    client.xtrim(STREAM, maxlen=1, approximate=False)
     client.close()
     again = _stream(redis_url, "c1")
     assert len(again.recover(min_idle_ms=0)) == 1

@@ -14,7 +14,7 @@ PROGRESS_EVERY_S = 10.0
 
 
 def register(subparsers) -> None:
-    from rerank.store.feature_store import DEFAULT_PREFIX
+    from rerank.store.keys import DEFAULT_PREFIX
 
     p = subparsers.add_parser(
         "sink", help="persist the impressions and events streams to Parquet, exactly once",

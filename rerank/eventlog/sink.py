@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 
-from rerank.store.feature_store import Keys
+from rerank.store.keys import Keys
 from rerank.store.lease import RedisLease
 from rerank.eventlog.records import event_row, events_table, impression_row, impressions_table
 from rerank.store.stream import EventStream, StreamConfig, StreamEntry, id_key

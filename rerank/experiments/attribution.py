@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from rerank.store.feature_store import Keys
+from rerank.store.keys import Keys
 from rerank.eventlog.records import Impression
 
 
@@ -51,7 +51,7 @@ class Attribution:
     how: str = ""  # "request_id" | "window" | ""
 
     def fields(self) -> dict[str, str]:
-        """The event stream fields (rerank.eventlog.records.ATTRIBUTION_FIELDS minus value)."""
+        """The event stream fields (rerank.store.entry.ATTRIBUTION_FIELDS minus value)."""
         return {"request_id": self.request_id, "position": "" if self.position is None else str(self.position),
                 "experiment": self.experiment, "arm": self.arm, "team": self.team, "attributed": self.how}
 

@@ -95,7 +95,7 @@ class RefreshingCatalogue:
 
     def refresh(self) -> bool:
         """One refresh attempt; False when the store is unreachable or has fewer items."""
-        from rerank.store.feature_store import FeatureStoreUnavailable
+        from rerank.store.errors import FeatureStoreUnavailable
 
         try:
             item_ids, attributes = self._store.catalogue()

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from rerank.serving.catalogue import RefreshingCatalogue
-from rerank.store.feature_store import FeatureStore, FeatureStoreUnavailable, UserFeatures
+from rerank.store.errors import FeatureStoreUnavailable
+from rerank.store.feature_store import FeatureStore, UserFeatures
 from rerank.serving.ranking import RankingRules, popularity_prior, rank
 from rerank.serving.scoring import ScoreInput
 
