@@ -318,3 +318,146 @@ def test_garbage_weights_are_a_model_load_error(tiny, tmp_path):
         weights.write_bytes(b"not a pickle at all")
     with pytest.raises(ModelLoadError, match="cannot load"):
         load_model(broken)
+
+
+# ---------------------------------------------------------------- crash safety: a bad LATEST, fsync
+def _three_versions(tiny, root):
+    """A registry with v1..v3 (v2, v3 perturbed so their scores differ), LATEST = v3."""
+    reg = ModelRegistry(str(root))
+    reg.publish_dir(tiny[1])
+    reg.publish(_perturbed(tiny[1], 2.0), {})
+    reg.publish(_perturbed(tiny[1], 3.0), {})
+    assert reg.latest() == 3
+    return reg
+
+
+HIST = [np.array([1, 2, 3]), np.array([7])]
+
+
+@pytest.mark.parametrize("content", [b"", b'{"version": 3, "pinn', b"\x00\x00\x00\x00", b"not json", b"[3]",
+                                     b'{"version": "three"}', b'{"pinned": false}', b'{"version": 0}',
+                                     b'{"version": true}'],
+                         ids=["empty", "truncated", "zeros", "not-json", "a-list", "bad-version", "no-version",
+                              "version-0", "version-bool"])
+def test_an_unreadable_latest_falls_back_to_the_newest_complete_version_read_as_pinned(tiny, tmp_path, content,
+                                                                                         caplog):
+    import logging
+
+    from rerank.models.registry import UNREADABLE, resolve_model_dir
+
+    reg = _three_versions(tiny, tmp_path / "reg")
+    reg.rollback(2)  # the pin an unreadable LATEST can no longer show
+    newest = reg.load(3).score(HIST)
+    (tmp_path / "reg" / "LATEST").write_bytes(content)  # e.g. power lost before the data reached the disk
+    scorer = ModelRegistry(reg.uri)  # a scorer / ingress starting now
+    with caplog.at_level(logging.WARNING, logger="rerank.models.registry"):
+        for r in (reg, scorer):
+            ptr = r.pointer()
+            assert (ptr.version, ptr.pinned, ptr.recovered) == (3, True, UNREADABLE)
+            assert r.latest() == 3 and r.pinned()
+            np.testing.assert_array_equal(r.load().score(HIST), newest)
+        scorer.latest()
+    warnings = [rec for rec in caplog.records if "LATEST unreadable" in rec.getMessage()]
+    assert len(warnings) == 2  # once per registry object, not once per poll
+    assert "v3" in warnings[0].getMessage() and "pinned" in warnings[0].getMessage()
+    assert resolve_model_dir(None, reg.uri) == (tmp_path / "reg" / "v000003", 3)
+    # read as pinned: publish refuses (nothing overwrites what may have been a rollback), prune deletes nothing
+    with pytest.raises(RegistryPinned, match="unreadable"):
+        reg.publish_dir(tiny[1])
+    reg.keep, reg.keep_offline, reg.keep_hourly_s = 1, 0, 0
+    assert reg.prune() == [] and reg.versions() == [1, 2, 3]
+    # the next write of the pointer repairs LATEST
+    reg.unpin()
+    assert json.loads((tmp_path / "reg" / "LATEST").read_text())["version"] == 3
+    ptr = scorer.pointer()
+    assert (ptr.version, ptr.pinned, ptr.recovered) == (3, False, "")
+    assert reg.publish_dir(tiny[1]) == 4 and scorer.latest() == 4
+
+
+@pytest.mark.parametrize("damage", ["meta-missing", "meta-empty", "deleted", "deleted-pinned"])
+def test_latest_naming_a_missing_or_incomplete_version_falls_back_to_the_newest_complete_one(tiny, tmp_path,
+                                                                                            damage):
+    import shutil
+
+    from rerank.models.registry import INCOMPLETE
+
+    reg = _three_versions(tiny, tmp_path / "reg")
+    if damage == "deleted-pinned":
+        reg.rollback(3)
+    v2_scores = reg.load(2).score(HIST)
+    v3 = tmp_path / "reg" / "v000003"
+    if damage == "meta-missing":
+        (v3 / "meta.json").unlink()  # an upload that never finished, or files lost in a crash
+    elif damage == "meta-empty":
+        (v3 / "meta.json").write_bytes(b"")  # present but unreadable: incomplete too
+    else:
+        shutil.rmtree(v3)
+    for r in (reg, ModelRegistry(reg.uri)):  # the publisher's own object (meta cached) and a fresh one
+        ptr = r.pointer()
+        assert (ptr.version, ptr.recovered, ptr.named) == (2, INCOMPLETE, 3)
+        assert ptr.pinned == (damage == "deleted-pinned")  # a readable pointer keeps its pin
+        assert r.latest() == 2 and r.versions() == [1, 2]
+        np.testing.assert_array_equal(r.load().score(HIST), v2_scores)
+        with pytest.raises(RegistryError, match="no complete version 3"):
+            r.meta(3)
+    if damage == "deleted-pinned":  # unpin rewrites LATEST at the version read: repaired
+        reg.unpin()
+        ptr = ModelRegistry(reg.uri).pointer()
+        assert (ptr.version, ptr.pinned, ptr.recovered, ptr.reason) == (2, False, "", "unpin")
+        assert reg.publish_dir(tiny[1]) == 3
+        return
+    # the next publish takes a number above the one the stale pointer names, and repairs it
+    assert reg.publish_dir(tiny[1]) == 4
+    ptr = ModelRegistry(reg.uri).pointer()
+    assert (ptr.version, ptr.recovered, reg.meta(4)["parent"]) == (4, "", 2)
+
+
+def test_a_forced_publish_over_an_unreadable_latest_replaces_an_incomplete_directory_in_its_way(tiny, tmp_path):
+    reg = _three_versions(tiny, tmp_path / "reg")
+    (tmp_path / "reg" / "v000003" / "meta.json").write_bytes(b"")  # the crash took v3's meta...
+    (tmp_path / "reg" / "LATEST").write_bytes(b"")  # ... and LATEST
+    assert reg.latest() == 2 and reg.pinned()
+    assert reg.publish_dir(tiny[1], force=True) == 3  # v3's number taken over: its remains moved away first
+    assert reg.versions() == [1, 2, 3] and reg.meta(3)["parent"] == 2
+    assert not reg.pinned() and ModelRegistry(reg.uri).pointer().recovered == ""
+    assert not list((tmp_path / "reg").glob(".v000003.*"))
+
+
+def test_a_local_publish_fsyncs_every_file_and_the_directory_before_latest(tiny, tmp_path, monkeypatch):
+    import os
+    import uuid
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the file behind each fsync")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)  # the real call, on the real file
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "reg"
+    reg = ModelRegistry(str(root))
+    assert reg.publish_dir(tiny[1]) == 1
+    files = {p.relative_to(root / "v000001").as_posix() for p in (root / "v000001").rglob("*") if p.is_file()}
+    dirs = {p.relative_to(root / "v000001").as_posix() for p in (root / "v000001").rglob("*") if p.is_dir()}
+    assert "meta.json" in files and "config.json" in files
+    # fsynced under its staging name, before the rename: every file, every subdirectory, itself
+    staging = next(s for s in synced if os.path.basename(s).startswith(".v000001.") and s.endswith(".partial"))
+    assert files | dirs <= {os.path.relpath(s, staging) for s in synced if s.startswith(staging + "/")}
+    latest_tmp = [i for i, s in enumerate(synced) if os.path.basename(s).startswith(".LATEST.")]
+    root_syncs = [i for i, s in enumerate(synced) if s == str(root)]
+    last_version_sync = max(i for i, s in enumerate(synced) if s.startswith(staging))
+    assert len(latest_tmp) == 1 and latest_tmp[0] > last_version_sync
+    assert any(last_version_sync < i < latest_tmp[0] for i in root_syncs)  # the version's rename, before LATEST
+    assert root_syncs[-1] > latest_tmp[0]  # and LATEST's rename
+    assert json.loads((root / "LATEST").read_text())["version"] == 1
+    synced.clear()
+    reg.write_state("trainer_state.json", {"version": 1})  # the trainer's checkpoint: the same
+    assert [os.path.basename(s).startswith(".trainer_state.json.") for s in synced] == [True, False]
+    assert synced[-1] == str(root)
+    synced.clear()
+    remote = ModelRegistry(f"mock:///reg-{uuid.uuid4().hex}")  # an object store: one atomic PUT, nothing to fsync
+    remote.publish_dir(tiny[1])
+    assert synced == []

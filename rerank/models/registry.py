@@ -11,14 +11,40 @@ Layout under the registry root (a local directory, `file:///...`, or `s3://bucke
     LATEST              {"version": N, "pinned": bool, "updated_at": ..., "reason": ...}
 
 Commit protocol. A reader follows only `LATEST`, and `LATEST` is written after the version it
-names is complete, so a reader never sees a half-written version:
-- local filesystem: the version is built under a hidden temporary name and renamed to
-  `vNNNNNN/` (atomic), and `LATEST` is written to `LATEST.tmp` then renamed (atomic);
+names is complete, so a reader never sees a half-written version. A version is complete when
+its `meta.json` is present and readable (a JSON object); `versions()` lists complete versions only.
+- local filesystem: the version is built under a hidden temporary name, every file and
+  directory of it is fsynced, it is renamed to `vNNNNNN/` (atomic) and the registry directory is
+  fsynced (the rename itself made durable); only then is `LATEST` written: to a hidden temporary
+  file, flushed, fsynced, renamed over `LATEST` (atomic), and the directory fsynced again. So a
+  crash (power loss included) leaves `LATEST` old or new, never empty, and never naming a version
+  whose files did not reach the disk. `write_state` files (the trainer's checkpoint) get the same;
 - S3 (and other object stores, where a "rename" is copy + delete): the version's objects are
   uploaded in place, `meta.json` last, then `LATEST` is one PUT, which S3 applies atomically
-  (readers see the old or the new object, never a mix). An interrupted upload leaves a
-  `vNNNNNN/` without `meta.json`, which `versions()` ignores and the next publish overwrites.
+  (readers see the old or the new object, never a mix) and durably once it returns: there is
+  nothing to fsync. An interrupted upload leaves a `vNNNNNN/` without `meta.json`, which
+  `versions()` ignores and the next publish overwrites (on a local registry too: an incomplete
+  directory where the next version goes is moved away first).
 One publisher at a time per registry (the online trainer); readers (scorers) are unlimited.
+
+Recovery of a bad pointer. `pointer()` (so `latest()`, `pinned()`, `load()`) never raises on a
+bad `LATEST`; it falls back to the newest complete version, logs a warning (once per problem
+per registry object) and says so in the pointer's `recovered` and `reason`:
+- `LATEST` unreadable (empty, truncated, not JSON, not {"version": int >= 1, ...}), e.g. written
+  before the fsyncs above by a registry that lost power: `recovered="unreadable"`, and it reads
+  as PINNED. An unreadable pointer cannot tell whether it was a rollback's pin; reading it as
+  pinned is the safe side: the online trainer pauses (events wait in Redis, nothing is lost)
+  and `publish` refuses without `force`, instead of publishing over what may have been an
+  operator's rollback of a bad model; `prune` deletes nothing meanwhile (the pin target may be
+  any version). Reading it unpinned would resume learning on top of a possibly rolled-back
+  line and could prune the rollback target. Serving uses the newest complete version either way;
+- `LATEST` names a version that is missing or incomplete (deleted by hand, or its files lost):
+  `recovered="incomplete"`, pinned as the pointer says (it was readable), `named` = the version
+  it names (the next publish takes a number above it, so the stale pointer never turns into a
+  reference to a new version before its commit).
+The next successful write of the pointer repairs `LATEST`: `rollback`, `unpin` (which rewrites
+it, unpinned, at the version read, i.e. the newest complete one) or a publish (with `force`
+while it reads as pinned). A missing `LATEST` still means "nothing published yet" (None).
 
 The commit is conditional. `publish` notes LATEST when it starts, uploads (seconds on S3), then
 re-reads LATEST immediately before writing it: if LATEST became pinned meanwhile (a rollback)
@@ -69,8 +95,10 @@ passes a path that exists on one node only.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -102,6 +130,11 @@ META = "meta.json"
 LOCK_FILE = ".LATEST.lock"
 LOCK_TIMEOUT_S = 60.0  # waiting longer than this for the pointer lock raises RegistryError
 HOUR_S = 3600
+UNREADABLE = "unreadable"  # LatestPointer.recovered: LATEST could not be parsed (see the module docstring)
+INCOMPLETE = "incomplete"  # LatestPointer.recovered: LATEST names a missing or incomplete version
+RECOVERY_RELIST_S = 5.0  # while LATEST stays bad, the fallback's listing is redone at most this often
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(RuntimeError):
@@ -122,6 +155,32 @@ class LatestPointer:
     pinned: bool = False
     updated_at: float = 0.0
     reason: str = ""
+    recovered: str = ""  # "" = LATEST as written; UNREADABLE / INCOMPLETE = a fallback (module docstring)
+    named: int | None = None  # for INCOMPLETE: the version LATEST names (missing or incomplete)
+
+
+def _written(ptr: LatestPointer | None) -> Any:
+    """What LATEST says (not the fallback read from it): publish's commit compares these."""
+    if ptr is None:
+        return None
+    if ptr.recovered == INCOMPLETE:
+        return ptr.named
+    return (UNREADABLE,) if ptr.recovered == UNREADABLE else ptr.version
+
+
+def _parse_pointer(raw: Any) -> LatestPointer | None:
+    """LATEST's JSON as a pointer, or None when it does not have the expected shape."""
+    if not isinstance(raw, dict):
+        return None
+    version = raw.get("version")
+    if isinstance(version, bool) or not isinstance(version, (int, str)):
+        return None
+    try:
+        ptr = LatestPointer(int(version), bool(raw.get("pinned", False)), float(raw.get("updated_at", 0.0)),
+                            str(raw.get("reason", "")))
+    except (TypeError, ValueError):
+        return None
+    return ptr if ptr.version >= 1 else None
 
 
 def version_name(version: int) -> str:
@@ -141,7 +200,10 @@ class ModelRegistry:
         self.keep_offline = int(keep_offline)  # newest offline versions (no trained_until_id) kept
         self._lock = threading.RLock()
         self._lock_depth = 0
-        self._meta_cache: dict[int, dict] = {}  # complete versions' meta (immutable once complete)
+        # complete versions' meta (immutable once complete), with the (mtime, size) it was read at
+        self._meta_cache: dict[int, tuple[Any, dict]] = {}
+        self._warned = ""  # the pointer problem last logged (logged again only when it changes)
+        self._fallback: tuple[str, float, int | None] = ("", 0.0, None)  # (problem, when, newest complete)
         self.cache_keep = max(1, int(cache_keep))
         self._cache_dir = Path(cache_dir) if cache_dir else None
         self.fs, self.root = pafs.FileSystem.from_uri(uri)
@@ -166,16 +228,55 @@ class ModelRegistry:
                 return None
             raise
 
-    def pointer(self) -> LatestPointer | None:
-        """The LATEST pointer, or None when nothing was published yet."""
-        raw = self._read_json(self._path(LATEST))
-        if raw is None:
-            return None
+    def _read_pointer(self) -> tuple[LatestPointer | None, str]:
+        """(LATEST as written, "") or (None, "") when absent, or (None, why) when unreadable."""
         try:
-            return LatestPointer(int(raw["version"]), bool(raw.get("pinned", False)),
-                                 float(raw.get("updated_at", 0.0)), str(raw.get("reason", "")))
-        except (KeyError, TypeError, ValueError) as err:
-            raise RegistryError(f"{self.uri}/{LATEST}: expected {{'version': int, ...}}, got {raw!r}") from err
+            raw = self._read_json(self._path(LATEST))
+        except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+            return None, f"not JSON ({type(err).__name__}: {str(err)[:80]})"
+        if raw is None:
+            return None, ""
+        ptr = _parse_pointer(raw)
+        if ptr is None:
+            return None, f"expected {{'version': int >= 1, ...}}, got {str(raw)[:80]!r}"
+        return ptr, ""
+
+    def pointer(self) -> LatestPointer | None:
+        """The LATEST pointer, or None when nothing was published yet. An unreadable LATEST, or one
+        naming a missing or incomplete version, falls back to the newest complete version (with a
+        logged warning; see "Recovery of a bad pointer" in the module docstring)."""
+        for _ in range(2):
+            ptr, problem = self._read_pointer()
+            if problem:
+                return self._recovered(UNREADABLE, f"{LATEST} unreadable: {problem}", pinned=True)
+            if ptr is None:
+                return None
+            if self._complete(ptr.version):
+                self._warned = ""
+                return ptr
+            # re-read once: LATEST may have moved on while its old version was being pruned
+        return self._recovered(INCOMPLETE, f"{LATEST} names v{ptr.version}, which is missing or incomplete",
+                               pinned=ptr.pinned, named=ptr.version)
+
+    def _recovered(self, kind: str, problem: str, pinned: bool, named: int | None = None) -> LatestPointer | None:
+        """The fallback pointer: the newest complete version (None when there is none). The listing
+        is reused for RECOVERY_RELIST_S while the problem stays (scorers poll LATEST every 0.2 s)."""
+        seen, when, fallback = self._fallback
+        if seen != problem or time.monotonic() - when > RECOVERY_RELIST_S or (
+                fallback is not None and not self._complete(fallback)):
+            versions = self.versions()
+            fallback = versions[-1] if versions else None
+            self._fallback = (problem, time.monotonic(), fallback)
+        if problem != self._warned:
+            self._warned = problem
+            then = (f"serving the newest complete version v{fallback}" if fallback is not None
+                    else "no complete version to fall back to")
+            pin = ("; read as pinned (publish refuses, the trainer pauses) until `rerank model unpin` or a "
+                   "rollback rewrites it" if kind == UNREADABLE else "")
+            log.warning("model registry %s: %s; %s%s", self.uri, problem, then, pin)
+        if fallback is None:
+            return None
+        return LatestPointer(fallback, pinned, 0.0, f"recovered: {problem}", kind, named)
 
     def latest(self) -> int | None:
         """The version serving should use (newest published, or the rolled-back one)."""
@@ -186,23 +287,43 @@ class ModelRegistry:
         ptr = self.pointer()
         return bool(ptr and ptr.pinned)
 
+    def _complete(self, version: int) -> bool:
+        """Whether `version` is complete: its meta.json present and a readable JSON object. One
+        stat / HEAD per call; the file is read once per (mtime, size) and cached."""
+        path = self._path(version_name(version), META)
+        info = self.fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            self._meta_cache.pop(version, None)
+            return False
+        stamp = (info.mtime, info.size)
+        cached = self._meta_cache.get(version)
+        if cached is not None and cached[0] == stamp:
+            return True
+        try:
+            raw = self._read_json(path)
+        except (ValueError, UnicodeDecodeError):  # empty or truncated (lost in a crash)
+            raw = None
+        if not isinstance(raw, dict):
+            self._meta_cache.pop(version, None)
+            return False
+        self._meta_cache[version] = (stamp, raw)
+        return True
+
     def versions(self) -> list[int]:
-        """Complete versions (with meta.json), ascending."""
+        """Complete versions (meta.json present and readable), ascending."""
         selector = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
         found = []
         for info in self.fs.get_file_info(selector):
             m = VERSION_RE.match(info.base_name)
-            if m and info.type == pafs.FileType.Directory:
-                if self.fs.get_file_info(self._path(info.base_name, META)).type == pafs.FileType.File:
-                    found.append(int(m.group(1)))
+            if m and info.type == pafs.FileType.Directory and self._complete(int(m.group(1))):
+                found.append(int(m.group(1)))
         return sorted(found)
 
     def meta(self, version: int) -> dict:
-        """meta.json of a version."""
-        raw = self._read_json(self._path(version_name(version), META))
-        if raw is None:
+        """meta.json of a complete version."""
+        if not self._complete(version):
             raise RegistryError(f"{self.uri}: no complete version {version} (have {self.versions()})")
-        return raw
+        return dict(self._meta_cache[version][1])
 
     @property
     def cache_dir(self) -> Path:
@@ -305,6 +426,10 @@ class ModelRegistry:
 
     def _refuse_if_pinned(self, ptr: LatestPointer | None, force: bool) -> None:
         if ptr and ptr.pinned and not force:
+            if ptr.recovered == UNREADABLE:
+                raise RegistryPinned(f"{self.uri}: LATEST is unreadable and reads as pinned (it may have been a "
+                                     f"rollback); serving v{ptr.version}; run `rerank model unpin` (or roll back) "
+                                     "to rewrite it")
             raise RegistryPinned(f"{self.uri}: LATEST is pinned at v{ptr.version} by a rollback; "
                                  "run `rerank model unpin` first")
 
@@ -317,8 +442,8 @@ class ModelRegistry:
                 if now and now.pinned:
                     raise RegistryPinned(f"{self.uri}: LATEST was pinned at v{now.version} by a rollback while "
                                          f"publishing; {left}; run `rerank model unpin` first")
-                before = started.version if started else None
-                if (now.version if now else None) != before:
+                if _written(now) != _written(started):
+                    before = started.version if started else None
                     raise RegistryConflict(f"{self.uri}: LATEST moved from v{before} to "
                                            f"v{now.version if now else None} while publishing; {left}")
             self._set_pointer(LatestPointer(version, False, time.time(), "publish"))
@@ -326,7 +451,8 @@ class ModelRegistry:
     def _publish_built(self, build, meta: dict[str, Any], ptr: LatestPointer | None, force: bool) -> int:
         """Build a version locally with build(dir), upload it, commit LATEST, prune."""
         existing = self.versions()
-        version = (max(existing) + 1) if existing else 1
+        # never a number a stale LATEST names (it would be referenced before its commit)
+        version = max([*existing, (ptr.named or 0) if ptr else 0, 0]) + 1
         full_meta = {"version": version, "parent": ptr.version if ptr else None, "created_at": time.time(), **meta}
         with tempfile.TemporaryDirectory(prefix="rerank-publish-") as tmp:
             local = Path(tmp) / version_name(version)
@@ -372,7 +498,17 @@ class ModelRegistry:
         if self.is_local:
             staging = self._path(f".{version_name(version)}.{uuid.uuid4().hex}.partial")
             shutil.copytree(local, staging)
-            self.fs.move(staging, dest)  # rename(2) of a directory: atomic
+            fsync_tree(staging)  # the files' data and the directory entries on disk before the rename
+            trash = None
+            if os.path.lexists(dest):  # an incomplete version (versions() skips it): its number is taken over
+                if self._complete(version):
+                    raise RegistryConflict(f"{self.uri}: v{version} appeared while publishing (another publisher?)")
+                trash = self._path(f".{version_name(version)}.{uuid.uuid4().hex}.deleting")
+                os.rename(dest, trash)
+            os.rename(staging, dest)  # rename(2) of a directory: atomic
+            fsync_dir(self.root)  # the rename on disk before LATEST can name the version
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
             return
         self.fs.delete_dir_contents(dest, missing_dir_ok=True)
         self.fs.create_dir(dest, recursive=True)  # object stores: a no-op marker; filesystems with directories need it
@@ -387,14 +523,27 @@ class ModelRegistry:
         return self._read_json(self._path(name))
 
     def write_state(self, name: str, state: dict) -> None:
-        """Write a JSON state file atomically (rename on a local FS, one PUT on S3)."""
+        """Write a JSON state file atomically and durably: on a local FS a temporary file, flushed
+        and fsynced, renamed over the old one, then the directory fsynced; on S3 one PUT (atomic
+        and durable once it returns: nothing to fsync)."""
         data = json.dumps(state).encode()
-        if self.is_local:
-            tmp = self._path(f".{name}.{uuid.uuid4().hex}.tmp")
-            self._write_bytes(tmp, data)
-            self.fs.move(tmp, self._path(name))
-        else:
+        if not self.is_local:
             self._write_bytes(self._path(name), data)
+            return
+        tmp = self._path(f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(name))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_dir(self.root)
 
     def rollback(self, version: int, reason: str = "rollback") -> None:
         """Point LATEST at an existing version and pin it (see the module docstring)."""
@@ -412,9 +561,8 @@ class ModelRegistry:
             self._set_pointer(LatestPointer(ptr.version, False, time.time(), "unpin"))
 
     def _prune_meta(self, version: int) -> dict:
-        if version not in self._meta_cache:
-            self._meta_cache[version] = self.meta(version)
-        return self._meta_cache[version]
+        cached = self._meta_cache.get(version)
+        return cached[1] if cached is not None else self.meta(version)
 
     def retained(self, versions: list[int] | None = None, now: float | None = None) -> set[int]:
         """The versions the retention rules keep (see the module docstring)."""
@@ -459,6 +607,11 @@ class ModelRegistry:
         """
         deleted, trash = [], []
         with self._pointer_lock():
+            ptr = self.pointer()
+            if ptr is not None and ptr.recovered == UNREADABLE:
+                log.warning("model registry %s: not pruning while LATEST is unreadable (it may have pinned any "
+                            "version)", self.uri)
+                return []
             versions = self.versions()
             keep = self.retained(versions)
             for v in (v for v in versions if v not in keep):
@@ -486,6 +639,33 @@ class ModelRegistry:
                          "trained_until": m.get("trained_until"), "trained_until_id": m.get("trained_until_id"),
                          "events_applied": m.get("events_applied")})
         return rows
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory (its entries: files created or renamed in it). A no-op where directories
+    cannot be opened (Windows) or the filesystem does not support it (EINVAL, ENOTSUP)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file under `root`, then every directory, deepest first (`root` last)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
 
 
 def remove_stale_partials(directory: Path) -> None:
