@@ -50,6 +50,8 @@ def test_from_fields_types_and_names_the_bad_field():
     with pytest.raises(ValueError, match="field 'ts': not a number: 'soon'"):
         EventEntry.from_fields({**fields, "ts": "soon"})
     assert EventEntry.from_fields({**fields, "seq": "not checked here"}).seq == "not checked here"
+    with pytest.raises(ValueError, match="field 'ts' missing"):
+        EventEntry.from_fields({k: v for k, v in fields.items() if k != "ts"})
     row = event_row("1700000000000-0", fields)
     assert (row["item_idx"], row["ts"], row["position"], row["day"]) == (7, 1.5, None, "2023-11-14")
 

@@ -175,6 +175,19 @@ def test_unparseable_entries_are_rejected_with_the_error_and_acked(redis_url, tm
     assert sink.stats()["events"]["rejected"] == 2
 
 
+def test_entries_without_ts_are_rejected_not_fatal(redis_url, tmp_path):
+    """A missing `ts` is a bad entry like any other (it raised KeyError, which stopped every pass)."""
+    prefix = _prefix()
+    keys = Keys(prefix)
+    _add(redis_url, keys.events, [_event(0), {k: v for k, v in _event(1).items() if k != "ts"}])
+    _add(redis_url, keys.impressions, [_impression(0), {k: v for k, v in _impression(1).items() if k != "ts"}])
+    counts = StreamSink(_config(redis_url, prefix, tmp_path)).run_once()
+    assert counts["events"] == counts["impressions"] == {"written": 1, "rejected": 1, "trimmed": 0, "skipped": 0}
+    for kind in ("events", "impressions"):
+        (line,) = [json.loads(x) for x in (tmp_path / "rejected" / f"{kind}.jsonl").read_text().splitlines()]
+        assert "field 'ts' missing" in line["error"]
+
+
 def test_entries_trimmed_while_pending_are_counted(redis_url, tmp_path):
     prefix = _prefix()
     stream = Keys(prefix).events

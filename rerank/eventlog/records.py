@@ -90,10 +90,11 @@ def _text(fields: dict[str, str], name: str) -> str:
 
 
 def _float(fields: dict[str, str], name: str) -> float:
+    text = _text(fields, name)  # a missing field says so (not a KeyError from the message below)
     try:
-        return float(_text(fields, name))
+        return float(text)
     except ValueError:
-        raise ValueError(f"field {name!r}: not a number: {fields[name]!r}") from None
+        raise ValueError(f"field {name!r}: not a number: {text!r}") from None
 
 
 def impression_row(stream_id: str, fields: dict[str, str]) -> dict:

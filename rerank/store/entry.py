@@ -101,10 +101,11 @@ def _optional(fields: Mapping[str, str], name: str) -> str | None:
 
 
 def _float(fields: Mapping[str, str], name: str) -> float:
+    text = _required(fields, name)  # a missing field says so (not a KeyError from the message below)
     try:
-        return float(_required(fields, name))
+        return float(text)
     except ValueError:
-        raise ValueError(f"field {name!r}: not a number: {fields[name]!r}") from None
+        raise ValueError(f"field {name!r}: not a number: {text!r}") from None
 
 
 def entry_number(fields: Mapping[str, str]) -> int | None:
