@@ -5,13 +5,17 @@ recovers pending entries when Redis is back; the state and the last error show i
 One replica; the sink's Redis lease (rerank.eventlog.sink, key `{prefix}sink:lease`) keeps a second sink
 of the same streams (a redeploy's old and new replica side by side, a `rerank sink` process) on
 standby: state "standby", no reads, no writes, until the holder stops or its lease lapses.
+`report(name, weights)` reads an experiment's readout from the Parquet this sink writes (the
+Ingress' GET /experiments/{name}/report), so the scan never runs on a serving replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
@@ -30,6 +34,10 @@ class EventSink:
     def __init__(self, redis_url: str, out_dir: str, prefix: str = DEFAULT_PREFIX, keep_days: int | None = None,
                  batch: int = 5000, flush_every_s: float = 5.0, lease_ttl_s: float = 10.0) -> None:
         self._redis_url = redis_url
+        self._out_dir = out_dir
+        # readouts scan Parquet for seconds: their own threads, off the event loop that answers
+        # stats() and Serve's health checks, and apart from the loop thread
+        self._readouts = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sink-readout")
         self.sink = StreamSink(SinkConfig(redis_url=redis_url, prefix=prefix, out_dir=out_dir, batch=batch,
                                           keep_days=keep_days, flush_every_s=flush_every_s, lease_ttl_s=lease_ttl_s))
         self.state = "running"  # running | standby | backoff | stopped
@@ -64,6 +72,16 @@ class EventSink:
         """State, the lease (lease_held, standby), counts and lag per stream, last flush time, last error."""
         return {**self.sink.stats(), "state": self.state, "error": self._error, "error_at": self._error_at}
 
+    async def report(self, name: str, weights: dict[str, float] | None = None) -> dict:
+        """The readout of experiment `name` from this sink's Parquet (rerank.experiments.readout),
+        `weights`: its A/B arms' configured weights, for the sample ratio check."""
+        from rerank.experiments.readout import load_parquet, report
+
+        def readout() -> dict:
+            return report(name, *load_parquet(self._out_dir, experiment=name), weights=weights)
+
+        return await asyncio.get_running_loop().run_in_executor(self._readouts, readout)
+
     def check_health(self) -> None:
         """Serve restarts the replica when the loop thread is gone (it never exits on errors)."""
         if not self._thread.is_alive() and not self._stop.is_set():
@@ -74,6 +92,7 @@ class EventSink:
         lease), then release the lease."""
         self._stop.set()
         self._thread.join(timeout=30)
+        self._readouts.shutdown(wait=False)  # a readout under way finishes; no new ones
         try:
             if self.sink.lease_held:
                 self.sink.run_once(block_ms=0, force=True)
