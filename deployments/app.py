@@ -1,8 +1,11 @@
 """The application builder: `serve run deployments.app:build_app` or serve_config.yaml.
 
-The app is the whole system: the HTTP ingress, the Scorer, and (layout `split`) the
-FeatureFetch and Ranker hops, plus the OnlineTrainer that keeps training the served model from
-the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
+The app is the whole system: the HTTP ingress (deployments/ingress.py, its routes in
+deployments/routes/), the Scorer (deployments/scorer.py), and (layout `split`) the FeatureFetch
+and Ranker hops (deployments/feature_fetch.py, deployments/ranker.py), plus the OnlineTrainer
+(deployments/online_trainer.py) that keeps training the served model from the event stream and
+the EventSink (deployments/sink.py). `build_app` binds them together at its end. Arguments
+(`AppArgs`, typed; unknown keys are refused):
 
 - layout: `inline` (default: the Ingress replica fetches features and ranks with the Ray-free
   rerank.serving.pipeline code, one Serve hop per batch, ingress -> scorer) or `split` (FeatureFetch ->
@@ -14,7 +17,7 @@ the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
 - registry_uri: the ModelRegistry the scorers follow (hot swap) and the trainer publishes to
   (local path or pyarrow.fs URI such as s3://...); replicas download versions into a per-node
   cache themselves. When it is empty, the builder publishes `model` as v1.
-- online: the trainer: {enabled, num_cpus, lease_ttl_s, and any rerank.online.loop.OnlineConfig
+- online: the trainer: {enabled, num_cpus, lease_ttl_s, and any rerank.online.config.OnlineConfig
   field: lr, publish_every_s, guard_margin, holdout_every, ...}. Needs registry_uri.
 - experiments: name -> {type: ab|interleave, traffic, salt, arms: {name: {weight, model | registry_uri,
   rules, online}}} (rerank.experiments.book, docs/EXPERIMENTS.md): seeded into the Redis book, changed live
@@ -24,7 +27,7 @@ the event stream. Arguments (`AppArgs`, typed; unknown keys are refused):
   impression on `{prefix}impressions`; events are attributed to them (rerank.experiments.attribution).
 - sink: {enabled, out_dir, keep_days, flush_every_s, lease_ttl_s}: the EventSink replica persists
   impressions and events to Parquet by day (rerank.eventlog.sink; one sink per stream, by a Redis lease);
-  GET /experiments/NAME/report reads it.
+  GET /experiments/NAME/report reads it, on the sink's replica (EventSink.report).
 - api_keys: scoped API keys (rerank.serving.auth), plus RERANK_API_KEY (rank+events) and
   RERANK_ADMIN_KEY (all scopes) from the environment of the node that builds the app; none =
   auth off, for loopback-only use.
@@ -289,6 +292,37 @@ def prepare_experiments(redis_url: str, prefix: str, experiments: dict[str, Expe
         client.close()
 
 
+def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_uri: str | None,
+                     n_items: int) -> IngressSettings:
+    """The Ingress replicas' settings, from the app's args and what the builder prepared."""
+    keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
+    if not keys.enabled:
+        logger.warning("rerank: no API keys configured: every route is open (bind the HTTP proxy to loopback)")
+    return IngressSettings(
+        redis_url=redis_url,
+        prefix=args.redis_prefix,
+        layout=args.layout,
+        model=model,
+        registry_uri=registry_uri,
+        history_len=args.history_len,
+        catalogue_refresh_s=args.catalogue_refresh_s,
+        max_candidates=args.max_candidates,
+        max_catalogue_items=args.max_catalogue_items,
+        item_capacity=n_items + args.new_item_allowance,
+        new_item_rate_per_min=args.new_item_rate_per_min,
+        max_in_flight=args.max_in_flight,
+        score_timeout_s=args.score_timeout_s,
+        keys=keys,
+        max_batch_size=args.ingress_max_batch_size,
+        batch_wait_s=args.ingress_batch_wait_s,
+        max_concurrent_batches=args.ingress_max_concurrent_batches,
+        adaptive_wait=args.adaptive_wait,
+        arm_trainers=args.arm_trainers(),
+        record_impressions=args.record_impressions,
+        attribution=AttributionConfig(window_s=args.attribution_window_s, impressions_maxlen=args.impressions_maxlen),
+    )
+
+
 def build_app(raw_args: dict) -> serve.Application:
     """Build the graph from `raw_args` (validated into AppArgs)."""
     args = AppArgs.model_validate(raw_args or {})
@@ -332,32 +366,6 @@ def build_app(raw_args: dict) -> serve.Application:
         sink = EventSink.options(ray_actor_options={"num_cpus": args.sink.num_cpus}).bind(
             redis_url, _absolute(args.sink.out_dir), prefix=args.redis_prefix, keep_days=args.sink.keep_days,
             flush_every_s=args.sink.flush_every_s, lease_ttl_s=args.sink.lease_ttl_s)
-    keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
-    if not keys.enabled:
-        logger.warning("rerank: no API keys configured: every route is open (bind the HTTP proxy to loopback)")
-    settings = IngressSettings(
-        redis_url=redis_url,
-        prefix=args.redis_prefix,
-        layout=args.layout,
-        model=model,
-        registry_uri=registry_uri,
-        history_len=args.history_len,
-        catalogue_refresh_s=args.catalogue_refresh_s,
-        max_candidates=args.max_candidates,
-        max_catalogue_items=args.max_catalogue_items,
-        item_capacity=n_items + args.new_item_allowance,
-        new_item_rate_per_min=args.new_item_rate_per_min,
-        max_in_flight=args.max_in_flight,
-        score_timeout_s=args.score_timeout_s,
-        keys=keys,
-        max_batch_size=args.ingress_max_batch_size,
-        batch_wait_s=args.ingress_batch_wait_s,
-        max_concurrent_batches=args.ingress_max_concurrent_batches,
-        adaptive_wait=args.adaptive_wait,
-        arm_trainers=tuple(arm_trainers),
-        record_impressions=args.record_impressions,
-        attribution=AttributionConfig(window_s=args.attribution_window_s, impressions_maxlen=args.impressions_maxlen),
-        sink_dir=_absolute(args.sink.out_dir) if args.sink.enabled else None,
-    )
+    settings = ingress_settings(args, redis_url, model, registry_uri, n_items)
     return Ingress.bind(scorer, settings, features=features, ranker=ranker, trainer=trainer,
                         arm_trainers=arm_trainers, sink=sink)
