@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rerank.infra.progress import progress_bar  # noqa: E402
 from rerank.infra.results import write_results  # noqa: E402
 from rerank.infra.stats import percentile  # noqa: E402  (in the unit of its input)
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     candidates = np.zeros((len(users), args.candidates), dtype=np.int64)
     cand_scores = np.zeros(candidates.shape)
-    for lo in tqdm(range(0, len(users), 256), desc="scoring", disable=args.json, file=sys.stderr):
+    for lo in progress_bar(range(0, len(users), 256), desc="scoring", enabled=not args.json):
         scores = np.asarray(model.score(histories[lo : lo + 256]), dtype=np.float64)
         scores[:, 0] = -np.inf
         for b, h in enumerate(histories[lo : lo + 256]):
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     settings = [("none", 0.0)] + [(m, lam) for m in ("mmr", "dpp") for lam in args.lambdas if lam > 0]
-    for method, lam in tqdm(settings, desc="re-ranking", disable=args.json, file=sys.stderr):
+    for method, lam in progress_bar(settings, desc="re-ranking", enabled=not args.json):
         rules = RankingRules(k=args.k, diversity=lam, diversity_method=method if method != "none" else "mmr")
         hits, ndcg, ild, distinct, times = [], [], [], [], []
         for b in range(len(users)):

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import redis
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # online_helpers.tiny_model_dir: the tiny trained model
 
+from rerank.infra.progress import progress_bar  # noqa: E402
 from rerank.store.errors import FeatureStoreUnavailable  # noqa: E402
 from rerank.store.events import Event  # noqa: E402
 from rerank.store.feature_store import FeatureStore  # noqa: E402
@@ -123,7 +123,7 @@ class Flood:
         self.done = 0
         self.t0 = time.perf_counter()
         self.curve = [sample(client, stream, 0, self.t0)]
-        self.bar = tqdm(total=total, desc=name, unit="ev", unit_scale=True, disable=not progress)
+        self.bar = progress_bar(total=total, desc=name, unit="ev", unit_scale=True, enabled=progress)
         self.oom: dict | None = None
 
     def add(self, n: int) -> None:
@@ -200,7 +200,7 @@ def train_on_stream(url: str, stream: str, model_dir: str, registry_dir: str, ma
     rss_start = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     loop.start()
-    bar = tqdm(total=max_entries, desc="trainer", unit="entry", unit_scale=True, disable=not progress)
+    bar = progress_bar(total=max_entries, desc="trainer", unit="entry", unit_scale=True, enabled=progress)
     read = 0
     while read < max_entries:
         n = loop.poll_once(block_ms=10)

@@ -203,10 +203,9 @@ def fuzz(base_url: str, creds: dict[str, dict | None], max_examples: int, *, mod
     ops = operations(schema)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from rerank.infra.progress import progress_bar
 
-        bar = tqdm(total=target_requests or len(ops) * len(creds) * len(modes) * max_examples, unit="req",
-                   file=sys.stderr)
+        bar = progress_bar(total=target_requests or len(ops) * len(creds) * len(modes) * max_examples, unit="req")
     started = time.perf_counter()
     session = requests.Session()
     round_ = 0

@@ -29,10 +29,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from rerank.infra.progress import progress_bar  # noqa: E402
 
 
 def main() -> int:
@@ -90,7 +91,7 @@ def main() -> int:
         seq, types = (np.asarray(h[-50:], dtype=np.int64) for h in history)
         return candidates[np.argsort(-model.score([seq], candidates[None, :], [types])[0], kind="stable")[:k]]
 
-    for i in tqdm(range(args.requests), desc="requests", disable=args.json):
+    for i in progress_bar(range(args.requests), desc="requests", enabled=not args.json):
         req_rng = np.random.default_rng([args.seed, i])
         user = users[schedule[i]]
         history = histories[user.user_id]

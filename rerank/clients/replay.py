@@ -12,17 +12,16 @@ time each event from the moment /events returned.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import httpx
 import numpy as np
-from tqdm.auto import tqdm
 
 from rerank.clients.retry import RetryPolicy, post_with_retries
 from rerank.data.dataset import Dataset
+from rerank.infra.progress import progress_bar
 
 
 @dataclass
@@ -119,8 +118,7 @@ async def replay_async(events: list[dict], config: ReplayConfig,
         events = [{k: v for k, v in e.items() if k != "ts"} for e in events]
     due = schedule(events, config) if events else np.zeros(0)
     sem = asyncio.Semaphore(config.concurrency)
-    bar = tqdm(total=len(events), desc="replay", unit="ev", file=sys.stderr, disable=not config.progress,
-               mininterval=0.5)
+    bar = progress_bar(total=len(events), desc="replay", unit="ev", enabled=config.progress, mininterval=0.5)
     tasks: set[asyncio.Task] = set()
 
     async def send(chunk: list[dict]) -> None:

@@ -37,10 +37,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from rerank.clients.retry import RetryPolicy, post_with_retries as post
 from rerank.data.synth import SynthConfig, generate_shop
+from rerank.infra.progress import progress_bar
 from rerank.infra.stats import percentile
 
 PRICE_BASE = 10.0
@@ -545,7 +545,7 @@ async def _post_events(run: _Run, events: list[dict]) -> None:
         run.stats.events_duplicates += int(reply.get("duplicates", 0))
 
 
-async def _worker(run: _Run, bar: tqdm) -> None:
+async def _worker(run: _Run, bar) -> None:
     while run.next_request < run.cfg.requests:
         i = run.next_request
         run.next_request += 1
@@ -594,7 +594,7 @@ async def run_simulation(truth: ShopTruth, cfg: SimConfig, progress: bool = True
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     async with httpx.AsyncClient(headers=headers, timeout=cfg.timeout_s, limits=limits) as client:
         run = _Run(truth, cfg, client, users, schedule, uuid.uuid4().hex[:12])
-        with tqdm(total=cfg.requests, desc="simulate", unit="req", disable=not progress) as bar:
+        with progress_bar(total=cfg.requests, desc="simulate", unit="req", enabled=progress) as bar:
             await asyncio.gather(*(_worker(run, bar) for _ in range(cfg.concurrency)))
     return _summary(run, time.perf_counter() - run.started)
 

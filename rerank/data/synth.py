@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from rerank.data.dataset import EVENT_TYPES, write_dataset
+from rerank.infra.progress import progress_bar
 
 FUNNEL = EVENT_TYPES  # view, click, cart, purchase: the order of the funnel
 
@@ -149,8 +149,8 @@ def generate_shop(cfg: SynthConfig = SynthConfig()) -> SynthShop:
     ts_col: list[int] = []
     session_col: list[int] = []
     session_no = 0
-    bar = tqdm(total=cfg.n_users, desc="synth users", unit="user", mininterval=1.0,
-               disable=cfg.n_users < cfg.progress_min_users)
+    bar = progress_bar(total=cfg.n_users, desc="synth users", unit="user", mininterval=1.0,
+                       enabled=cfg.n_users >= cfg.progress_min_users)
     for user in range(1, cfg.n_users + 1):
         interests = rng.dirichlet(np.full(n_cat, cfg.interest_concentration))
         activity = rng.lognormal(-0.28, 0.75)  # mean ~1: some users come back far more often

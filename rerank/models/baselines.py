@@ -361,8 +361,7 @@ class MatrixFactorization(Recommender):
         return self._solve(self.item_factors, lists, conf, self.config.reg, gram=self._gram)
 
     def fit(self, dataset: Dataset, split: LeaveOneOut, log: TrainLog | None = None) -> None:
-        from tqdm import tqdm
-
+        from rerank.infra.progress import progress_bar
         from rerank.models.evaluate import evaluate
 
         cfg = self.config
@@ -386,7 +385,7 @@ class MatrixFactorization(Recommender):
         if cfg.eval_users and cfg.eval_users < len(split.users):
             eval_users = np.sort(np.random.default_rng(self.seed).choice(split.users, cfg.eval_users, replace=False))
         best, best_factors, bad = -1.0, self.item_factors.clone(), 0
-        for epoch in tqdm(range(1, cfg.epochs + 1), desc="mf als", unit="epoch", leave=False):
+        for epoch in progress_bar(range(1, cfg.epochs + 1), desc="mf als", unit="epoch", leave=False):
             users = self._solve(self.item_factors, user_items, user_conf, cfg.reg)
             self.item_factors = self._solve(users, item_users, item_conf, cfg.reg)
             self.item_factors[0] = 0.0

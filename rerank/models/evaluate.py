@@ -62,9 +62,9 @@ def evaluate(
     ranks = np.empty(len(users), dtype=np.int64)
     batches = range(0, len(users), batch_size)
     if progress:
-        from tqdm import tqdm
+        from rerank.infra.progress import progress_bar
 
-        batches = tqdm(batches, desc=f"evaluate {which}", unit="batch", leave=False)
+        batches = progress_bar(batches, desc=f"evaluate {which}", unit="batch", leave=False)
     for start in batches:
         batch = users[start : start + batch_size]
         histories = [dataset.sequences[u][:-drop] for u in batch]

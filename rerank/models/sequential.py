@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from rerank.data.dataset import EVENT_CODE
+from rerank.infra.progress import progress_bar
 from rerank.models.sasrec import SASRec, SASRecConfig
 from rerank.models.recommender import ModelLoadError, Recommender, register_model
 
@@ -247,8 +247,8 @@ class SequentialRecommender(Recommender):
             module.train()
             total, count = 0.0, 0
             batches = self._batches(lengths, rng)
-            bar = tqdm(batches, desc=f"sasrec epoch {epoch}", file=sys.stderr, leave=False,
-                       disable=not tc.progress, mininterval=1.0)
+            bar = progress_bar(batches, desc=f"sasrec epoch {epoch}", leave=False, enabled=tc.progress,
+                               mininterval=1.0)
             for rows in bar:
                 width = int(lengths[rows].max())
                 x = torch.from_numpy(inputs[rows, -width:]).to(self.device)
