@@ -71,6 +71,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rerank.infra.front_proxy import admin_command, show_stat  # noqa: E402
 from rerank.infra.results import write_results  # noqa: E402
 from rerank.infra.stats import percentile  # noqa: E402  (in the unit of its input)
 
@@ -262,45 +263,29 @@ def rss_mb(procs: dict) -> dict:
     return out
 
 
-def haproxy_admin(command: str) -> str:
-    """One command on this stack's HAProxy admin socket (its `stats socket`, read from its config)."""
-    import socket
-
+def haproxy_socket() -> str:
+    """This stack's HAProxy admin socket (its `stats socket`, read from its config)."""
     proc = stack_processes()["haproxy"]
     cmdline = proc.cmdline()
     config = Path(cmdline[cmdline.index("-f") + 1]).read_text()
-    sock_path = re.search(r"^\s*stats socket (\S+)", config, re.M).group(1)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(sock_path)
-        sock.sendall(command.encode() + b"\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
+    return re.search(r"^\s*stats socket (\S+)", config, re.M).group(1)
 
 
 def haproxy_rank_servers() -> list[tuple[str, str]]:
     """(backend, server) of the rerank app's servers: its replicas and the backup (Serve's Python
     proxy, which takes everything when HAProxy marks the replicas down, e.g. a health check too
     slow under overload)."""
-    import csv
-    import io
-
-    rows = csv.DictReader(io.StringIO(haproxy_admin("show stat").lstrip("# ")))
-    return [(r["pxname"], r["svname"]) for r in rows if r["pxname"] == "http-rerank"
+    return [(r["pxname"], r["svname"]) for r in show_stat(haproxy_socket()) if r["pxname"] == "http-rerank"
             and r["svname"] not in ("FRONTEND", "BACKEND")]
 
 
 def haproxy_backend_stats(rows: list[dict] | None = None, pxnames: tuple = ("http-rerank", "http_frontend")) -> dict:
     """Queue and response counters of `pxnames` in HAProxy `show stat` rows (default: Serve's
     HAProxy's rerank backend, read from its admin socket)."""
-    import csv
-    import io
-
     keep = ("qcur", "qmax", "qtime", "slim", "scur", "smax", "stot", "hrsp_2xx", "hrsp_5xx", "eresp", "econ",
             "dreq", "wredis", "status", "chkdown", "lastchg", "downtime")
     if rows is None:
-        rows = list(csv.DictReader(io.StringIO(haproxy_admin("show stat").lstrip("# "))))
+        rows = show_stat(haproxy_socket())
     return {f"{r['pxname']}/{r['svname']}": {k: r.get(k) for k in keep} for r in rows if r["pxname"] in pxnames}
 
 
@@ -692,7 +677,8 @@ def main() -> int:
                 if args.haproxy_server_maxconn:
                     servers = haproxy_rank_servers()
                     for backend, server in servers:
-                        haproxy_admin(f"set maxconn server {backend}/{server} {args.haproxy_server_maxconn}")
+                        admin_command(haproxy_socket(),
+                                      f"set maxconn server {backend}/{server} {args.haproxy_server_maxconn}")
                     haproxy_settings.update(server_maxconn=args.haproxy_server_maxconn,
                                             servers=[f"{b}/{s}" for b, s in servers])
             capacity = asyncio.run(run_load(f"{url}/rank", raw, LoadConfig(concurrency=8, duration_s=5)))

@@ -121,6 +121,25 @@ def check_config(path: Path, binary: str | None = None) -> None:
         raise RuntimeError(f"front proxy: invalid config {path}:\n{out.stdout}{out.stderr}")
 
 
+def admin_command(socket_path: str | Path, command: str) -> str:
+    """One command on an HAProxy admin socket (its `stats socket`): the whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(socket_path))
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def show_stat(socket_path: str | Path) -> list[dict]:
+    """`show stat` on an HAProxy admin socket, as one dict per row (pxname, svname, qcur, ...)."""
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(admin_command(socket_path, "show stat").lstrip("# "))))
+
+
 class FrontProxy:
     """`haproxy -db` as a child process with render_config's config, in a temporary directory."""
 
@@ -177,16 +196,7 @@ class FrontProxy:
 
     def show_stat(self) -> list[dict]:
         """HAProxy's `show stat` rows (queue and response counters) from the admin socket."""
-        import csv
-        import io
-
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(str(self.stats_socket))
-            sock.sendall(b"show stat\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        return list(csv.DictReader(io.StringIO(b"".join(chunks).decode().lstrip("# "))))
+        return show_stat(self.stats_socket)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Soft stop (in-flight requests finish, up to `timeout_s`), then kill; remove the directory."""
