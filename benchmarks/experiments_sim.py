@@ -35,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import scenario_list  # noqa: E402
+
 SCENARIOS = ("aa", "ab", "interleave", "close", "online", "overhead")
 OUT = ROOT / "benchmarks" / "results" / "experiments_sim.json"
 POP_MODEL = ROOT / "artifacts" / "models" / "demo-shop-pop"
@@ -238,7 +241,7 @@ def scenario_overhead(ctx: dict, duration_s: float, rounds: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(SCENARIOS))
+    parser.add_argument("--only", type=scenario_list(SCENARIOS), default=",".join(SCENARIOS))
     parser.add_argument("--aa-runs", type=int, default=20)
     parser.add_argument("--aa-requests", type=int, default=1500)
     parser.add_argument("--ab-requests", type=int, default=6000)
@@ -259,10 +262,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    only = [s for s in args.only.split(",") if s]
-    unknown = set(only) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
+    only = args.only
 
     import httpx
     from ray import serve

@@ -71,6 +71,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import scenario_list  # noqa: E402
 from rerank.infra.front_proxy import admin_command, show_stat  # noqa: E402
 from rerank.infra.results import write_results  # noqa: E402
 from rerank.infra.stats import percentile  # noqa: E402  (in the unit of its input)
@@ -582,7 +583,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=20.0, help="load per scenario (default 20)")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+    p.add_argument("--only", type=scenario_list(SCENARIOS), default=",".join(SCENARIOS),
+                   help=f"comma list of {', '.join(SCENARIOS)}")
     p.add_argument("--tk-kills", type=int, default=20, help="trainer_kill: kill -9s of the trainer (default 20)")
     p.add_argument("--tk-events", type=int, default=6000, help="trainer_kill: events posted at least (default 6000)")
     p.add_argument("--tk-rate", type=float, default=200.0, help="trainer_kill: events/s (default 200)")
@@ -606,10 +608,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    only = [s for s in args.only.split(",") if s]
-    unknown = set(only) - set(SCENARIOS)
-    if unknown:
-        p.error(f"unknown scenario(s) {sorted(unknown)}")
+    only = args.only
     if (args.haproxy_server_maxconn or args.haproxy_queue_s) and not args.haproxy:
         p.error("--haproxy-server-maxconn / --haproxy-queue-s need --haproxy")
     if args.front_proxy and args.haproxy:
