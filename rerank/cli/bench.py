@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from rerank.cli.options import add_api_key_argument, api_key
 from rerank.cli.up import add_stack_arguments, stack_config
 
 DEFAULT_OUT = Path("benchmarks/results/serving_bench.json")
@@ -58,8 +59,7 @@ def register(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured requests before each run (default 20)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--api-key", default=None,
-                        help="send 'Authorization: Bearer KEY' (default: $RERANK_API_KEY when set)")
+    add_api_key_argument(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"write the JSON here (default {DEFAULT_OUT})")
     parser.add_argument("--plot", type=Path, help="also save throughput/latency plots (PNG)")
     parser.add_argument("--json", action="store_true", help="print the JSON on stdout (default: tables)")
@@ -192,8 +192,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise _error(f"--warmup {args.warmup}: expected >= 0")
     if args.requests is not None and args.requests < 1:
         raise _error(f"--requests {args.requests}: expected >= 1")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("RERANK_API_KEY") or None
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    key = api_key(args)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     if args.target and not args.url:
         raise _error("--target needs --url (without --url the local stack's layouts are benchmarked)")
     if args.url:
@@ -247,7 +247,7 @@ def run_bench(args: argparse.Namespace) -> int:
                      "concurrencies": concurrencies, "rates": rates, "slo_ms": args.slo_ms,
                      "timeout_s": args.timeout, "max_requests": args.requests, "warmup_requests": args.warmup,
                      "data": str(data), "url": args.url, "local_stack": stack is not None, "layouts": layouts_run,
-                     "api_key": bool(api_key), "throughput_optimized": not args.no_throughput_optimized, "haproxy": args.haproxy,
+                     "api_key": bool(key), "throughput_optimized": not args.no_throughput_optimized, "haproxy": args.haproxy,
                      "batch_wait_ms": args.batch_wait_ms, "max_batch": args.max_batch},
         **result,
         "summary": summary(result),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 
 from rerank.cli.errors import CommandError
+from rerank.cli.options import add_api_key_argument, api_key
 
 
 def register(subparsers) -> None:
@@ -25,8 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--k", type=int, default=10, help="items per answer (default 10)")
     parser.add_argument("--candidates", type=int, default=100, help="candidates per request (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed; also names the users sim{seed}-N (default 0)")
-    parser.add_argument("--api-key", default=None,
-                        help="send 'Authorization: Bearer KEY' (default: $RERANK_API_KEY when set)")
+    add_api_key_argument(parser)
     parser.add_argument("--post-views", action="store_true", help="also post a view event per examined item")
     parser.add_argument("--propensity-sd", type=float, default=0.0,
                         help="users differ in how much they click: per-user logit shift ~ Normal(0, SD) (default 0)")
@@ -54,10 +53,9 @@ def _config(args):
         raise CommandError(f"--rate {args.rate}: must be > 0")
     if not args.url.startswith(("http://", "https://")):
         raise CommandError(f"--url {args.url}: must start with http:// or https://")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("RERANK_API_KEY") or None
     return SimConfig(
         url=args.url, n_users=args.users, requests=args.requests, concurrency=args.concurrency, rate=args.rate,
-        k=args.k, n_candidates=args.candidates, seed=args.seed, api_key=api_key, post_views=args.post_views,
+        k=args.k, n_candidates=args.candidates, seed=args.seed, api_key=api_key(args), post_views=args.post_views,
         drift=Drift(every=args.drift_every), timeout_s=args.timeout,
         choice=ChoiceModel(propensity_sd=args.propensity_sd),
     )
