@@ -11,7 +11,8 @@ import redis
 import torch
 
 from rerank.online.config import OnlineConfig
-from rerank.online.examples import Example, example_from_entry, is_holdout, parse_seq
+from rerank.online.examples import Example, example_from_entry, is_holdout
+from rerank.store.entry import parse_seq
 from rerank.online.guard import PublishGuard
 from rerank.online.loop import OnlineLoop
 from rerank.online.trainer import IncrementalTrainer

@@ -28,6 +28,7 @@ import json
 import time
 from dataclasses import dataclass
 
+from rerank.store import entry
 from rerank.store.keys import Keys
 from rerank.eventlog.records import Impression
 
@@ -52,8 +53,9 @@ class Attribution:
 
     def fields(self) -> dict[str, str]:
         """The event stream fields (rerank.store.entry.ATTRIBUTION_FIELDS minus value)."""
-        return {"request_id": self.request_id, "position": "" if self.position is None else str(self.position),
-                "experiment": self.experiment, "arm": self.arm, "team": self.team, "attributed": self.how}
+        return {entry.REQUEST_ID: self.request_id, entry.POSITION: "" if self.position is None else str(self.position),
+                entry.EXPERIMENT: self.experiment, entry.ARM: self.arm, entry.TEAM: self.team,
+                entry.ATTRIBUTED: self.how}
 
 
 # KEYS: 1 the user's recent request ids (list), 2 the user's shown hash; ARGV: 1 request_id,

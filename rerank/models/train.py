@@ -8,10 +8,8 @@ directory (see rerank.models.recommender).
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any

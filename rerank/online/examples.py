@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from rerank.data.dataset import EVENT_CODE
+from rerank.store import entry
 
 if TYPE_CHECKING:
     from rerank.store.stream import StreamEntry
@@ -48,51 +49,29 @@ def is_holdout(key: str, every: int, salt: bytes = b"") -> bool:
     return int.from_bytes(digest, "little") % every == 0
 
 
-def parse_seq(text: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parse a stream `seq` field: tokens "idx" or "idx:type" (type a code or a name), oldest first.
-
-    Separators: comma or whitespace. Raises ValueError naming the bad token.
-    """
-    items, types = [], []
-    for tok in text.replace(",", " ").split():
-        idx, _, typ = tok.partition(":")
-        try:
-            items.append(int(idx))
-        except ValueError:
-            raise ValueError(f"seq token {tok!r}: expected item_idx[:type]") from None
-        if not typ:
-            types.append(EVENT_CODE["purchase"])
-        elif typ.isdigit():
-            types.append(int(typ))
-        elif typ in EVENT_CODE:
-            types.append(EVENT_CODE[typ])
-        else:
-            raise ValueError(f"seq token {tok!r}: unknown event type {typ!r}")
-    return np.asarray(items, dtype=np.int64), np.asarray(types, dtype=np.int64)
-
-
 def in_arm(fields: dict[str, str], only_arm: str) -> bool:
     """Whether a stream entry belongs to the experiment arm "experiment/arm" (its attribution
-    fields, rerank.eventlog.records: the impression's arm, else the user's assignment at event time)."""
+    fields, rerank.store.entry: the impression's arm, else the user's assignment at event time)."""
     experiment, _, arm = only_arm.partition("/")
-    return fields.get("experiment") == experiment and fields.get("arm") == arm
+    return fields.get(entry.EXPERIMENT) == experiment and fields.get(entry.ARM) == arm
 
 
-def example_from_entry(entry: "StreamEntry") -> Example:
-    """Example of a stream entry (fields of rerank.store.feature_store's XADD); ValueError names the field."""
-    f = entry.fields
-    for name in ("item_idx", "type"):
+def example_from_entry(stream_entry: "StreamEntry") -> Example:
+    """Example of a stream entry (rerank.store.entry's fields); ValueError names the field."""
+    f, entry_id = stream_entry.fields, stream_entry.id
+    for name in (entry.ITEM_IDX, entry.TYPE):
         if name not in f:
-            raise ValueError(f"stream entry {entry.id}: field {name!r} missing")
+            raise ValueError(f"stream entry {entry_id}: field {name!r} missing")
     try:
-        target = int(f["item_idx"])
+        target = int(f[entry.ITEM_IDX])
     except ValueError:
-        raise ValueError(f"stream entry {entry.id}: field 'item_idx': expected an int, got {f['item_idx']!r}") from None
-    typ = f["type"]
+        raise ValueError(f"stream entry {entry_id}: field 'item_idx': expected an int, got {f[entry.ITEM_IDX]!r}") from None
+    typ = f[entry.TYPE]
     if typ not in EVENT_CODE:
-        raise ValueError(f"stream entry {entry.id}: field 'type': unknown event type {typ!r}")
-    seq, types = parse_seq(f.get("seq", ""))
-    return Example(seq, types, target, EVENT_CODE[typ], f.get("event_id", entry.id), f.get("item_id", ""), entry.id)
+        raise ValueError(f"stream entry {entry_id}: field 'type': unknown event type {typ!r}")
+    seq, types = entry.parse_seq(f.get(entry.SEQ, ""))
+    return Example(seq, types, target, EVENT_CODE[typ], f.get(entry.EVENT_ID, entry_id), f.get(entry.ITEM_ID, ""),
+                   entry_id)
 
 
 def _left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:

@@ -61,6 +61,8 @@ from rerank.online.config import OnlineConfig
 from rerank.online.examples import Example, example_from_entry, in_arm, is_holdout
 from rerank.online.guard import GuardResult, PublishGuard
 from rerank.online.trainer import IncrementalTrainer
+from rerank.store import entry
+from rerank.store.entry import entry_number
 from rerank.store.stream import id_key
 
 if TYPE_CHECKING:
@@ -230,11 +232,10 @@ class OnlineLoop:
 
     def _count_trimmed(self, entries: list["StreamEntry"]) -> None:
         """Entries MAXLEN trimmed before this loop applied them: gaps in the stream numbers `n`
-        (rerank.store.feature_store numbers every entry). Counted, logged, never silent."""
+        (rerank.store.events numbers every entry). Counted, logged, never silent."""
         for e in entries:
-            try:
-                n = int(e.fields["n"])
-            except (KeyError, ValueError):
+            n = entry_number(e.fields)
+            if n is None:
                 continue  # an entry from before the numbering
             if self._n_seen is not None and n > self._n_seen + 1:
                 lost = n - self._n_seen - 1
@@ -251,7 +252,7 @@ class OnlineLoop:
             if self.config.only_arm and not in_arm(e.fields, self.config.only_arm):
                 self.stats.events_other_arm += 1
                 continue
-            if e.fields.get("type") in EVENT_CODE and e.fields["type"] not in self.config.target_types:
+            if e.fields.get(entry.TYPE) in EVENT_CODE and e.fields[entry.TYPE] not in self.config.target_types:
                 self.stats.events_not_target += 1
                 continue
             try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from tqdm.auto import tqdm
 
 from rerank.data.dataset import EVENT_CODE, Dataset
+from rerank.infra.progress import progress_bar
 from rerank.online.config import OnlineConfig
 from rerank.online.examples import Example, is_holdout
 from rerank.online.guard import PublishGuard
@@ -131,7 +130,7 @@ def run_prequential(dataset: Dataset, model, config: PrequentialConfig) -> dict:
     L = config.max_len
     start = time.monotonic()
     chunks = range(0, len(test_rows), config.chunk)
-    bar = tqdm(chunks, desc="prequential", file=sys.stderr, disable=not config.progress, mininterval=1.0)
+    bar = progress_bar(chunks, desc="prequential", enabled=config.progress, mininterval=1.0)
     for lo in bar:
         rows = test_rows[lo : lo + config.chunk]
         targets = items[rows]

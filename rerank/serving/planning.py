@@ -13,6 +13,7 @@ from rerank.experiments.book import Assignment, ExperimentSpec
 from rerank.serving.api import EventIn, RankRequest
 from rerank.serving.pipeline import RankPlan
 from rerank.serving.ranking import RankingRules
+from rerank.store import entry
 from rerank.store.events import Event
 
 
@@ -49,9 +50,11 @@ def attributed_event(event: EventIn, hit: Attribution, assignment: Assignment | 
         extra = hit.fields()
     else:  # not shown by us (or too long ago): the user's arm, the client's claim kept
         assignment = assignment if assignment is not None else Assignment()
-        extra = {"request_id": event.request_id or "", "position": "" if event.position is None else str(event.position),
-                 "experiment": assignment.experiment, "arm": assignment.arm, "team": "", "attributed": ""}
-    extra["value"] = "" if event.value is None else repr(float(event.value))
+        extra = {entry.REQUEST_ID: event.request_id or "",
+                 entry.POSITION: "" if event.position is None else str(event.position),
+                 entry.EXPERIMENT: assignment.experiment, entry.ARM: assignment.arm, entry.TEAM: "",
+                 entry.ATTRIBUTED: ""}
+    extra[entry.VALUE] = "" if event.value is None else repr(float(event.value))
     return Event(user_id=event.user_id, item_id=event.item_id, type=event.type, ts=event.ts, event_id=event.event_id,
                  extra=extra)
 

@@ -9,6 +9,7 @@ import numpy as np
 import redis
 
 from rerank.data.dataset import EVENT_CODE
+from rerank.infra.progress import progress_bar
 from rerank.store.config import FeatureStoreConfig
 from rerank.store.errors import UNAVAILABLE, FeatureStoreError, unavailable
 from rerank.store.keys import Keys
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
 def bulk_load(client: redis.Redis, keys: Keys, cfg: FeatureStoreConfig, url: str, dataset: "Dataset",
               progress: bool = True, batch: int = 5000, drop_last: int = 0) -> dict:
     """FeatureStore.bulk_load (see there)."""
-    from tqdm import tqdm
-
     if drop_last < 0:
         raise ValueError(f"drop_last must be >= 0, got {drop_last}")
     start = time.perf_counter()
@@ -57,7 +56,7 @@ def bulk_load(client: redis.Redis, keys: Keys, cfg: FeatureStoreConfig, url: str
             records[name] = counts[:, j]
         records["last_ts"] = last_ts
         attrs = dataset.item_attributes
-        bar = tqdm(total=n_items + dataset.n_users, desc="feature store", unit="key", disable=not progress)
+        bar = progress_bar(total=n_items + dataset.n_users, desc="feature store", unit="key", enabled=progress)
         for lo in range(1, n_items + 1, batch):
             hi = min(lo + batch, n_items + 1)
             pipe = client.pipeline(transaction=False)

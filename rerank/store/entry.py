@@ -46,7 +46,9 @@ TS = "ts"
 SEQ = "seq"
 NUMBER = "n"
 EVENT_FIELDS = (EVENT_ID, USER_ID, ITEM_ID, ITEM_IDX, TYPE, TS, SEQ)  # what the script writes first, in order
-ATTRIBUTION_FIELDS = ("request_id", "position", "experiment", "arm", "team", "attributed", "value")
+REQUEST_ID, POSITION, EXPERIMENT, ARM, TEAM, ATTRIBUTED, VALUE = (
+    "request_id", "position", "experiment", "arm", "team", "attributed", "value")
+ATTRIBUTION_FIELDS = (REQUEST_ID, POSITION, EXPERIMENT, ARM, TEAM, ATTRIBUTED, VALUE)
 FIELDS = EVENT_FIELDS + ATTRIBUTION_FIELDS + (NUMBER,)
 
 
@@ -74,7 +76,7 @@ class EventEntry:
     def from_fields(cls, fields: Mapping[str, str]) -> "EventEntry":
         """Decode an entry's fields; entries written before attribution existed read as
         unattributed. ValueError names the field (`seq` is kept as text, not checked)."""
-        position, value = _optional(fields, "position"), _optional(fields, "value")
+        position, value = _optional(fields, POSITION), _optional(fields, VALUE)
         try:
             item_idx = int(_required(fields, ITEM_IDX))
             position_num = int(position) if position is not None else None
@@ -83,9 +85,9 @@ class EventEntry:
         return cls(
             event_id=_required(fields, EVENT_ID), user_id=_required(fields, USER_ID),
             item_id=_required(fields, ITEM_ID), item_idx=item_idx, type=_required(fields, TYPE),
-            ts=_float(fields, TS), seq=fields.get(SEQ, ""), request_id=_optional(fields, "request_id"),
-            position=position_num, experiment=fields.get("experiment", ""), arm=fields.get("arm", ""),
-            team=fields.get("team", ""), attributed=fields.get("attributed", ""),
+            ts=_float(fields, TS), seq=fields.get(SEQ, ""), request_id=_optional(fields, REQUEST_ID),
+            position=position_num, experiment=fields.get(EXPERIMENT, ""), arm=fields.get(ARM, ""),
+            team=fields.get(TEAM, ""), attributed=fields.get(ATTRIBUTED, ""),
             value=float(value) if value is not None else None, n=entry_number(fields),
         )  # fmt: skip
 
