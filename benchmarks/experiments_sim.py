@@ -250,7 +250,7 @@ def main() -> int:
     parser.add_argument("--online-window-s", type=float, default=20.0)
     parser.add_argument("--online-lr", type=float, default=1e-3, help="the learner arm's learning rate")
     parser.add_argument("--online-trainable", default="all", choices=["all", "items"],
-                        help="what the learner arm's steps update (rerank.online.loop.OnlineConfig.trainable)")
+                        help="what the learner arm's steps update (rerank.online.config.OnlineConfig.trainable)")
     parser.add_argument("--post-views", action="store_true",
                         help="simulated users also post views of what they examine")
     parser.add_argument("--overhead-seconds", type=float, default=10.0)

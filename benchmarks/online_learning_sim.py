@@ -10,7 +10,7 @@ noise of observed clicks. This one answers the tuning question in seconds, with 
 ranking side: the same simulated shoppers (rerank.clients.simulate, after the shop's successors were
 re-drawn) see the LEARNER's list; for every request the frozen model's list for the same user,
 same candidates, is scored too, and both lists get their ground-truth P(click) from the choice
-model. The learner is the trainer's own code (rerank.online.loop.IncrementalTrainer + PublishGuard):
+model. The learner is the trainer's own code (rerank.online.trainer.IncrementalTrainer + rerank.online.guard.PublishGuard):
 1 in 10 examples held out for the guard (anchored on the offline model), steps on full batches,
 a candidate published (or refused and reset) every `--publish-every` requests, as the OnlineLoop
 does. What it leaves out: Redis, the stream, the feature store (histories are kept here, as the
