@@ -622,7 +622,7 @@ def main() -> int:
     from deployments.local import LocalStack, LocalStackConfig, config_app_args
     from rerank.clients.bench import LoadConfig, make_rank_bodies, run_load
     from rerank.data.dataset import load_dataset
-    from rerank.infra.redis_server import free_port
+    from rerank.infra.child_process import free_port
     from rerank.clients.replay import dataset_events
 
     command = " ".join(["python", *sys.argv])

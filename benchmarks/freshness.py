@@ -52,7 +52,8 @@ def main() -> int:
 
     from deployments.local import DEMO_DATA, DEMO_MODEL, ServeRun, ensure_demo_data, ensure_model, write_serve_config
     from rerank.store.keys import Keys
-    from rerank.infra.redis_server import EmbeddedRedis, free_port
+    from rerank.infra.child_process import free_port
+    from rerank.infra.redis_server import EmbeddedRedis
 
     if args.url and not args.redis_url:
         p.error("--url needs --redis-url (events are matched to the stream ids the served versions report)")

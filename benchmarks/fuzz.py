@@ -244,7 +244,7 @@ def _own_stack(port: int):
     import tempfile
 
     from deployments.local import LocalStack, LocalStackConfig
-    from rerank.infra.redis_server import free_port
+    from rerank.infra.child_process import free_port
 
     registry_dir = tempfile.mkdtemp(prefix="rerank-fuzz-registry-")
     cfg = LocalStackConfig(

@@ -239,8 +239,8 @@ class LocalStack:
         os.environ.setdefault(*LOCAL_DRAINING)
         serve_host, serve_port = cfg.host, cfg.port
         if cfg.front_proxy:
+            from rerank.infra.child_process import free_port
             from rerank.infra.front_proxy import haproxy_binary
-            from rerank.infra.redis_server import free_port
 
             haproxy_binary()  # before Ray starts: a clear error when there is none
             serve_host, serve_port = "127.0.0.1", free_port()
@@ -252,7 +252,7 @@ class LocalStack:
             os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
             # HAProxy's stats (8404) and Prometheus (9101) frontends bind fixed ports by default: a
             # second local stack on this machine would fail to start; take free ones instead
-            from rerank.infra.redis_server import free_port
+            from rerank.infra.child_process import free_port
 
             for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
                 os.environ.setdefault(var, str(free_port()))

@@ -111,7 +111,7 @@ def serve_url(ray_session) -> str:
     other options is ignored by Serve, so every e2e module must share this one)."""
     from ray import serve
 
-    from rerank.infra.redis_server import free_port
+    from rerank.infra.child_process import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

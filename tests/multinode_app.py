@@ -39,7 +39,7 @@ def main() -> int:
 
     from deployments.app import build_app
     from rerank.data.dataset import load_dataset
-    from rerank.infra.redis_server import free_port
+    from rerank.infra.child_process import free_port
     from rerank.clients.replay import ReplayConfig, replay
 
     work = Path(args.work)

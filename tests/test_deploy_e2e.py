@@ -55,7 +55,7 @@ def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny
 
     from deployments.local import ServeRun, write_serve_config
     from rerank.data.dataset import load_dataset
-    from rerank.infra.redis_server import free_port
+    from rerank.infra.child_process import free_port
 
     port = free_port()
     # serve_config.yaml as shipped, with this test's data, model, Redis, registry, prefix and port

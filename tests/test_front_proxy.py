@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rerank.infra.child_process import free_port
 from rerank.infra.front_proxy import FrontProxy, FrontProxyConfig, check_config, render_config, write_errorfiles
-from rerank.infra.redis_server import free_port
 
 CLUSTER_CFG = Path(__file__).resolve().parents[1] / "cluster" / "haproxy-front.cfg"
 CLUSTER_ERRORS, CLUSTER_SOCKET = "/etc/haproxy/rerank-errors", "/run/haproxy/rerank-front.sock"

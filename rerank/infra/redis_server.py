@@ -41,7 +41,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from rerank.infra.child_process import die_with_parent, free_port  # free_port: imported from here too
+from rerank.infra.child_process import die_with_parent, free_port
 
 ENV_URL = "REDIS_URL"
 ENV_BINARY = "REDIS_SERVER_BIN"

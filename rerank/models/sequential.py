@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
