@@ -230,3 +230,55 @@ def test_arms_whose_model_cannot_load_are_named(tmp_path):
     assert "not a model directory" in unreadable_model(no_dir)
     empty = ExperimentSpec.model_validate({"arms": {"a": {"registry_uri": str(tmp_path / "empty-registry")}}})
     assert "no published version" in unreadable_model(empty)
+
+
+# ---------------------------------------------------------------- arm locations limited to the app's roots
+def test_arm_locations_are_accepted_only_inside_the_configured_roots(tmp_path):
+    from rerank.experiments.book import check_locations, default_location_roots
+
+    root = tmp_path / "models"
+    (root / "pop").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "escape").symlink_to(tmp_path / "outside")  # inside by name, outside once resolved
+    (root / "inner").symlink_to(root / "pop")  # a symlink that stays inside is fine
+    roots = [str(root), "s3://shop-models/rerank"]
+
+    def problem(**arm):
+        return check_locations(ExperimentSpec.model_validate({"arms": {"a": {}, "b": arm}}), roots)
+
+    for ok in [{"model": str(root / "pop")}, {"model": str(root / "inner")}, {"registry_uri": str(root / "new-reg")},
+               {"registry_uri": f"file://{root}/reg"}, {"registry_uri": "s3://shop-models/rerank/arm-b"},
+               {"registry_uri": "s3://shop-models/rerank"}, {}]:
+        assert problem(**ok) is None, ok
+    refused = [
+        ({"model": str(tmp_path / "outside")}, "not inside an allowed root"),
+        ({"model": "/etc"}, "not inside an allowed root"),
+        ({"model": str(tmp_path / "models-evil")}, "not inside an allowed root"),  # a prefix of the name only
+        ({"model": f"{root}/../outside"}, "'..'"),
+        ({"registry_uri": f"{root}/pop/../../outside"}, "'..'"),
+        ({"model": str(root / "escape")}, "after resolving symlinks"),
+        ({"registry_uri": str(root / "escape" / "reg")}, "after resolving symlinks"),
+        ({"model": "models/pop"}, "not an absolute path"),
+        ({"registry_uri": "s3://shop-models/rerank/arm?endpoint_override=attacker.example:80"}, "query"),
+        ({"registry_uri": "s3://shop-models/rerank/arm?region=us-east-1"}, "query"),
+        ({"registry_uri": "s3://other-bucket/rerank/arm"}, "same scheme, bucket"),
+        ({"registry_uri": "gs://shop-models/rerank/arm"}, "same scheme, bucket"),
+        ({"registry_uri": "s3://shop-models/rerank-evil/arm"}, "same scheme, bucket"),
+        ({"registry_uri": "s3://shop-models/other/arm"}, "same scheme, bucket"),
+        ({"registry_uri": "s3://shop-models/rerank/../other"}, "'..'"),
+        ({"registry_uri": "s3://shop-models/rerank/%2E%2E/other"}, "percent"),
+        ({"registry_uri": "s3://AKIA:secret@shop-models/rerank/arm"}, "credentials"),
+        ({"registry_uri": "file://attacker/srv/x"}, "not inside an allowed root"),
+    ]
+    for arm, needle in refused:
+        message = problem(**arm)
+        assert message is not None and needle in message, (arm, message)
+        field = next(iter(arm))
+        assert message.startswith(f"arm 'b': {field} ") and f"allowed roots: {root}, s3://shop-models/rerank" in message
+        assert "secret" not in message and "attacker.example" not in message  # no credentials or options echoed
+    assert not (root / "new-reg").exists() and not (tmp_path / "outside" / "reg").exists()  # nothing created
+    assert "none (no model_roots configured)" in check_locations(
+        ExperimentSpec.model_validate({"arms": {"a": {"model": str(root / "pop")}}}), [])
+    assert default_location_roots(str(root / "demo"), "s3://k:s@shop-models/rerank/registry?region=x") == [
+        str(root), "s3://shop-models/rerank"]
+    assert default_location_roots(None, str(tmp_path / "registry")) == [str(tmp_path)]

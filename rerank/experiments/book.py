@@ -14,16 +14,23 @@ traffic range (its users see the default ranking), so stopping one never moves u
 
 The book lives in the hash `Keys(prefix).experiments` (name -> JSON of ExperimentSpec, plus
 "_order" -> JSON list of names); see docs/EXPERIMENTS.md.
+
+Locations. An arm's `model` / `registry_uri` makes every replica read (and an arm registry's
+trainer create and write) that place; `check_locations` accepts only locations inside the app's
+configured roots (`model_roots`), before anything touches them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -155,6 +162,113 @@ def unreadable_model(spec: ExperimentSpec) -> str | None:
             if latest is None:
                 return f"arm {arm_name!r}: registry {arm.registry_uri} has no published version"
     return None
+
+
+def _shown(location: str) -> str:
+    """A location as it may appear in a message: no query (S3 URIs may carry keys there), no
+    user:password@ part, at most 200 characters."""
+    text = location.split("?", 1)[0].split("#", 1)[0]
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        netloc, slash, path = rest.partition("/")
+        text = f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"
+    return text[:200]
+
+
+def _as_local(location: str) -> str | None:
+    """The local path of a plain path or a file:// URI (None for other URIs)."""
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    if parts.scheme.lower() == "file" and parts.netloc in ("", "localhost"):
+        return parts.path
+    return None
+
+
+def _root_parts(root: str) -> tuple[str, str, list[str]] | None:
+    """A URI root as (scheme, bucket/host, path segments); None for a local root."""
+    if _as_local(root) is not None:
+        return None
+    parts = urlsplit(root)  # the app's own root may carry options (?region=...): not part of the prefix
+    host = parts.netloc.rpartition("@")[2]  # nor its credentials
+    return parts.scheme.lower(), host, [seg for seg in parts.path.split("/") if seg]
+
+
+def location_problem(location: str, roots: Sequence[str]) -> str | None:
+    """Why `location` (an arm's model directory or registry URI) is not inside one of `roots`
+    (None = it is). A local path must be absolute, without '..', and inside a local root once
+    both are resolved with os.path.realpath (symlinks followed); a URI needs a root with the same
+    scheme and bucket/host whose path segments it starts with, and may carry no query ('?', e.g.
+    `?endpoint_override=` would send replicas to any host), fragment, credentials, percent-escapes,
+    '.' / '..' or empty segments. Reads nothing but the local path's symlinks."""
+    if "?" in location or "#" in location:
+        return "has a query or fragment ('?', '#'): storage options cannot come from an experiment"
+    if ".." in location.replace("\\", "/").split("/"):
+        return "has a '..' segment"
+    local = _as_local(location)
+    if local is not None:
+        if not os.path.isabs(local):
+            return "is not an absolute path"
+        real = os.path.realpath(local)
+        for root in roots:
+            root_path = _as_local(root)
+            if root_path is None or not os.path.isabs(root_path):
+                continue
+            real_root = os.path.realpath(root_path)
+            if os.path.commonpath([real, real_root]) == real_root:
+                return None
+        return "is not inside an allowed root (after resolving symlinks)"
+    parts = urlsplit(location)
+    if not parts.scheme or not parts.netloc:
+        return "is not a scheme://bucket/path URI"
+    if "@" in parts.netloc:
+        return "has credentials (user@) in it"
+    if "%" in location or "\\" in location:
+        return "has percent-escapes or backslashes"
+    segments = parts.path.strip("/").split("/") if parts.path.strip("/") else []
+    if any(seg in ("", ".") for seg in segments):
+        return "has an empty or '.' path segment"
+    for root in roots:
+        root_parts = _root_parts(root)
+        if root_parts is None:
+            continue
+        scheme, netloc, prefix = root_parts
+        if (parts.scheme.lower(), parts.netloc) == (scheme, netloc) and segments[:len(prefix)] == prefix:
+            return None
+    return "is not inside an allowed root (same scheme, bucket and path prefix)"
+
+
+def check_locations(spec: ExperimentSpec, roots: Sequence[str]) -> str | None:
+    """Why an arm's `model` or `registry_uri` is refused (None = every arm's is inside one of
+    `roots`; see location_problem). Pure but for resolving local symlinks: run it before anything
+    reads, downloads or creates an arm's location (unreadable_model, the scorers, a trainer)."""
+    allowed = ", ".join(_shown(r) for r in roots) or "none (no model_roots configured)"
+    for arm_name, arm in spec.arms.items():
+        for field, location in (("model", arm.model), ("registry_uri", arm.registry_uri)):
+            if location:
+                problem = location_problem(location, roots)
+                if problem:
+                    return f"arm {arm_name!r}: {field} {_shown(location)!r} {problem}; allowed roots: {allowed}"
+    return None
+
+
+def default_location_roots(model: str | None, registry_uri: str | None) -> list[str]:
+    """The roots when the app configures none (`model_roots`): the parent of the app's own model
+    directory and the parent of its registry (arm registries usually sit next to the app's, e.g.
+    artifacts/registry and artifacts/registry-learner). Give absolute paths or URIs."""
+    roots = []
+    for location in (model, registry_uri):
+        if not location:
+            continue
+        local = _as_local(location)
+        if local is not None:
+            roots.append(os.path.dirname(os.path.abspath(local.rstrip("/") or "/")))
+            continue
+        parts = urlsplit(location)
+        parent = "/".join([seg for seg in parts.path.split("/") if seg][:-1])
+        host = parts.netloc.rpartition("@")[2]  # the app's own credentials are not part of the root
+        roots.append(f"{parts.scheme}://{host}/{parent}".rstrip("/"))
+    return list(dict.fromkeys(roots))
 
 
 def unit_point(salt: str, user_id: str) -> float:
