@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -282,3 +283,149 @@ def test_arm_locations_are_accepted_only_inside_the_configured_roots(tmp_path):
     assert default_location_roots(str(root / "demo"), "s3://k:s@shop-models/rerank/registry?region=x") == [
         str(root), "s3://shop-models/rerank"]
     assert default_location_roots(None, str(tmp_path / "registry")) == [str(tmp_path)]
+
+
+# ---------------------------------------------------------------- the book: atomic writes, archive, stable ranges
+def _book_key() -> str:
+    return f"t{uuid.uuid4().hex[:8]}:experiments"
+
+
+def _spec(traffic: float, **extra) -> ExperimentSpec:
+    return ExperimentSpec.model_validate({"traffic": traffic, "arms": {"x": {}, "y": {}}, **extra})
+
+
+def _racing_reads(monkeypatch):
+    """Make two writers read the book before either writes (a barrier after each thread's first read)."""
+    import threading
+
+    from rerank.experiments import book as book_module
+
+    barrier, first = threading.Barrier(2, timeout=5), threading.local()
+    real = book_module.read_book
+
+    def read_book(client, key):
+        out = real(client, key)
+        if not getattr(first, "done", False):
+            first.done = True
+            barrier.wait()
+        return out
+
+    monkeypatch.setattr(book_module, "read_book", read_book)
+
+
+def _in_threads(*calls):
+    import threading
+
+    results: dict[int, object] = {}
+
+    def run(i, call):
+        try:
+            results[i] = call()
+        except Exception as err:  # noqa: BLE001 - returned for the test to look at
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    return [results[i] for i in range(len(calls))]
+
+
+def test_concurrent_writers_both_land_and_cannot_overfill_the_book(redis_url, monkeypatch):
+    client = redis.Redis.from_url(redis_url)
+    key = _book_key()
+    _racing_reads(monkeypatch)
+    out = _in_threads(lambda: write_experiment(redis.Redis.from_url(redis_url), key, "a", _spec(0.3)),
+                      lambda: write_experiment(redis.Redis.from_url(redis_url), key, "b", _spec(0.3)))
+    assert not any(isinstance(o, Exception) for o in out), out
+    book = read_book(client, key)
+    assert sorted(e.name for e in book) == ["a", "b"]
+    assert set(json.loads(client.hget(key, "_order"))) == {"a", "b"}  # neither writer's entry lost
+    spans = sorted((e.start, e.start + e.spec.traffic) for e in book)
+    assert spans[0][1] <= spans[1][0] + 1e-9  # disjoint ranges
+    # two writers each taking 0.6 of a book with 0.4 free: one lands, the other is refused
+    key2 = _book_key()
+    _racing_reads(monkeypatch)
+    out = _in_threads(lambda: write_experiment(redis.Redis.from_url(redis_url), key2, "c", _spec(0.6)),
+                      lambda: write_experiment(redis.Redis.from_url(redis_url), key2, "d", _spec(0.6)))
+    errors = [o for o in out if isinstance(o, Exception)]
+    assert len(errors) == 1 and isinstance(errors[0], ValueError) and "traffic" in str(errors[0])
+    assert len(read_book(client, key2)) == 1 and sum(e.spec.traffic for e in read_book(client, key2)) == 0.6
+
+
+def test_a_stopped_experiment_is_archived_to_free_its_range(redis_url):
+    from rerank.experiments.book import archive_experiment
+
+    client = redis.Redis.from_url(redis_url)
+    key = _book_key()
+    write_experiment(client, key, "full", _spec(1.0))
+    with pytest.raises(ValueError, match="is running; stop it first"):
+        archive_experiment(client, key, "full")
+    stop_experiment(client, key, "full")
+    with pytest.raises(ValueError, match=r"adds up to 2; at most 1.*until archived \(full\)"):
+        write_experiment(client, key, "next", _spec(1.0))  # a stopped experiment still holds its range
+    assert archive_experiment(client, key, "full").status == "stopped"
+    assert archive_experiment(client, key, "full") is None  # gone
+    assert archive_experiment(client, key, "never") is None
+    assert stop_experiment(client, key, "never") is None
+    write_experiment(client, key, "next", _spec(1.0))
+    assert [(e.name, e.start) for e in read_book(client, key)] == [("next", 0.0)]
+    assert client.hkeys(key) and b"full" not in client.hkeys(key)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["stored-starts", "book-without-starts"])
+def test_archiving_an_earlier_experiment_moves_no_user_of_a_later_one(redis_url, legacy):
+    from rerank.experiments.book import archive_experiment
+
+    client = redis.Redis.from_url(redis_url)
+    key = _book_key()
+    specs = {"first": _spec(0.3), "second": _spec(0.3), "third": _spec(0.4)}
+    if legacy:  # a book written before range starts were stored: "_order" a list, ranges in order
+        client.hset(key, mapping={**{n: s.model_dump_json() for n, s in specs.items()},
+                                  "_order": json.dumps(list(specs))})
+    else:
+        for name, spec in specs.items():
+            write_experiment(client, key, name, spec)
+    before = {u: assign(u, read_book(client, key)) for u in USERS}
+    assert {a.experiment for a in before.values()} == {"first", "second", "third"}
+    stop_experiment(client, key, "first")
+    archive_experiment(client, key, "first")
+    after = {u: assign(u, read_book(client, key)) for u in USERS}
+    later = [u for u, a in before.items() if a.experiment in ("second", "third")]
+    assert later and all((after[u].experiment, after[u].arm) == (before[u].experiment, before[u].arm) for u in later)
+    assert all(after[u].experiment == "" for u, a in before.items() if a.experiment == "first")
+    # a new experiment takes the freed range; the others still do not move
+    write_experiment(client, key, "fourth", _spec(0.3))
+    again = {u: assign(u, read_book(client, key)) for u in USERS}
+    assert all((again[u].experiment, again[u].arm) == (before[u].experiment, before[u].arm) for u in later)
+    assert {u for u, a in again.items() if a.experiment == "fourth"} == {
+        u for u, a in before.items() if a.experiment == "first"}
+
+
+def test_changing_one_experiment_never_moves_the_users_of_another(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    key = _book_key()
+    write_experiment(client, key, "a", _spec(0.3))
+    write_experiment(client, key, "b", _spec(0.3))
+    before = {u: assign(u, read_book(client, key)).experiment for u in USERS}
+    write_experiment(client, key, "b", _spec(0.7))  # room after it: grows in place, keeps its users
+    grown = {u: assign(u, read_book(client, key)).experiment for u in USERS}
+    assert all(grown[u] == before[u] for u in USERS if before[u] in ("a", "b"))
+    write_experiment(client, key, "b", _spec(0.3))
+    grow = r"range \[0, 0.3\) can grow to 0.3 at most in place, not 0.4.*traffic to 0.*archive 'b' right after it"
+    with pytest.raises(ValueError, match=grow):
+        write_experiment(client, key, "a", _spec(0.4))  # b sits right after a: growing would move a's users
+    write_experiment(client, key, "a", _spec(0.0))  # an explicit move: ramp to 0 ...
+    with pytest.raises(ValueError, match=r"no free traffic range of 0.5 \(free: \[0, 0.3\), \[0.6, 1\)\)"):
+        write_experiment(client, key, "a", _spec(0.5))  # 0.8 in all, but no gap that wide
+    write_experiment(client, key, "a", _spec(0.4))  # ... then up: a takes a free range, b stays
+    assert {e.name: e.start for e in read_book(client, key)} == {"a": 0.6, "b": 0.3}
+    moved = {u: assign(u, read_book(client, key)).experiment for u in USERS}
+    assert all(moved[u] == "b" for u in USERS if before[u] == "b")
+    # the benchmark's "only this one": every other to 0, then this one to 1
+    write_experiment(client, key, "b", _spec(0.0))
+    write_experiment(client, key, "a", _spec(0.0))
+    write_experiment(client, key, "c", _spec(0.0))
+    write_experiment(client, key, "c", _spec(1.0))
+    assert {assign(u, read_book(client, key)).experiment for u in USERS[:500]} == {"c"}

@@ -5,15 +5,32 @@ An experiment has arms that may differ in model (a model directory, or a registr
 scorers follow; an arm with `online` gets its own trainer publishing to its registry), in ranking
 rules, or in nothing at all (A/A). Assignment is two hashes of the user id:
 
-    layer point = hash("rerank-layer", user)   -> which experiment (ranges of `traffic`, in order)
+    layer point = hash("rerank-layer", user)   -> which experiment (its range [start, start + traffic))
     arm point   = hash(experiment salt, user)  -> which arm (by weight)
 
-so a user stays in the same arm for as long as the experiment's salt, position and weights stay,
-and the arm split of one experiment is independent of the others. A stopped experiment keeps its
-traffic range (its users see the default ranking), so stopping one never moves users of the next.
+so a user stays in the same arm for as long as the experiment's salt, range and weights stay,
+and the arm split of one experiment is independent of the others.
 
-The book lives in the hash `Keys(prefix).experiments` (name -> JSON of ExperimentSpec, plus
-"_order" -> JSON list of names); see docs/EXPERIMENTS.md.
+Ranges. Each experiment in the book has an explicit range start, stored with it, so no change
+to one experiment moves the users of another:
+- a new experiment takes the lowest free range that fits its traffic;
+- a changed one keeps its start when its new traffic fits there (a ramp keeps its users); one
+  that does not fit there is refused, as moving it would move all its users, unless it holds no
+  range (traffic 0): ramping it to 0 first and then up is the explicit way to move it (it then
+  takes the lowest free range that fits);
+- a stopped experiment keeps its range (its users see the default ranking) until
+  `archive_experiment` removes it from the book, which frees the range and moves nobody else.
+Experiments without a start (a book written before starts were stored, or a list built in code)
+follow each other in order from 0, which is what their stored starts are set to at the first
+write. A book whose traffic adds up to more than 1 is refused, stopped experiments included
+(their range is still held), and so is an experiment for which no free range is wide enough
+(gaps left by archived experiments): the message names the free ranges.
+
+The book lives in the hash `Keys(prefix).experiments`: name -> JSON of ExperimentSpec, plus
+"_order" -> JSON object name -> range start, in the book's order (books written before explicit
+starts hold a JSON list of names there: ranges in order; readers of that format still get the
+names in order from the object). Every change is a WATCH / MULTI transaction on the hash, so
+concurrent admin writes never lose one another's experiment or range. See docs/EXPERIMENTS.md.
 
 Locations. An arm's `model` / `registry_uri` makes every replica read (and an arm registry's
 trainer create and write) that place; `check_locations` accepts only locations inside the app's
@@ -28,7 +45,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -38,6 +55,7 @@ LAYER_SALT = "rerank-layer"
 DEFAULT_ARM = "default"  # the arm of users outside every running experiment
 INTERLEAVED_ARM = "interleaved"  # the arm named in impressions of an interleaving experiment
 ORDER_FIELD = "_order"
+RANGE_EPS = 1e-9  # tolerance of range arithmetic (starts are sums of float traffic shares)
 EXPERIMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # names in URLs, Redis fields and trainer leases
 
 
@@ -104,6 +122,7 @@ class ExperimentSpec(BaseModel):
 class Experiment:
     name: str
     spec: ExperimentSpec
+    start: float | None = None  # its range's start in [0, 1); None: right after the previous one
 
     @property
     def salt(self) -> str:
@@ -277,18 +296,91 @@ def unit_point(salt: str, user_id: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def check_traffic(experiments: list[Experiment]) -> None:
+def ranges(experiments: list[Experiment]) -> list[tuple[float, float]]:
+    """Each experiment's layer range [start, end): its stored start, or the previous one's end."""
+    out, end = [], 0.0
+    for exp in experiments:
+        start = exp.start if exp.start is not None else end
+        end = start + exp.spec.traffic
+        out.append((start, end))
+    return out
+
+
+def _check_total(experiments: list[Experiment]) -> None:
     total = sum(e.spec.traffic for e in experiments)
-    if total > 1 + 1e-9:
-        raise ValueError(f"experiments' traffic adds up to {total:g}; at most 1 (each user is in one experiment)")
+    if total > 1 + RANGE_EPS:
+        stopped = [e.name for e in experiments if e.spec.status != "running" and e.spec.traffic > 0]
+        hint = (f"; stopped experiments keep their range until archived ({', '.join(stopped)})" if stopped else "")
+        raise ValueError(f"experiments' traffic adds up to {total:g}; at most 1 (each user is in one experiment)"
+                         + hint)
+
+
+def check_traffic(experiments: list[Experiment]) -> None:
+    """Refuse a book over 100% traffic (stopped experiments count: they hold their range) or whose
+    ranges leave [0, 1] or overlap."""
+    _check_total(experiments)
+    spans = sorted((s, e, exp.name) for (s, e), exp in zip(ranges(experiments), experiments) if e - s > RANGE_EPS)
+    for start, end, name in spans:
+        if start < -RANGE_EPS or end > 1 + RANGE_EPS:
+            raise ValueError(f"experiment {name!r}: range [{start:g}, {end:g}) is outside [0, 1)")
+    for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
+        if s2 < e1 - RANGE_EPS:
+            raise ValueError(f"experiments {n1!r} [{s1:g}, {e1:g}) and {n2!r} [{s2:g}, {e2:g}) overlap")
+
+
+def _free_ranges(taken: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    free, at = [], 0.0
+    for start, end in sorted(r for r in taken if r[1] - r[0] > RANGE_EPS):
+        if start > at + RANGE_EPS:
+            free.append((at, start))
+        at = max(at, end)
+    if at < 1 - RANGE_EPS:
+        free.append((at, 1.0))
+    return free
+
+
+def _fits(start: float, traffic: float, taken: list[tuple[float, float]]) -> bool:
+    if traffic <= RANGE_EPS:
+        return True
+    end = start + traffic
+    return (start >= -RANGE_EPS and end <= 1 + RANGE_EPS
+            and all(end <= s + RANGE_EPS or start >= e - RANGE_EPS for s, e in taken if e - s > RANGE_EPS))
+
+
+def place(book: list[Experiment], name: str, spec: ExperimentSpec) -> float:
+    """The range start `name` gets with `spec` in `book` (see "Ranges" in the module docstring);
+    ValueError when the book has no room for it. The others' ranges never move."""
+    spans = ranges(book)
+    previous = next(((s, e) for (s, e), exp in zip(spans, book) if exp.name == name), None)
+    taken = [r for r, e in zip(spans, book) if e.name != name]
+    _check_total([e for e in book if e.name != name] + [Experiment(name, spec)])
+    if previous is not None and _fits(previous[0], spec.traffic, taken):
+        return previous[0]
+    free = _free_ranges(taken)
+    if previous is not None and previous[1] - previous[0] > RANGE_EPS:
+        start, end = previous
+        after = sorted((s, e.name) for (s, end_), e in zip(spans, book)
+                       if e.name != name and s >= end - RANGE_EPS and end_ - s > RANGE_EPS)
+        limit = after[0][0] if after else 1.0
+        blocker = f", or stop and archive {after[0][1]!r} right after it" if after else ""
+        raise ValueError(f"experiment {name!r}: its range [{start:g}, {end:g}) can grow to {limit - start:g} "
+                         f"at most in place, not {spec.traffic:g}; moving it would move all its users: set its "
+                         f"traffic to 0 first (it then takes a free range){blocker}")
+    if spec.traffic <= RANGE_EPS:  # holds no users: anywhere; a new one after the last range
+        return max((e for _, e in taken), default=0.0)
+    for start, end in free:
+        if end - start >= spec.traffic - RANGE_EPS:
+            return start
+    shown = ", ".join(f"[{s:g}, {e:g})" for s, e in free) or "none"
+    raise ValueError(f"experiment {name!r}: no free traffic range of {spec.traffic:g} (free: {shown}); lower its "
+                     "traffic, or stop and archive another experiment")
 
 
 def assign(user_id: str, experiments: list[Experiment]) -> Assignment:
     """The user's experiment and arm (see the module docstring)."""
-    point, start = unit_point(LAYER_SALT, user_id), 0.0
-    for exp in experiments:
-        start += exp.spec.traffic
-        if point >= start:
+    point = unit_point(LAYER_SALT, user_id)
+    for exp, (start, end) in zip(experiments, ranges(experiments)):
+        if not start <= point < end:
             continue
         if exp.spec.status != "running":
             return Assignment()
@@ -307,32 +399,78 @@ def assign(user_id: str, experiments: list[Experiment]) -> Assignment:
 
 # ---------------------------------------------------------------------------- the book in Redis
 def read_book(client, key: str) -> list[Experiment]:
-    """All experiments in the hash `key`, in their configured order."""
+    """All experiments in the hash `key`, in their configured order, with their range starts."""
     raw = {k.decode() if isinstance(k, bytes) else k: v for k, v in client.hgetall(key).items()}
     order = json.loads(raw.pop(ORDER_FIELD, "[]"))
-    names = [n for n in order if n in raw] + sorted(n for n in raw if n not in order)
-    return [Experiment(n, ExperimentSpec.model_validate_json(raw[n])) for n in names]
+    starts = order if isinstance(order, dict) else dict.fromkeys(order)  # a list: the format before starts
+    names = [n for n in starts if n in raw] + sorted(n for n in raw if n not in starts)
+    return [Experiment(n, ExperimentSpec.model_validate_json(raw[n]),
+                       None if starts.get(n) is None else float(starts[n])) for n in names]
+
+
+def _with_starts(book: list[Experiment]) -> list[Experiment]:
+    """The book with every range start explicit (where the experiments are now)."""
+    return [replace(e, start=s) for e, (s, _) in zip(book, ranges(book))]
+
+
+def _change(client, key: str, change):
+    """Run change(book) -> (result, new book | None, removed names) in a WATCH / MULTI transaction
+    on `key` (retried when another writer changed the book meanwhile); a new book is written whole."""
+    def attempt(pipe):
+        book = _with_starts(read_book(pipe, key))  # immediate mode: the read happens under WATCH
+        result, updated, removed = change(book)
+        pipe.multi()
+        if updated is not None:
+            if removed:
+                pipe.hdel(key, *removed)
+            specs = {e.name: e.spec.model_dump_json() for e in updated}
+            pipe.hset(key, mapping={**specs, ORDER_FIELD: json.dumps({e.name: e.start for e in updated})})
+        return result
+
+    return client.transaction(attempt, key, value_from_callable=True)
 
 
 def write_experiment(client, key: str, name: str, spec: ExperimentSpec) -> list[Experiment]:
-    """Add or replace one experiment (a new one goes last); refuses a book over 100% traffic."""
-    book = read_book(client, key)
-    updated = [e if e.name != name else Experiment(name, spec) for e in book]
-    if name not in {e.name for e in book}:
-        updated.append(Experiment(name, spec))
-    check_traffic(updated)
-    client.hset(key, mapping={name: spec.model_dump_json(), ORDER_FIELD: json.dumps([e.name for e in updated])})
-    return updated
+    """Add or replace one experiment (a new one goes last in the order; its range: see "Ranges" in
+    the module docstring); ValueError for a book over 100% traffic or without room. Atomic."""
+    def change(book):
+        start = place(book, name, spec)
+        updated = [Experiment(name, spec, start) if e.name == name else e for e in book]
+        if name not in {e.name for e in book}:
+            updated.append(Experiment(name, spec, start))
+        check_traffic(updated)
+        return updated, updated, ()
+
+    return _change(client, key, change)
 
 
 def stop_experiment(client, key: str, name: str) -> ExperimentSpec | None:
-    """Mark an experiment stopped (kept for the readout and its traffic range); None if unknown."""
-    for exp in read_book(client, key):
-        if exp.name == name:
-            stopped = exp.spec.model_copy(update={"status": "stopped"})
-            client.hset(key, name, stopped.model_dump_json())
-            return stopped
-    return None
+    """Mark an experiment stopped (kept for the readout, and its traffic range until archived);
+    None if unknown. Atomic."""
+    def change(book):
+        exp = next((e for e in book if e.name == name), None)
+        if exp is None:
+            return None, None, ()
+        stopped = exp.spec.model_copy(update={"status": "stopped"})
+        return stopped, [replace(e, spec=stopped) if e.name == name else e for e in book], ()
+
+    return _change(client, key, change)
+
+
+def archive_experiment(client, key: str, name: str) -> ExperimentSpec | None:
+    """Remove a STOPPED experiment from the book, freeing its traffic range; every other experiment
+    keeps its range (and its users). Returns the archived spec, None if unknown; ValueError for a
+    running one (stop it first). Its events stay in the sink: the readout by name still works,
+    without the book's weights. Atomic."""
+    def change(book):
+        exp = next((e for e in book if e.name == name), None)
+        if exp is None:
+            return None, None, ()
+        if exp.spec.status == "running":
+            raise ValueError(f"experiment {name!r} is running; stop it first (DELETE /admin/experiments/{name})")
+        return exp.spec, [e for e in book if e.name != name], (name,)
+
+    return _change(client, key, change)
 
 
 class LiveBook:
