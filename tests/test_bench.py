@@ -230,6 +230,7 @@ def _cli_error(capsys, argv: list[str]) -> str:
     (["--layouts", "inline,inline"], "listed twice"),
     (["--layouts", "inline,noop"], "is a reference's name"),
     (["--layouts", "noop_hop"], "is a reference's name"),
+    (["--layouts", "inline,plain"], "is a reference's name"),
     (["--layouts", ""], "at least one layout"),
     (["--layouts", "a/b"], "not a valid name"),
     (["--slo-ms", "0"], "--slo-ms"),
@@ -300,8 +301,19 @@ def fake_stack(server, tmp_path, monkeypatch):
         def stop(self):
             seen["stopped"] = True
 
+    class RecordingPlain:  # the plain reference server, answered by the in-process server too
+        url, pid = f"{server}/plain", None
+
+        def stop(self):
+            seen["plain_stopped"] = True
+
+    def start_plain(stack):
+        seen["plain_for"] = stack
+        return RecordingPlain()
+
     monkeypatch.setattr(deployments.local, "LocalStack", RecordingStack)
-    monkeypatch.setattr("rerank.clients.bench.CpuMeter", lambda: None)
+    monkeypatch.setattr("rerank.cli.bench.start_plain", start_plain)
+    monkeypatch.setattr("rerank.clients.bench.CpuMeter", lambda **names: None)
     monkeypatch.delenv("RERANK_API_KEY", raising=False)
     return seen
 
@@ -317,18 +329,112 @@ def test_cli_starts_the_stack_with_one_app_per_layout(server, fake_stack, fake_d
             "--warmup", "2", "--json", "--out", str(tmp_path / "bench.json")]
     assert main(argv + (["--layouts", layouts] if layouts else [])) == 0
     config = fake_stack["config"]
-    assert config.with_noop and fake_stack["stopped"]
+    assert config.with_noop and fake_stack["stopped"] and fake_stack["plain_stopped"]
     assert config.layouts == list(routes) and config.app_args["layout"] == list(routes)[0]  # the first one at /
     result = json.loads(capsys.readouterr().out)
     assert result["targets"] == {**{name: server + route for name, route in routes.items()},
-                                 "noop_hop": f"{server}/noop-hop", "noop": f"{server}/noop"}
+                                 "noop_hop": f"{server}/noop-hop", "plain": f"{server}/plain/rank",
+                                 "noop": f"{server}/noop"}
     assert result["default_target"] == list(routes)[0]
-    assert {path for path, _ in SEEN} == {*routes.values(), "/noop-hop", "/noop"}
-    assert result["settings"]["layouts"] == list(routes)  # the hop floor is a reference, not a layout
-    assert set(result["summaries"]) == {*routes, "noop_hop"}
+    assert {path for path, _ in SEEN} == {*routes.values(), "/noop-hop", "/plain/rank", "/noop"}
+    assert result["settings"]["layouts"] == list(routes)  # the references are not layouts
+    assert result["settings"]["plain"] is True and result["references"] == ["plain"]
+    assert set(result["summaries"]) == {*routes, "noop_hop", "plain"}
     assert {auth for _, auth in SEEN} == {None}
+    default = next(r for r in result["rows"] if r["target"] == list(routes)[0])
+    plain = next(r for r in result["rows"] if r["target"] == "plain")
+    assert default["plain_throughput_ratio"] == pytest.approx(default["requests_per_s"] / plain["requests_per_s"],
+                                                              abs=1e-3)
+    assert plain["plain_throughput_ratio"] is None and plain["throughput_ratio"] is not None  # plain vs the no-op
+    point = result["summary"]["points"][0]
+    assert set(point["ratios"]) == {"noop", "plain"}
+    assert result["summary"]["closed"]["plain_p50_ratio"] == default["plain_p50_ratio"]
+
+
+def test_cli_without_plain_starts_no_plain_server(server, fake_stack, fake_dataset, tmp_path, capsys):
+    argv = ["bench", "--no-plain", "--concurrency", "1", "--requests", "2", "--candidates", "5", "--warmup", "0",
+            "--json", "--out", str(tmp_path / "bench.json")]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "plain_for" not in fake_stack and "plain" not in result["targets"]
+    assert result["settings"]["plain"] is False and result["references"] == []
 
 
 def test_cli_rejects_an_unknown_layout_before_starting_the_stack(fake_stack, capsys):
     assert "unknown layout 'fancy'" in _cli_error(capsys, ["--layouts", "inline,fancy"])
     assert "started" not in fake_stack
+
+
+# --- references and CPU per process -------------------------------------------------------------
+
+
+def test_compare_relates_every_target_to_the_references(server):
+    targets = {"inline": f"{server}/sleep/5/rank", "plain": f"{server}/rank", "noop": f"{server}/noop"}
+    out = compare(targets, BODIES, [1, 2], LoadConfig(duration_s=5, max_requests=8, warmup_requests=1),
+                  progress=False, references=["plain", "absent"])
+    assert out["references"] == ["plain"]  # a reference that is no target is dropped
+    rows = {(r["concurrency"], r["target"]): r for r in out["rows"]}
+    for c in (1, 2):
+        inline, plain, noop = rows[(c, "inline")], rows[(c, "plain")], rows[(c, "noop")]
+        assert inline["plain_throughput_ratio"] == pytest.approx(inline["requests_per_s"] / plain["requests_per_s"],
+                                                                 abs=1e-3)
+        assert inline["plain_p50_ratio"] == pytest.approx(inline["p50_ms"] / plain["p50_ms"], rel=1e-2, abs=2e-3)
+        assert plain["plain_throughput_ratio"] is None and noop["plain_throughput_ratio"] is not None
+        assert inline["server_cpu_ms_by_process"] is None  # no CpuMeter given
+    s = summary(out)
+    assert [(p["concurrency"], sorted(p["ratios"])) for p in s["points"]] == [(1, ["noop", "plain"]),
+                                                                             (2, ["noop", "plain"])]
+    two = s["points"][1]
+    assert two["ratios"]["plain"]["throughput_ratio"] == rows[(2, "inline")]["plain_throughput_ratio"]
+    assert two["ratios"]["noop"]["requests_per_s"] == rows[(2, "noop")]["requests_per_s"]
+    assert s["closed"]["plain_requests_per_s"] == rows[(2, "plain")]["requests_per_s"]
+    assert summary(out, "plain")["points"][0]["ratios"].keys() == {"noop"}  # not against itself
+
+
+@pytest.mark.parametrize("cmdline, name, label", [
+    (["ray::ServeReplica:rerank:Ingress"], "ray::ServeRepli", "replica rerank:Ingress"),
+    (["ray::ServeReplica:rerank-split:Scorer.handle_request"], "x", "replica rerank-split:Scorer"),
+    (["ray::ProxyActor"], "x", "serve_proxy"),
+    (["ray::ServeController.listen_for_change"], "x", "serve_controller"),
+    (["ray::IDLE"], "x", "ray IDLE"),
+    (["/v/bin/python3.11", "-u", "/v/ray/dashboard/agent.py", "--x"], "python3.11", "agent"),
+    (["/v/bin/python", "-m", "rerank.serving.plain", "--port", "1"], "python", "rerank.serving.plain"),
+    (["/v/ray/core/src/ray/raylet/raylet", "--node"], "raylet", "raylet"),
+    (["redis-server 127.0.0.1:6379"], "redis-server", "redis-server"),
+    ([], "haproxy", "haproxy"),
+])
+def test_process_label(cmdline, name, label):
+    from rerank.clients.bench import process_label
+
+    assert process_label(cmdline, name) == label
+
+
+def test_cpu_meter_lists_each_process(server):
+    """Two real child processes, one busy and one asleep: the busy one's CPU is its own, named."""
+    import subprocess
+
+    from rerank.clients.bench import CpuMeter
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        meter = CpuMeter(names={busy.pid: "busy"})
+        before = meter.snapshot()
+        assert {busy.pid, idle.pid} <= set(before)
+        time.sleep(0.5)
+        used = meter.used_by_process(before)
+        assert used["busy"] > 0.1 and used["busy"] > used.get("python", 0.0)  # the sleeper is labelled by name
+        assert sum(used.values()) == pytest.approx(meter.used_since(before), abs=0.05)
+    finally:
+        for proc in (busy, idle):
+            proc.kill()
+            proc.wait()
+
+
+def test_cpu_counted_splits_the_plain_server_from_the_stack():
+    from rerank.cli.bench import cpu_counted
+
+    assert cpu_counted("plain", "plain") and cpu_counted("plain", "redis-server")
+    assert not cpu_counted("plain", "replica rerank:Ingress") and not cpu_counted("plain", "raylet")
+    assert cpu_counted("inline", "serve_proxy") and cpu_counted("inline", "redis-server")
+    assert not cpu_counted("inline", "plain")

@@ -3,7 +3,9 @@
 Closed loop at each concurrency (throughput, and its ratio to the no-op), open loop at each
 `--rate` (p50/p90/p99 from the scheduled arrival times and the share over `--slo-ms`), for each
 `--candidates` value; targets run interleaved point by point in one run, under the same proxy
-settings, together with the hop floor (deployments.noop.NoopHop). Ends with a summary that
+settings, together with the hop floor (deployments.noop.NoopHop) and the plain reference
+(rerank.serving.plain: the same Ray-free core in one uvicorn process, no Ray, against the same
+Redis and model), to which every layout's req/s and p50 are related too. Ends with a summary that
 answers the SLO questions (see `rerank.clients.bench.summary`).
 """
 
@@ -23,6 +25,8 @@ DEFAULT_OUT = Path("benchmarks/results/serving_bench.json")
 DEFAULT_LAYOUTS = "inline,split"
 BASELINE = "noop"
 FLOOR = "noop_hop"  # deployments.noop.NoopHop: one Serve hop per request, no work (the local stack's /noop-hop)
+PLAIN = "plain"  # rerank.serving.plain: the same work in one process without Ray (a separate server)
+PLAIN_PROCESSES = ("plain", "redis-server")  # what the plain target's server CPU counts
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -37,14 +41,19 @@ def register(subparsers) -> None:
         "Starts the local stack with one app per --layouts entry (the first at /rank, the others at "
         "/LAYOUT/rank) and two references, the no-op at /noop and the hop floor at /noop-hop (one Serve "
         "hop per request to a batched no-op scorer: what keeping the Scorer a deployment costs with no "
-        "work), unless --url is given.",
+        "work), unless --url is given; and the plain reference (`plain`: the same serving code in one "
+        "uvicorn process without Ray, same Redis and model, on a free port), to which every layout's "
+        "req/s and p50 are related as well.",
     )
     add_stack_arguments(parser)
     parser.add_argument("--url", help="benchmark a running service at this base URL (needs /noop deployed)")
     parser.add_argument("--target", action="append", default=[], metavar="NAME=URL",
                         help="with --url: a target to benchmark (repeatable); a URL starting with / is relative "
                         "to --url (default: the --layouts routes under --url); the no-op is URL/noop; a target "
-                        f"named {FLOOR} is reported as the hop floor, not as a layout")
+                        f"named {FLOOR} is reported as the hop floor, one named {PLAIN} as the plain reference "
+                        "(ratios to it on every row), not as layouts")
+    parser.add_argument("--no-plain", dest="plain", action="store_false",
+                        help=f"do not start the plain reference server ({PLAIN}: rerank.serving.plain, no Ray)")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
                         help=f"comma-separated layouts, the first is the default one (default {DEFAULT_LAYOUTS})")
     parser.add_argument("--candidates", default="200",
@@ -114,7 +123,7 @@ def layout_list(text: str) -> list[str]:
         raise _error(f"--layouts {text!r}: expected at least one layout, e.g. {DEFAULT_LAYOUTS}")
     if len(set(names)) != len(names):
         raise _error(f"--layouts {text!r}: a layout is listed twice")
-    for reserved in (BASELINE, FLOOR):
+    for reserved in (BASELINE, FLOOR, PLAIN):
         if reserved in names:
             raise _error(f"--layouts {text!r}: {reserved!r} is a reference's name, not a layout")
     return names
@@ -169,6 +178,20 @@ def _stack_config(args: argparse.Namespace, layouts: list[str]):
     return stack_config(args, with_noop=True, layouts=layouts)
 
 
+def cpu_counted(target: str, label: str) -> bool:
+    """Whose CPU is a target's server CPU: the plain server's and Redis' for `plain`, every other
+    process of the stack (Ray's, Serve's, Redis') for the Serve targets."""
+    return label in PLAIN_PROCESSES if target == PLAIN else label != PLAIN
+
+
+def start_plain(stack):
+    """The plain reference server against the stack's Redis, key prefix and model (a child process)."""
+    from rerank.serving.plain import PlainServer, PlainSettings
+
+    print("bench: starting the plain reference server (rerank.serving.plain, no Ray) ...", file=sys.stderr)
+    return PlainServer(PlainSettings.from_app_args(stack.app_args())).start()
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import platform
     import time
@@ -203,7 +226,7 @@ def run_bench(args: argparse.Namespace) -> int:
         targets = parse_targets(base, args.target) if args.target else layout_targets(base, layouts)
     load_before = os.getloadavg()  # other users of the machine move the numbers
 
-    stack = None
+    stack = plain = None
     if args.url:
         data = args.data
     else:
@@ -212,8 +235,15 @@ def run_bench(args: argparse.Namespace) -> int:
         stack = LocalStack(_stack_config(args, layouts)).start()
         data = stack.data
         targets = layout_targets(stack.url, layouts)
-        targets = {**{k: v for k, v in targets.items() if k != BASELINE}, FLOOR: f"{stack.url}/noop-hop",
-                   BASELINE: targets[BASELINE]}
+        references = {FLOOR: f"{stack.url}/noop-hop"}
+        if args.plain:
+            try:
+                plain = start_plain(stack)
+            except BaseException:
+                stack.stop()
+                raise
+            references[PLAIN] = f"{plain.url}/rank"
+        targets = {**{k: v for k, v in targets.items() if k != BASELINE}, **references, BASELINE: targets[BASELINE]}
     try:
         try:
             dataset = load_dataset(data)
@@ -228,14 +258,18 @@ def run_bench(args: argparse.Namespace) -> int:
             bodies_by_candidates.setdefault(min(n, len(items)), make_rank_bodies(users, items, n, args.k))
         config = LoadConfig(duration_s=args.duration, max_requests=args.requests, warmup_requests=args.warmup,
                             timeout_s=args.timeout, headers=headers)
-        meter = CpuMeter() if stack is not None else None  # the stack runs as our child processes
+        meter = None
+        if stack is not None:  # the stack (and the plain server) run as our child processes
+            meter = CpuMeter(names={plain.pid: PLAIN} if plain is not None else None)
         result = compare(targets, bodies_by_candidates, concurrencies, config, rates=rates, baseline=BASELINE,
-                         slo_ms=args.slo_ms, cpu_meter=meter)
+                         slo_ms=args.slo_ms, cpu_meter=meter, references=[PLAIN], cpu_counted=cpu_counted)
     finally:
+        if plain is not None:
+            plain.stop()
         if stack is not None:
             stack.stop()
-    layouts_run = [name for name in result["targets"] if name not in (result["baseline"], FLOOR)]
-    references = [FLOOR] if FLOOR in result["targets"] else []
+    layouts_run = [name for name in result["targets"] if name not in (result["baseline"], FLOOR, PLAIN)]
+    references = [name for name in (FLOOR, PLAIN) if name in result["targets"]]
     result = {
         "bench": "serving",
         "format": 2,  # rows per (candidates, mode, point, target); format 1 had "runs" (pipeline vs noop)
@@ -248,7 +282,8 @@ def run_bench(args: argparse.Namespace) -> int:
                      "timeout_s": args.timeout, "max_requests": args.requests, "warmup_requests": args.warmup,
                      "data": str(data), "url": args.url, "local_stack": stack is not None, "layouts": layouts_run,
                      "api_key": bool(key), "throughput_optimized": not args.no_throughput_optimized, "haproxy": args.haproxy,
-                     "batch_wait_ms": args.batch_wait_ms, "max_batch": args.max_batch},
+                     "batch_wait_ms": args.batch_wait_ms, "max_batch": args.max_batch,
+                     "plain": PLAIN in result["targets"], "serve_env": dict(getattr(args, "serve_env", None) or {})},
         **result,
         "summary": summary(result),
         "summaries": {name: summary(result, name) for name in layouts_run + references},
@@ -278,13 +313,21 @@ def format_tables(result: dict) -> str:
         if closed:
             lines.append(f"\n{n} candidates, closed loop (ratio = target / {baseline} req/s; "
                          "cpu = server CPU ms/request)")
-            lines.append(f"{'conc':>5} {'target':<10} {'req/s':>8} {'ratio':>6} {'p50':>7} {'p90':>7} {'p99':>7} "
-                         f"{'batch':>6} {'err':>4} {'cpu':>6}")
+            refs = result.get("references", [])
+            lines.append(f"{'conc':>5} {'target':<10} {'req/s':>8} {'ratio':>6} "
+                         + "".join(f"{ref[:6] + '×':>8}" for ref in refs)
+                         + f"{'p50':>8} {'p90':>7} {'p99':>7} {'batch':>6} {'err':>4} {'cpu':>6}")
             for r in closed:
                 lines.append(f"{r['concurrency']:>5} {r['target']:<10} {r['requests_per_s']:>8} "
-                             f"{_fmt(r['throughput_ratio']):>6} {_fmt(r['p50_ms']):>7} {_fmt(r['p90_ms']):>7} "
+                             f"{_fmt(r['throughput_ratio']):>6} "
+                             + "".join(f"{_fmt(r.get(f'{ref}_throughput_ratio')):>8}" for ref in refs)
+                             + f"{_fmt(r['p50_ms']):>8} {_fmt(r['p90_ms']):>7} "
                              f"{_fmt(r['p99_ms']):>7} {_fmt(r['mean_scorer_batch_size']):>6} {r['errors']:>4} "
                              f"{_fmt(r['server_cpu_ms_per_request']):>6}")
+            by_process = [r for r in closed if r.get("server_cpu_ms_by_process")]
+            for r in by_process:
+                top = ", ".join(f"{k} {v}" for k, v in list(r["server_cpu_ms_by_process"].items())[:6])
+                lines.append(f"      cpu ms/request by process, {r['target']} c={r['concurrency']}: {top}")
         if opened:
             lines.append(f"\n{n} candidates, open loop (ms from the scheduled arrival; late = over {slo:g} ms or "
                          f"failed/dropped; lag = generator's own lateness)")
@@ -297,6 +340,7 @@ def format_tables(result: dict) -> str:
     for name, s in result.get("summaries", {}).items():
         default = " (default layout)" if name == result.get("default_target") else ""
         default = " (hop floor: one Serve hop per request, no work)" if name == FLOOR else default
+        default = " (plain: the same work in one process, no Ray)" if name == PLAIN else default
         lines.append(f"\nsummary: {name}{default} vs {s['baseline']}")
         c = s["closed"]
         if c:
@@ -309,6 +353,14 @@ def format_tables(result: dict) -> str:
                 continue
             lines.append(f"  open loop {o['rate']:g} req/s, {o['candidates']} candidates: p50 {_fmt(o['p50_ms'])} / "
                          f"p99 {_fmt(o['p99_ms'])} ms, late {_fmt(o['late_share'], '.1%')} (SLO {o['slo_ms']:g} ms)")
+        for point in s.get("points", []):
+            if c and point["candidates"] != c["candidates"]:
+                continue
+            ratios = "; ".join(f"{other}: req/s x{_fmt(v['throughput_ratio'])}, p50 x{_fmt(v['p50_ratio'])}"
+                               for other, v in point["ratios"].items())
+            if ratios:
+                lines.append(f"  c={point['concurrency']}: {point['requests_per_s']} req/s, p50 "
+                             f"{_fmt(point['p50_ms'])} ms; against {ratios}")
         if s["c1_p50_ms"]:
             per = ", ".join(f"{k}: {_fmt(v)} ms" for k, v in s["c1_p50_ms"].items())
             growth = s["c1_p50_growth"]

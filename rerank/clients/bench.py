@@ -15,7 +15,14 @@ front so the generator spends its CPU on HTTP, not JSON.
 
 On a shared machine req/s moves with everyone else's load; `CpuMeter` adds a
 steadier number when the server runs as child processes of this one (the local
-stack): server CPU milliseconds per request, summed over those processes.
+stack): server CPU milliseconds per request, summed over those processes, and the
+same per process (`server_cpu_ms_by_process`: Serve's proxy, each replica, Redis, the
+plain reference server, ...; see `process_label`).
+
+`compare` relates every target to the baseline (the no-op) and to any `references`
+(e.g. `plain`, the same work served without Ray): `{ref}_throughput_ratio`,
+`{ref}_p50_ratio`, `{ref}_p99_ratio` on each row, and `summary(...)["points"]`
+lists every closed-loop point's ratios to each.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePath
 from typing import Awaitable, Callable, Mapping, Sequence
 
 import httpx
@@ -64,6 +73,7 @@ class LoadResult:
     mean_scorer_batch_size: float | None
     server_cpu_ms_per_request: float | None = None  # with a CpuMeter (local stack) only
     error_samples: list[str] = field(default_factory=list)
+    server_cpu_ms_by_process: dict[str, float] | None = None  # with a CpuMeter: per process_label
 
 
 @dataclass
@@ -101,18 +111,55 @@ class OpenLoopResult:
     mean_scorer_batch_size: float | None
     server_cpu_ms_per_request: float | None = None  # with a CpuMeter (local stack) only
     error_samples: list[str] = field(default_factory=list)
+    server_cpu_ms_by_process: dict[str, float] | None = None  # with a CpuMeter: per process_label
+
+
+_TASK_SUFFIX = re.compile(r"\.[A-Za-z_]\w*$")  # "ray::Actor.method" while an actor runs a method
+_RAY_ACTORS = {"ProxyActor": "serve_proxy", "ServeController": "serve_controller"}
+
+
+def process_label(cmdline: Sequence[str], name: str) -> str:
+    """A short stable name of a server process: Serve's proxy `serve_proxy`, a replica
+    `replica APP:DEPLOYMENT` (e.g. `replica rerank:Ingress`), other Ray workers `ray TITLE`,
+    a Python program its script or module (`agent`, `log_monitor`), anything else its name
+    (`raylet`, `gcs_server`, `redis-server`, `haproxy`)."""
+    title = cmdline[0] if cmdline else name
+    if title.startswith("ray::"):
+        actor = _TASK_SUFFIX.sub("", title[len("ray::"):].split(" ")[0])
+        if actor.startswith("ServeReplica:"):
+            return "replica " + actor[len("ServeReplica:"):]
+        return _RAY_ACTORS.get(actor, f"ray {actor}")
+    if PurePath(title).name.startswith("python"):
+        args = list(cmdline[1:])
+        if "-m" in args[:-1]:
+            return args[args.index("-m") + 1]
+        script = next((a for a in args if a.endswith(".py")), None)
+        if script:
+            return PurePath(script).stem
+    return name
 
 
 class CpuMeter:
     """CPU time used by the descendants of a process (default: this one), i.e. a local stack
-    started from here: Ray's workers, Serve's proxy and replicas, Redis. The load generator
-    itself (this process) is not counted."""
+    started from here: Ray's workers, Serve's proxy and replicas, Redis, the plain reference
+    server. The load generator itself (this process) is not counted. `names` labels known
+    processes by pid (e.g. {plain_server.pid: "plain"}); the others get `process_label`'s."""
 
-    def __init__(self, pid: int | None = None) -> None:
+    def __init__(self, pid: int | None = None, names: Mapping[int, str] | None = None) -> None:
         import psutil
 
         self._psutil = psutil
         self._root = psutil.Process(pid)
+        self.names = dict(names or {})
+
+    def label(self, proc) -> str:
+        """The label of a process now (a Ray worker's changes from `ray IDLE` to its actor's)."""
+        if proc.pid in self.names:
+            return self.names[proc.pid]
+        try:
+            return process_label(proc.cmdline(), proc.name())
+        except self._psutil.Error:
+            return "?"
 
     def snapshot(self) -> dict[int, tuple[object, float]]:
         out = {}
@@ -134,6 +181,19 @@ class CpuMeter:
             except self._psutil.Error:
                 continue
         return total
+
+    def used_by_process(self, before: dict[int, tuple[object, float]]) -> dict[str, float]:
+        """CPU seconds used since `before` per process label (processes sharing a label summed),
+        by the processes alive then."""
+        out: dict[str, float] = {}
+        for pid, (proc, start) in before.items():
+            try:
+                times = proc.cpu_times()
+            except self._psutil.Error:
+                continue
+            label = self.label(proc)
+            out[label] = out.get(label, 0.0) + times.user + times.system - start
+        return out
 
 
 def make_rank_bodies(
@@ -396,6 +456,8 @@ def compare(
     slo_ms: float = 50.0,
     progress: bool = True,
     cpu_meter: CpuMeter | None = None,
+    references: Sequence[str] = (),
+    cpu_counted: Callable[[str, str], bool] | None = None,
 ) -> dict:
     """Run the same loads on every target (name -> URL) and relate each to the baseline.
 
@@ -413,6 +475,13 @@ def compare(
     latency, "cpu_ratio": baseline / target server CPU ms per request (the ratio a quiet machine
     would show; with a CpuMeter only)}; ratios are None on the baseline's own rows and without a
     baseline. The old pipeline-vs-noop comparison is targets={"pipeline": url, "noop": noop_url}.
+
+    Each of `references` that is a target (e.g. "plain": the same work served without Ray) adds
+    `{ref}_throughput_ratio`, `{ref}_p50_ratio` and `{ref}_p99_ratio` (target / reference) to every
+    row but the reference's own. With a CpuMeter, each row also has `server_cpu_ms_by_process`
+    (CPU ms per request per process label, every descendant), and `server_cpu_ms_per_request` sums
+    the processes for which `cpu_counted(target, label)` is true (default: all of them), e.g. only
+    the plain server and Redis for the plain target.
     """
     if not targets:
         raise ValueError("compare needs at least one target")
@@ -420,11 +489,12 @@ def compare(
         baseline = None
     if not isinstance(bodies_by_candidates, Mapping):
         bodies_by_candidates = {_count_candidates(bodies_by_candidates[0]): bodies_by_candidates}
+    references = [r for r in references if r in targets]
     order = [name for name in targets if name != baseline] + ([baseline] if baseline else [])
     default = next((name for name in order if name != baseline), baseline)
     rows: list[dict] = []
 
-    def measure(url: str, bodies: Sequence[bytes], concurrency: int | None, rate: float | None):
+    def measure(name: str, url: str, bodies: Sequence[bytes], concurrency: int | None, rate: float | None):
         before = cpu_meter.snapshot() if cpu_meter else None
         if rate is None:
             cfg = LoadConfig(**{**asdict(config), "concurrency": int(concurrency)})
@@ -434,8 +504,13 @@ def compare(
                                                warmup_requests=config.warmup_requests, headers=config.headers))
         handled = result.requests + result.errors  # requests the server saw (not the dropped ones)
         if cpu_meter is not None and handled:
-            used = cpu_meter.used_since(before)  # includes the warm-up requests
-            result.server_cpu_ms_per_request = round(used * 1000.0 / (handled + config.warmup_requests), 2)
+            used = cpu_meter.used_by_process(before)  # includes the warm-up requests
+            per_request = 1000.0 / (handled + config.warmup_requests)
+            counted = sum(v for label, v in used.items() if cpu_counted is None or cpu_counted(name, label))
+            result.server_cpu_ms_per_request = round(counted * per_request, 2)
+            result.server_cpu_ms_by_process = {
+                label: round(v * per_request, 2)
+                for label, v in sorted(used.items(), key=lambda kv: (-kv[1], kv[0])) if round(v * per_request, 2) > 0}
         return result
 
     for n_candidates, bodies in bodies_by_candidates.items():
@@ -447,7 +522,7 @@ def compare(
                     where = f"concurrency {concurrency}" if mode == "closed" else f"{rate:g} req/s (open loop)"
                     print(f"bench: {name} with {n_candidates} candidates at {where} for {config.duration_s:g} s ...",
                           file=sys.stderr)
-                results[name] = measure(targets[name], bodies, concurrency, rate)
+                results[name] = measure(name, targets[name], bodies, concurrency, rate)
             base = results.get(baseline) if baseline else None
             for name in order:
                 result = results[name]
@@ -459,6 +534,11 @@ def compare(
                 row["p99_ratio"] = _ratio(result.p99_ms, base.p99_ms) if compared else None
                 cpu = (base.server_cpu_ms_per_request, result.server_cpu_ms_per_request) if compared else (None, None)
                 row["cpu_ratio"] = _ratio(cpu[0], cpu[1]) if None not in cpu else None
+                for ref in references:
+                    other = results[ref] if name != ref else None
+                    row[f"{ref}_throughput_ratio"] = _ratio(result.requests_per_s, other.requests_per_s) if other else None
+                    row[f"{ref}_p50_ratio"] = _ratio(result.p50_ms, other.p50_ms) if other else None
+                    row[f"{ref}_p99_ratio"] = _ratio(result.p99_ms, other.p99_ms) if other else None
                 rows.append(row)
     return {
         "targets": dict(targets),
@@ -468,6 +548,7 @@ def compare(
         "concurrencies": [int(c) for c in concurrencies],
         "rates": [float(r) for r in rates],
         "slo_ms": float(slo_ms),
+        "references": list(references),
         "rows": rows,
     }
 
@@ -482,6 +563,11 @@ def _pick(values: Sequence, preferred) -> object | None:
     return values[(len(values) - 1) // 2]
 
 
+def _closed_row(rows: Sequence[dict], target: str, candidates: int, concurrency: int) -> dict | None:
+    return next((r for r in rows if r["target"] == target and r["mode"] == "closed" and r["candidates"] == candidates
+                 and r["concurrency"] == concurrency), None)
+
+
 def summary(result: dict, target: str | None = None, concurrency: int = 8, candidates: int = 200) -> dict:
     """The SLO answers for one target (default: the first non-baseline target) from `compare`'s result.
 
@@ -490,11 +576,17 @@ def summary(result: dict, target: str | None = None, concurrency: int = 8, candi
       req/s and their ratio, p50/p99 (None without closed-loop runs);
     - "open": per candidates value and rate: p50/p99, late share, achieved rate, send lag;
     - "c1_p50_ms": closed-loop concurrency-1 p50 per candidates value ({} without concurrency 1),
-      and "c1_p50_growth": p50 at the most candidates / p50 at the fewest (None with < 2 values).
+      and "c1_p50_growth": p50 at the most candidates / p50 at the fewest (None with < 2 values);
+    - "points": every closed-loop point (candidates, concurrency) of the target: its req/s and
+      p50, and under "ratios" those over the baseline's and each reference's (compare's
+      `references`, e.g. plain): {name: {"requests_per_s", "p50_ms", "throughput_ratio",
+      "p50_ratio"}}; "closed" also carries `{ref}_requests_per_s`, `{ref}_p50_ms`,
+      `{ref}_throughput_ratio` and `{ref}_p50_ratio` for each reference.
     """
     rows = result["rows"]
     target = target or result.get("default_target")
     baseline = result.get("baseline")
+    references = [r for r in result.get("references", []) if r != target]
     mine = [r for r in rows if r["target"] == target]
     chosen = _pick(result.get("candidates", []), candidates)
     closed = None
@@ -508,6 +600,12 @@ def summary(result: dict, target: str | None = None, concurrency: int = 8, candi
                   "baseline_requests_per_s": base["requests_per_s"] if base else None,
                   "throughput_ratio": row["throughput_ratio"], "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
                   "cpu_ratio": row["cpu_ratio"]}
+        for ref in references:
+            other = _closed_row(rows, ref, chosen, conc)
+            closed[f"{ref}_requests_per_s"] = other["requests_per_s"] if other else None
+            closed[f"{ref}_p50_ms"] = other["p50_ms"] if other else None
+            closed[f"{ref}_throughput_ratio"] = row.get(f"{ref}_throughput_ratio")
+            closed[f"{ref}_p50_ratio"] = row.get(f"{ref}_p50_ratio")
     open_rows = [
         {key: r[key] for key in ("candidates", "rate", "achieved_rate", "p50_ms", "p90_ms", "p99_ms", "late_share",
                                  "slo_ms", "errors", "dropped", "send_lag_ms_p99")}
@@ -518,10 +616,22 @@ def summary(result: dict, target: str | None = None, concurrency: int = 8, candi
     if len(c1) >= 2:
         low, high = min(c1), max(c1)
         growth = {"from_candidates": low, "to_candidates": high, "ratio": _ratio(c1[high], c1[low])}
+    points = []
+    for row in (r for r in mine if r["mode"] == "closed"):
+        ratios = {}
+        for other_name in ([baseline] if baseline and baseline != target else []) + references:
+            other = _closed_row(rows, other_name, row["candidates"], row["concurrency"])
+            if other is not None:
+                ratios[other_name] = {"requests_per_s": other["requests_per_s"], "p50_ms": other["p50_ms"],
+                                      "throughput_ratio": _ratio(row["requests_per_s"], other["requests_per_s"]),
+                                      "p50_ratio": _ratio(row["p50_ms"], other["p50_ms"])}
+        points.append({"candidates": row["candidates"], "concurrency": row["concurrency"],
+                       "requests_per_s": row["requests_per_s"], "p50_ms": row["p50_ms"], "ratios": ratios})
     return {
         "target": target,
         "baseline": baseline,
         "closed": closed,
+        "points": points,
         "open": open_rows,
         "c1_p50_ms": {str(k): v for k, v in sorted(c1.items())},
         "c1_p50_growth": growth,
