@@ -106,12 +106,13 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
 
     code = (
         "import sys; from rerank.infra.redis_server import EmbeddedRedis; "
-        f"s = EmbeddedRedis(data_dir={str(tmp_path)!r}).start(); print(s.pid, s.port, flush=True); "
+        f"s = EmbeddedRedis(data_dir={str(tmp_path)!r}).start(); print(s.pid, s.url, flush=True); "
         "sys.stdin.read()"
     )
     owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    pid, port = map(int, owner.stdout.readline().split())
-    assert redis.Redis(port=port).ping()
+    pid, url = owner.stdout.readline().split()
+    pid = int(pid)
+    assert redis.Redis.from_url(url).ping()
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     def gone(pid: int) -> bool:  # exited (a zombie nobody reaped yet counts as exited)
@@ -239,5 +240,63 @@ def test_a_supervised_server_killed_with_sigkill_comes_back_with_its_data(tmp_pa
         server.stop()  # deliberate: not restarted
         time.sleep(0.5)
         assert not server.running and server.restarts == 1
+    finally:
+        server.close()
+
+
+def test_the_server_requires_its_password_and_keeps_it_out_of_sight(redis_server):
+    """requirepass from a file only the owner reads; no password on the command line; repr masks it."""
+    import os
+    import stat
+
+    password = redis_server.password
+    assert password and len(password) >= 24 and f":{password}@" in redis_server.url
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=redis_server.port).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=redis_server.port, password="wrong-password").ping()
+    assert redis.Redis.from_url(redis_server.url).ping()
+    conf = redis_server.data_dir / "rerank-redis.conf"
+    assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
+    cmdline = Path(f"/proc/{redis_server.pid}/cmdline").read_bytes().decode()
+    assert password not in cmdline
+    assert password not in repr(redis_server) and "***" in repr(redis_server)
+
+
+def test_a_server_without_a_password_only_when_asked(tmp_path):
+    with EmbeddedRedis(data_dir=tmp_path, password=None) as server:
+        assert server.password is None and "@" not in server.url
+        assert redis.Redis(host="127.0.0.1", port=server.port).ping()
+
+
+def test_restart_backoff_doubles_up_to_its_cap():
+    from rerank.infra.redis_server import RESTART_BACKOFF_MAX_S, restart_delay
+
+    delays = [restart_delay(n, 0.5) for n in range(10)]
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert all(b >= a for a, b in zip(delays, delays[1:]))
+    assert max(delays) == RESTART_BACKOFF_MAX_S == delays[-1]
+
+
+def test_a_crash_looping_server_is_restarted_with_a_growing_delay(tmp_path):
+    """Killed again right after each restart: the supervisor waits longer each time instead of
+    restarting every check interval."""
+    import os
+    import signal
+    import time
+
+    server = EmbeddedRedis(data_dir=tmp_path / "loop", persist=False).start().supervise(every_s=0.05)
+    try:
+        seen = []
+        for kill in range(4):
+            pid = server.pid
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (server.restarts == kill + 1 and server.running):
+                time.sleep(0.01)
+            assert server.restarts == kill + 1 and server.running
+            seen.append(server.restart_delay_s)
+        assert seen[0] == 0.0  # the first death: restarted at once
+        assert seen[1] > 0 and seen[2] > seen[1] and seen[3] > seen[2]  # then a backoff that grows
     finally:
         server.close()

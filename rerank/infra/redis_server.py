@@ -23,6 +23,16 @@ store's default caps with room to spare -- the full event stream (1 M entries,
 ~0.5 GB), ~100 k users' 200-event histories (~0.3 GB), ~10 M idempotency markers
 (~1 GB) -- and is a quarter of an 8 GB laptop, which leaves room for the
 copy-on-write pages of an append-only-file rewrite (a fork).
+
+Access: the server requires a password (`requirepass`, a random one per EmbeddedRedis unless
+given), written to a config file only its owner can read, never on a command line; `url`
+carries it, and `repr` masks it. Other local users of the machine cannot read or write the
+store through its port.
+
+Supervision: `supervise()` restarts a server that died on its own. A server that keeps dying
+(a bad data file, a full disk) is restarted with an exponential backoff (`restart_delay_s`,
+doubling from the check interval up to RESTART_BACKOFF_MAX_S), reset once a restart has
+stayed up for RESTART_STABLE_S, instead of a restart every half second.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -42,10 +53,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from rerank.infra.child_process import die_with_parent, free_port
+from rerank.infra.redact import safe_url
 
 ENV_URL = "REDIS_URL"
 ENV_BINARY = "REDIS_SERVER_BIN"
 DEFAULT_MAXMEMORY = "2gb"  # see the module docstring
+RESTART_BACKOFF_MAX_S = 30.0  # the longest wait between restarts of a crash-looping server
+RESTART_STABLE_S = 30.0  # a restart that stays up this long resets the backoff
 _MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
 
 
@@ -98,6 +112,12 @@ def find_redis_server_binary() -> str:
     return binary
 
 
+def restart_delay(failures: int, every_s: float, cap_s: float = RESTART_BACKOFF_MAX_S) -> float:
+    """Seconds to wait before the next restart after `failures` consecutive quick deaths or
+    failed starts: every_s, 2*every_s, 4*every_s, ... at most cap_s."""
+    return min(cap_s, every_s * 2 ** max(0, failures))
+
+
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -116,7 +136,8 @@ class EmbeddedRedis:
     with maxmemory-policy noeviction always (see the module docstring).
     `supervise()` restarts a server that died on its own (kill -9, OOM killer) on the same port
     and data directory, so clients reconnect and the append-only file brings the data back;
-    `stop()` is deliberate and is not undone.
+    `stop()` is deliberate and is not undone. `password="auto"` (the default) makes one random
+    password for the server's life (kept across restarts); None runs it without one.
     """
 
     def __init__(
@@ -127,8 +148,10 @@ class EmbeddedRedis:
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
         maxmemory: int | str | None = DEFAULT_MAXMEMORY,
+        password: str | None = "auto",
     ) -> None:
         self.maxmemory = parse_memory_size(maxmemory)  # bytes, 0 = no limit; checked before any side effect
+        self.password = secrets.token_urlsafe(24) if password == "auto" else password
         self._auto_port = port == 0
         self.port = port or free_port()
         self._started_once = False
@@ -142,11 +165,13 @@ class EmbeddedRedis:
         self._lock = threading.RLock()
         self._supervisor: threading.Event | None = None
         self.restarts = 0  # by the supervisor
+        self.restart_delay_s = 0.0  # the supervisor's current wait before a restart (backoff)
         atexit.register(self.close)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -160,9 +185,20 @@ class EmbeddedRedis:
     def log_path(self) -> Path:
         return self.data_dir / "redis.log"
 
+    def _config_file(self) -> Path:
+        """The settings that are secrets (requirepass), in a file only the owner can read."""
+        path = self.data_dir / "rerank-redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            if self.password:
+                f.write(f'requirepass "{self.password}"\n')
+        os.chmod(path, 0o600)
+        return path
+
     def _command(self) -> list[str]:
         cmd = [
             self.binary,
+            str(self._config_file()),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
@@ -209,14 +245,27 @@ class EmbeddedRedis:
         return self
 
     def _watch(self, stopped: threading.Event, every_s: float) -> None:
+        failures, started_at = 0, time.monotonic()
         while not stopped.wait(every_s):
             with self._lock:
-                if self._wanted and not self.running:
-                    try:
-                        self._start_with_retries()
-                        self.restarts += 1
-                    except RedisServerError:
-                        pass  # try again at the next check
+                if not self._wanted or self.running:
+                    if self.running and failures and time.monotonic() - started_at > RESTART_STABLE_S:
+                        failures, self.restart_delay_s = 0, 0.0  # stayed up: the next death restarts at once
+                    continue
+                if time.monotonic() - started_at < RESTART_STABLE_S and self.restarts:
+                    failures += 1  # died soon after the last restart: a crash loop
+                self.restart_delay_s = restart_delay(failures, every_s) if failures else 0.0
+            if self.restart_delay_s and stopped.wait(self.restart_delay_s):
+                return
+            with self._lock:
+                if not self._wanted or self.running:
+                    continue
+                try:
+                    self._start_with_retries()
+                    self.restarts += 1
+                except RedisServerError:
+                    failures += 1  # try again after the backoff
+                started_at = time.monotonic()
 
     def _start_once(self) -> None:
         self._reap()  # a server that died on its own
@@ -229,7 +278,7 @@ class EmbeddedRedis:
             preexec_fn=die_with_parent if os.name == "posix" and _in_main_thread() else None,
         )
         client = redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5,
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=0.5, socket_connect_timeout=0.5,
             retry=Retry(NoBackoff(), 0),  # this loop is the retry
         )  # fmt: skip
         deadline = time.monotonic() + self.startup_timeout_s
@@ -245,8 +294,11 @@ class EmbeddedRedis:
                         return
                 except redis.BusyLoadingError:
                     pass  # replaying the append-only file
-                except (redis.ConnectionError, redis.TimeoutError):
+                except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError):
                     pass  # not up yet (or something else holds the port: our process exits soon)
+                except redis.ResponseError as err:  # NOAUTH / WRONGPASS: another server holds the port
+                    if "AUTH" not in str(err).upper() and "PASS" not in str(err).upper():
+                        raise
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RedisServerError(
@@ -304,7 +356,7 @@ class EmbeddedRedis:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"EmbeddedRedis({self.url}, {state}, data_dir={self.data_dir})"
+        return f"EmbeddedRedis({safe_url(self.url)}, {state}, data_dir={self.data_dir})"
 
 
 def resolve_redis(
