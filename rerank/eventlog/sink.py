@@ -5,6 +5,8 @@ Layout under `out_dir` (schemas in rerank.eventlog.records):
     impressions/day=YYYY-MM-DD/<first_id>_<last_id>.parquet
     events/day=YYYY-MM-DD/<first_id>_<last_id>.parquet
     rejected/impressions.jsonl, rejected/events.jsonl   entries that do not parse, with the error
+                                                        (each at most rejected_max_bytes, then rotated
+                                                        to <name>.1.jsonl: at most twice that on disk)
 
 Each stream is read in consumer group `group` (created from id 0, so history already in the
 stream is kept). A flush writes one file per day (temp name, fsync, os.replace, in id order)
@@ -63,6 +65,7 @@ class SinkConfig:
     batch: int = 5000  # entries per read (and per recovery chunk) of each stream
     block_ms: int = 500  # how long an idle pass waits for new entries
     keep_days: int | None = None  # delete day partitions older than today (UTC) minus this many days
+    rejected_max_bytes: int = 16 * 1024 * 1024  # per rejected/<stream>.jsonl; rotated once to .1.jsonl
     flush_every_s: float = 0.0  # keep read entries (pending, unacked) up to this long or `batch` of them
     #                             per stream before writing: fewer, larger files (0 = every pass)
     lease_ttl_s: float = 10.0  # the single-sink lease: renewed every pass and around every file; a sink
@@ -322,7 +325,10 @@ class StreamSink:
         now = time.time()
         lines = "".join(json.dumps({"stream_id": entry.id, "stream": part.stream.config.stream, "error": error,
                                     "fields": entry.fields, "at": now}) + "\n" for entry, error in rejected)
-        with open(folder / f"{part.kind.name}.jsonl", "a", encoding="utf-8") as f:
+        path = folder / f"{part.kind.name}.jsonl"
+        if path.exists() and path.stat().st_size + len(lines.encode()) > self.config.rejected_max_bytes:
+            os.replace(path, folder / f"{part.kind.name}.1.jsonl")  # the older rotation is dropped
+        with open(path, "a", encoding="utf-8") as f:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
