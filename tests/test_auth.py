@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 
 import pytest
 
@@ -70,10 +71,10 @@ def test_unknown_key_is_401_and_no_text_contains_it(keys):
 
 @pytest.mark.parametrize(("key", "scope", "name"), [(RANK_KEY, "events", "shop"), (RANK_KEY, "admin", "shop"),
                                                      (EVENTS_KEY, "rank", "tracker")])
-def test_key_without_the_scope_is_403_naming_the_key_not_its_value(keys, key, scope, name):
+def test_key_without_the_scope_is_403_naming_neither_the_key_nor_its_name(keys, key, scope, name):
     err = _error(keys, f"Bearer {key}", scope)
     assert err.status == 403
-    assert name in err.message and scope in err.message and key not in err.message
+    assert scope in err.message and key not in err.message and name not in err.message
     assert 'error="insufficient_scope"' in err.headers["WWW-Authenticate"]
 
 
@@ -240,3 +241,44 @@ def test_a_public_listener_without_the_front_proxy_is_warned_about():
     assert exposure_warning("0.0.0.0", front_proxy=True) is None
     warning = exposure_warning("0.0.0.0", front_proxy=False)
     assert "0.0.0.0" in warning and "--front-proxy" in warning and "/-/healthz" in warning
+
+
+def test_a_key_bound_to_a_tenant_refuses_other_users():
+    keys = ApiKeys.from_mapping({"shop-a": {"key": RANK_KEY, "scopes": ["rank", "events"], "user_prefix": "a:"},
+                                 "any": {"key": ADMIN_KEY, "scopes": ["rank"]}})
+    assert keys.authorize(f"Bearer {RANK_KEY}", "rank") == "shop-a"
+    keys.check_user("shop-a", "a:u1")
+    with pytest.raises(AuthError) as caught:
+        keys.check_user("shop-a", "b:u1")
+    assert caught.value.status == 403 and "tenant" in caught.value.message and "shop-a" not in caught.value.message
+    keys.check_user("any", "b:u1")  # no prefix: any user
+    keys.check_user(ANONYMOUS, "b:u1")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"user_prefix": 5}, "user_prefix must be a string"),
+    ({"rate_per_s": -1}, "rate_per_s must be a number >= 0"),
+    ({"burst": "lots"}, "burst must be a number >= 0"),
+    ({"rate": 3}, "unknown field(s) rate"),
+])
+def test_bad_tenant_or_rate_fields_are_config_errors(spec, message):
+    with pytest.raises(AuthConfigError, match=re.escape(message)):
+        ApiKeys.from_mapping({"k": {"key": RANK_KEY, "scopes": ["rank"], **spec}})
+
+
+def test_rate_limiter_allows_the_burst_then_the_rate():
+    from rerank.serving.auth import RateLimiter
+
+    now = [100.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    keys = ApiKeys.from_mapping({"k": {"key": RANK_KEY, "scopes": ["rank"], "rate_per_s": 2.0, "burst": 3}})
+    rate, burst = keys.rate_of("k")
+    assert (rate, burst) == (2.0, 3.0) and keys.rate_of(ANONYMOUS) == (0.0, 0.0)
+    assert [limiter.retry_after("k", rate, burst) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = limiter.retry_after("k", rate, burst)
+    assert wait == pytest.approx(0.5)  # one token comes back every 1/rate seconds
+    now[0] += 0.5
+    assert limiter.retry_after("k", rate, burst) == 0.0
+    assert limiter.retry_after("other", 0.0, 0.0) == 0.0  # no limit configured
+    default = ApiKeys.from_mapping({"k": {"key": RANK_KEY, "scopes": ["rank"], "rate_per_s": 5}})
+    assert default.rate_of("k") == (5.0, 10.0)

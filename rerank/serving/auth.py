@@ -26,13 +26,20 @@ Where keys come from:
     RERANK_ADMIN_KEY  one key with scopes rank + events + admin   (name "RERANK_ADMIN_KEY")
     RERANK_API_KEYS   more keys, comma-separated `key:scope+scope`, e.g.
                       `k1...:rank,k2...:events+admin`   (names "RERANK_API_KEYS[0]", ...)
-* config (`ApiKeys.from_mapping`): {name: {"key": KEY, "scopes": [scope, ...]}} where KEY is
+* config (`ApiKeys.from_mapping`): {name: {"key": KEY, "scopes": [scope, ...], "user_prefix": P,
+  "rate_per_s": R, "burst": B}} (the last three optional) where KEY is
     "env:VAR"          the value of environment variable VAR (the config holds no secret)
     "sha256:<64 hex>"  the key's SHA-256 digest (the config holds no secret either)
     anything else      the key itself (avoid in files that are committed or shared)
 * both: `ApiKeys.load(config, environ)`.
 
-Error messages name keys by their name or environment variable, never by value
+A key may be bound to a tenant: with `user_prefix`, `check_user(name, user_id)` refuses (403) a
+user id outside that prefix, so a tenant's key can neither rank as nor write the history of
+another tenant's users. `rate_per_s` (with `burst`, default 2 s of the rate) limits the requests
+of one key per replica (`RateLimiter`; 0 = no limit).
+
+Error messages in configuration name keys by their name or environment variable, never by
+value; errors answered to clients name neither
 (`rerank.infra.redact` masks other secrets in error text).
 """
 
@@ -43,7 +50,9 @@ import hmac
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -116,9 +125,27 @@ class _Entry:
     name: str
     digest: bytes
     scopes: frozenset[Scope]
+    user_prefix: str = ""  # "" = any user id
+    rate_per_s: float = 0.0  # 0 = no limit
+    burst: float = 0.0  # bucket size; 0 = 2 s of rate_per_s
 
     def __repr__(self) -> str:  # never the digest either
         return f"_Entry(name={self.name!r}, scopes={sorted(self.scopes)})"
+
+
+def _check_policy(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The optional tenant and rate fields of a configured key."""
+    out: dict[str, Any] = {}
+    prefix = spec.get("user_prefix", "")
+    if not isinstance(prefix, str) or len(prefix) > 256:
+        raise AuthConfigError(f"{where}: user_prefix must be a string of at most 256 characters")
+    out["user_prefix"] = prefix
+    for field in ("rate_per_s", "burst"):
+        value = spec.get(field, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+            raise AuthConfigError(f"{where}: {field} must be a number >= 0, got {value!r}")
+        out[field] = float(value)
+    return out
 
 
 class ApiKeys:
@@ -160,9 +187,11 @@ class ApiKeys:
             where = f"API key {name!r}"
             if not isinstance(spec, Mapping):
                 raise AuthConfigError(f"{where}: expected {{'key': ..., 'scopes': [...]}}")
-            extra = sorted(set(spec) - {"key", "scopes"})
+            extra = sorted(set(spec) - {"key", "scopes", "user_prefix", "rate_per_s", "burst"})
             if extra:
-                raise AuthConfigError(f"{where}: unknown field(s) {', '.join(map(str, extra))}; expected key, scopes")
+                raise AuthConfigError(f"{where}: unknown field(s) {', '.join(map(str, extra))}; expected key, scopes "
+                                      "(and optionally user_prefix, rate_per_s, burst)")
+            policy = _check_policy(spec, where)
             if "scopes" not in spec:
                 raise AuthConfigError(f"{where}: no scopes; give at least one of {'|'.join(SCOPES)}")
             scopes = _check_scopes(spec["scopes"], where)
@@ -182,7 +211,7 @@ class ApiKeys:
                 digest = bytes.fromhex(hexdigest)
             else:
                 digest = _digest(_check_key(ref, where))
-            entries.append(_Entry(str(name), digest, scopes))
+            entries.append(_Entry(str(name), digest, scopes, **policy))
         return cls(entries)
 
     @classmethod
@@ -226,11 +255,29 @@ class ApiKeys:
     def names(self) -> list[str]:
         return [e.name for e in self._entries]
 
-    def scopes_of(self, name: str) -> frozenset[Scope]:
+    def _named(self, name: str) -> _Entry:
         for entry in self._entries:
             if entry.name == name:
-                return entry.scopes
+                return entry
         raise KeyError(name)
+
+    def scopes_of(self, name: str) -> frozenset[Scope]:
+        return self._named(name).scopes
+
+    def rate_of(self, name: str) -> tuple[float, float]:
+        """(rate_per_s, burst) of a key; (0, 0) = no limit (also for ANONYMOUS)."""
+        if name == ANONYMOUS:
+            return 0.0, 0.0
+        entry = self._named(name)
+        return entry.rate_per_s, entry.burst or 2.0 * entry.rate_per_s
+
+    def check_user(self, name: str, user_id: str) -> None:
+        """AuthError 403 when the key `name` is bound to a tenant prefix that `user_id` lacks."""
+        if name == ANONYMOUS:
+            return
+        prefix = self._named(name).user_prefix
+        if prefix and not user_id.startswith(prefix):
+            raise AuthError(403, "user_id is outside this API key's tenant (its user_prefix)")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -254,7 +301,8 @@ class ApiKeys:
         """The name of the key in an `Authorization` header value if it has `scope`.
 
         Raises AuthError: 401 (with WWW-Authenticate) when the header is missing, is not
-        `Bearer <key>`, or the key is unknown; 403 when the key lacks the scope. With auth
+        `Bearer <key>`, or the key is unknown; 403 when the key lacks the scope (the message
+        names neither the key nor its name: the caller may not be its owner). With auth
         off (no keys), returns ANONYMOUS for any header.
         """
         if scope not in SCOPES:
@@ -273,7 +321,7 @@ class ApiKeys:
         if entry is None:
             raise AuthError(401, "invalid API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         if scope not in entry.scopes:
-            raise AuthError(403, f"API key {entry.name!r} lacks the {scope!r} scope",
+            raise AuthError(403, f"this API key lacks the {scope!r} scope",
                             {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'})
         return entry.name
 
@@ -305,3 +353,33 @@ def check_bind(host: str, keys: ApiKeys | None, insecure: bool = False) -> None:
         f"and roll the model back. Set {ENV_API_KEY} and {ENV_ADMIN_KEY} (or keys in the config), bind to "
         "127.0.0.1, or pass --insecure to serve without authentication"
     )
+
+
+# ---------------------------------------------------------------------- rate limits
+class RateLimiter:
+    """Token buckets per key name: `retry_after(name, rate, burst)` takes one token and returns
+    0.0, or the seconds until one is free (the request is refused: 429 with Retry-After).
+    Per process: with N replicas a key gets up to N times its rate. Thread-safe; bounded to
+    `max_keys` buckets (configured keys are few; anonymous requests are not limited here)."""
+
+    def __init__(self, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+        self._lock = threading.Lock()
+        self._max_keys = max_keys
+        self._clock = clock
+
+    def retry_after(self, name: str, rate_per_s: float, burst: float) -> float:
+        if rate_per_s <= 0:
+            return 0.0
+        burst = max(burst, 1.0)
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(name, (burst, now))
+            tokens = min(burst, tokens + (now - at) * rate_per_s)
+            if tokens >= 1.0:
+                if name not in self._buckets and len(self._buckets) >= self._max_keys:
+                    self._buckets.pop(next(iter(self._buckets)))
+                self._buckets[name] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[name] = (tokens, now)
+            return (1.0 - tokens) / rate_per_s
