@@ -1,16 +1,19 @@
 """The application builder: `serve run deployments.app:build_app` or serve_config.yaml.
 
 The app is the whole system: the HTTP ingress (deployments/ingress.py, its routes in
-deployments/routes/), the Scorer (deployments/scorer.py), and (layout `split`) the FeatureFetch
+deployments/routes/), the Scorer (deployments/scorer.py; none in layout `fused`), and (layout `split`) the FeatureFetch
 and Ranker hops (deployments/feature_fetch.py, deployments/ranker.py), plus the OnlineTrainer
 (deployments/online_trainer.py) that keeps training the served model from the event stream and
 the EventSink (deployments/sink.py). `build_app` binds them together at its end. Arguments
 (`AppArgs`, typed; unknown keys are refused):
 
-- layout: `inline` (default: the Ingress replica fetches features and ranks with the Ray-free
-  rerank.serving.pipeline code, one Serve hop per batch, ingress -> scorer) or `split` (FeatureFetch ->
-  Scorer -> Ranker, one handle call per batch per hop: for a ranking or feature stage heavy
-  enough to want replicas of its own). Both return the same rankings.
+- layout: `inline` (default when the Scorer asks for a GPU, scorer_num_gpus > 0: the Ingress
+  replica fetches features and ranks with the Ray-free rerank.serving.pipeline code, one Serve hop
+  per batch, ingress -> scorer), `fused` (default without scorer GPUs: no Scorer deployment; the
+  Ingress replica also holds the models, rerank.serving.models.ModelPool, and scores each batch
+  itself, with no Serve hop; refused with scorer_num_gpus > 0) or `split` (FeatureFetch -> Scorer ->
+  Ranker, one handle call per batch per hop: for a ranking or feature stage heavy enough to want
+  replicas of its own). All three return the same rankings.
 - model: a model directory (relative paths resolve against the project root); every replica
   opens it on its own node, so on a multi-node cluster it must be shared storage. Optional
   when registry_uri holds a version.
@@ -36,6 +39,8 @@ the EventSink (deployments/sink.py). `build_app` binds them together at its end.
 - data: a dataset directory bulk-loaded into the store when the store is empty.
 - batching: ingress_max_batch_size / ingress_batch_wait_s (adaptive: 0 when a request arrives
   alone) / scorer_max_batch_size / scorer_batch_wait_s; scorer_num_gpus: GPUs per scorer replica.
+  Layout fused: the ingress batch is the forward pass (the scorer_* batching knobs do not apply);
+  scorer_torch_threads sets the ingress replica's torch threads.
 
 Serve's performance flags (RAY_SERVE_THROUGHPUT_OPTIMIZED) belong in every node's environment
 before `ray start`, not in this app's runtime_env (see README, Deploying).
@@ -69,7 +74,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # role -> Serve deployment name (what serve_config.yaml / cluster/ override per deployment)
 DEPLOYMENT_NAMES = {"ingress": Ingress.name, "features": FeatureFetch.name, "scorer": Scorer.name,
                     "ranker": Ranker.name, "trainer": OnlineTrainer.name, "sink": EventSink.name}
-LAYOUTS = ("inline", "split")
+LAYOUTS = ("inline", "split", "fused")
+Layout = Literal["inline", "split", "fused"]
+
+
+def default_layout(scorer_num_gpus: float) -> str:
+    """The layout of an app that names none: `inline` when the Scorer asks for a GPU (the design's
+    composition: GPU-backed scorer replicas with dynamic batching), `fused` on CPU-only scorers (the
+    Serve hop costs more than the model there; docs/RESULTS.md)."""
+    return "inline" if scorer_num_gpus > 0 else "fused"
 APP_IMPORT_PATH = "deployments.app:build_app"
 
 
@@ -109,7 +122,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    layout: Literal["inline", "split"] = "inline"
+    layout: Layout = Field("fused", description="inline | split | fused; not given (or null): fused when "
+                           "scorer_num_gpus is 0, inline when the Scorer asks for a GPU")
     model: str | None = None
     registry_uri: str | None = None
     online: OnlineArgs = Field(default_factory=OnlineArgs)
@@ -150,8 +164,23 @@ class AppArgs(BaseModel):
     impressions_maxlen: int = Field(1_000_000, ge=1000, description="cap of the impressions stream (MAXLEN ~)")
     sink: SinkArgs = Field(default_factory=SinkArgs)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _layout_by_gpus(cls, data):
+        """No layout given: by the Scorer's GPUs (default_layout)."""
+        if isinstance(data, dict) and data.get("layout") is None:
+            try:
+                gpus = float(data.get("scorer_num_gpus") or 0)
+            except (TypeError, ValueError):
+                gpus = 0.0  # the field's own validation names the bad value
+            data = {**data, "layout": default_layout(gpus)}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "AppArgs":
+        if self.layout == "fused" and self.scorer_num_gpus > 0:
+            raise ValueError("layout fused scores in the ingress replica, which has no GPU: use layout inline "
+                             "for GPU scorers (scorer_num_gpus > 0), or scorer_num_gpus 0")
         if not self.model and not self.registry_uri:
             raise ValueError("give `model` (a model directory) or `registry_uri`")
         if self.online.enabled and not self.registry_uri:
@@ -304,6 +333,8 @@ def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_
         layout=args.layout,
         model=model,
         registry_uri=registry_uri,
+        registry_poll_s=args.registry_poll_s,
+        torch_threads=args.scorer_torch_threads,
         history_len=args.history_len,
         catalogue_refresh_s=args.catalogue_refresh_s,
         max_candidates=args.max_candidates,
@@ -337,12 +368,14 @@ def build_app(raw_args: dict) -> serve.Application:
     n_items = prepare_store(redis_url, args.redis_prefix, model, registry_uri)
     experiments = absolute_experiments(args.experiments)
     prepare_experiments(redis_url, args.redis_prefix, experiments, model, registry_uri)
-    scorer = Scorer.options(
-        ray_actor_options={"num_cpus": args.scorer_num_cpus, "num_gpus": args.scorer_num_gpus}
-    ).bind(
-        model, registry_uri, args.registry_poll_s, args.history_len,
-        args.scorer_max_batch_size, args.scorer_batch_wait_s, args.scorer_torch_threads,
-    )
+    scorer = None  # fused: the Ingress replicas hold the models themselves
+    if args.layout != "fused":
+        scorer = Scorer.options(
+            ray_actor_options={"num_cpus": args.scorer_num_cpus, "num_gpus": args.scorer_num_gpus}
+        ).bind(
+            model, registry_uri, args.registry_poll_s, args.history_len,
+            args.scorer_max_batch_size, args.scorer_batch_wait_s, args.scorer_torch_threads,
+        )
     features = ranker = trainer = None
     if args.layout == "split":
         features = FeatureFetch.bind(redis_url, model, registry_uri, args.history_len, args.redis_prefix,

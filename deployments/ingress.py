@@ -9,6 +9,9 @@ This module holds the replica's state and handles, `authorize`, and the /rank ba
 ONE handle call per hop, by layout:
 - inline: features (rerank.serving.pipeline.FeatureFetcher, Redis in a worker thread) and ranking
   (rerank.serving.pipeline.rank_batch) run here; the only hop is Scorer.score(list);
+- fused (CPU-only apps): as inline, but without any hop: this replica holds the models itself
+  (rerank.serving.models.ModelPool: registry poll and hot swap, experiment arms' models) and runs
+  one forward pass per model per batch on its own forward thread, never on the event loop;
 - split: FeatureFetch.fetch(list) -> Scorer.score_features(...) -> Ranker.rank(...), chained
   DeploymentResponses; the ingress awaits only the last.
 The batch wait adapts to load: a request that arrives alone goes at once (wait 0), under
@@ -18,7 +21,8 @@ arm (its RankPlan) is a pure function of it: rerank.serving.planning.
 Safety: every route but /healthz needs an API key with its scope when keys are configured
 (rerank.serving.auth; 401 / 403). One request never fails another of its batch: a request whose
 ranking fails gets its own 500, a scorer that fails or times out gives every request of the
-batch a popularity ranking flagged `degraded` (inline layout), and over `max_in_flight`
+batch a popularity ranking flagged `degraded` (inline and fused layouts; fused: a forward pass
+that fails or takes longer than score_timeout_s), and over `max_in_flight`
 requests the ingress answers 503 with Retry-After at once instead of queueing. Bodies over
 MAX_BODY_BYTES get 413 before they are parsed. Error bodies name no secrets. The experiment
 readout (a Parquet scan) runs on the EventSink replica, never here.
@@ -44,6 +48,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.metrics import ServingMetrics
 from deployments.routes import admin, experiments, health, rank
 from deployments.routes.common import BodyLimit, resolve, unavailable, validation_error
+from deployments.scorer import model_off_loop
 from rerank.serving.api import DEFAULT_MAX_CATALOGUE_ITEMS, RankRequest
 from rerank.infra.redact import redact
 from rerank.serving.auth import ApiKeys, AuthError, Scope
@@ -63,10 +68,13 @@ from rerank.serving.pipeline import (
     score_groups,
     serving_catalogue,
 )
+from rerank.serving.models import ModelPool
 from rerank.serving.planning import attributed_event, rank_plan
+from rerank.serving.scoring import ScoreInput
 
 logger = logging.getLogger("ray.serve")
 SPLIT_CHAIN_TIMEOUTS = 3  # the split layout's three chained hops get score_timeout_s each
+LAYOUTS = ("inline", "split", "fused")
 
 app = FastAPI(
     title="rerank",
@@ -83,9 +91,11 @@ for _routes in (rank, health, admin, experiments):  # before @serve.ingress belo
 class IngressSettings:
     redis_url: str
     prefix: str = DEFAULT_PREFIX
-    layout: str = "inline"  # inline | split (see the module docstring)
+    layout: str = "inline"  # inline | split | fused (see the module docstring)
     model: str | None = None  # where the catalogue comes from (as the scorer's model)
     registry_uri: str | None = None  # the registry the scorer follows; POST /admin/rollback moves it
+    registry_poll_s: float = 0.2  # fused: how often this replica's models poll the registry
+    torch_threads: int = 1  # fused: torch's intra-op threads in this replica (as the Scorer's)
     history_len: int = 50
     catalogue_refresh_s: float = 15.0
     max_candidates: int = 1000
@@ -122,13 +132,16 @@ class Ingress:
     """One replica's state and handles (the routes in deployments/routes/ use them) and its
     /rank batch queue. `sink`: the EventSink, which also runs the experiment readouts."""
 
-    def __init__(self, scorer: DeploymentHandle, settings: IngressSettings, features: DeploymentHandle | None = None,
+    def __init__(self, scorer: DeploymentHandle | None, settings: IngressSettings,
+                 features: DeploymentHandle | None = None,
                  ranker: DeploymentHandle | None = None, trainer: DeploymentHandle | None = None,
                  arm_trainers: dict[str, DeploymentHandle] | None = None, sink: DeploymentHandle | None = None) -> None:
-        if settings.layout not in ("inline", "split"):
-            raise ValueError(f"layout {settings.layout!r}: expected inline or split")
+        if settings.layout not in LAYOUTS:
+            raise ValueError(f"layout {settings.layout!r}: expected one of {', '.join(LAYOUTS)}")
         if settings.layout == "split" and (features is None or ranker is None):
             raise ValueError("layout split needs the FeatureFetch and Ranker handles")
+        if settings.layout != "fused" and scorer is None:
+            raise ValueError(f"layout {settings.layout} needs the Scorer handle")
         self.scorer = scorer
         self.feature_fetch = features
         self.ranker = ranker
@@ -140,8 +153,16 @@ class Ingress:
                                   new_item_rate_per_min=settings.new_item_rate_per_min)
         self.catalogue = serving_catalogue(settings.model, settings.registry_uri, self.store,
                                            settings.catalogue_refresh_s)
-        if settings.layout == "inline":
+        if settings.layout in ("inline", "fused"):
             self.fetcher = FeatureFetcher(self.store, self.catalogue, settings.history_len)
+        self.models: ModelPool | None = None  # fused: the models this replica scores with itself
+        if settings.layout == "fused":
+            self.models = ModelPool(settings.model, settings.registry_uri, settings.registry_poll_s,
+                                    settings.history_len, torch_threads=settings.torch_threads, logger=logger,
+                                    label="fused ingress")
+            # one forward pass at a time, like the Scorer's batch queue, on a thread of its own: never
+            # the event loop, nor the default pool that the Redis calls of /rank and /events use
+            self.forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fused-forward")
         self.metrics = ServingMetrics()
         self._in_flight = 0
         self._model_versions: dict[str, str] = {}  # model key -> last version it answered with (degraded answers)
@@ -177,7 +198,7 @@ class Ingress:
         """One admitted /rank request: its arm and plan, then its answer through the batch queue."""
         assignment = self.book.assign(body.user_id)
         request_id = uuid.uuid4().hex
-        plan = rank_plan(body, assignment, request_id, models=self.settings.layout == "inline")
+        plan = rank_plan(body, assignment, request_id, models=self.settings.layout != "split")
         self._in_flight += 1
         if self.settings.adaptive_wait:  # alone: no point waiting for company
             self._rank_batch.set_batch_wait_timeout_s(self.settings.batch_wait_s if self._in_flight > 1 else 0.0)
@@ -186,26 +207,42 @@ class Ingress:
         finally:
             self._in_flight -= 1
 
+    async def model_info(self, timeout_s: float) -> dict:
+        """What GET /model and /healthz report: the fused replica's own model, else a Scorer
+        replica's (an exception when it does not answer within `timeout_s`)."""
+        if self.models is not None:
+            return self.models.current_version()
+        return await asyncio.wait_for(resolve(self.scorer.current_version.remote()), timeout=timeout_s)
+
+    async def _forward(self, inputs: list[ScoreInput], model_key: str) -> ScoredBatch:
+        """fused: one forward pass in this replica (an arm's model loaded first, off the event loop)."""
+        await model_off_loop(self.models, model_key)
+        return await asyncio.get_running_loop().run_in_executor(self.forward, self.models.score, model_key, inputs)
+
     async def _scores(self, fetched, model_key: str, indices: list[int]) -> ModelScores:
-        """The scorer's answer for the requests `indices` of an inline batch by one model, or NaN
-        scores (popularity ranking, degraded) when it fails or takes longer than score_timeout_s."""
+        """The scores of the requests `indices` of an inline or fused batch by one model (the
+        scorer's answer, or this replica's forward pass), or NaN scores (popularity ranking,
+        degraded) when that fails or takes longer than score_timeout_s."""
         try:
-            call = self.scorer.score.remote(fetched.score_inputs(indices), model_key)
-            scored = await asyncio.wait_for(resolve(call), timeout=self.settings.score_timeout_s)
+            inputs = fetched.score_inputs(indices)
+            call = resolve(self.scorer.score.remote(inputs, model_key)) if self.models is None else \
+                self._forward(inputs, model_key)
+            scored = await asyncio.wait_for(call, timeout=self.settings.score_timeout_s)
             self._model_versions[model_key] = scored.model_version
         except Exception as err:  # timeout, dead replica, unloadable arm model ...: rank without the model
-            logger.warning("scorer call failed (%s): degraded ranking for %d requests", type(err).__name__,
-                           len(indices))
+            logger.warning("%s failed (%s): degraded ranking for %d requests",
+                           "scorer call" if self.models is None else "forward pass", type(err).__name__, len(indices))
             nan = [np.full(len(fetched.items[i].candidate_ids), np.nan, dtype=np.float32) for i in indices]
             scored = ScoredBatch(nan, self._model_versions.get(model_key, "none"), len(indices), 0.0, degraded=True)
         return ModelScores(indices, scored)
 
     async def _ranked(self, batch: list[_Pending]) -> RankedBatch:
         """Features, scores and ranking of one batch, one handle call per hop of the layout (inline:
-        one scorer call per model the batch's experiment arms need, concurrently)."""
+        one scorer call per model the batch's experiment arms need, concurrently; fused: one
+        forward pass per model here, no hop)."""
         requests = [(p.request.user_id, p.request.candidates) for p in batch]
         plans = [p.plan for p in batch]
-        if self.settings.layout == "inline":
+        if self.settings.layout in ("inline", "fused"):
             fetched = await asyncio.to_thread(self.fetcher.fetch, requests)  # never block the event loop
             groups = score_groups(plans)
             answers = await asyncio.gather(*(self._scores(fetched, key, idx) for key, idx in groups.items()))
@@ -288,3 +325,7 @@ class Ingress:
             self.metrics.attributed.inc(count, tags={"how": how})
         return [attributed_event(e, hit, None if hit.how else self.book.assign(e.user_id))
                 for e, hit in zip(events, found)]
+
+    def __del__(self) -> None:
+        if getattr(self, "models", None) is not None:  # fused: its registry poll thread ends
+            self.models.close()

@@ -1,6 +1,8 @@
 """End to end: experiments on real Ray Serve + real Redis: arms with their own models, team-draft
 interleaving, impressions and attribution on the streams, the Parquet sink, the readout route,
-live changes to the book, and an arm with its own online trainer fed by its arm's events only."""
+live changes to the book, and an arm with its own online trainer fed by its arm's events only.
+Each test runs on the inline layout (the Scorer deployment holds the arms' models) and on the fused
+one (the ingress replica does), each with its own prefix, sink and arm registry."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from online_helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-PREFIX = "xp:"
 APP = "rerank-experiments"
+LAYOUTS = ("inline", "fused")
 N_USERS = 160
 
 
@@ -33,36 +35,38 @@ def shop(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def service(serve_url, redis_server, shop):
+@pytest.fixture(scope="module", params=LAYOUTS)
+def service(request, serve_url, redis_server, shop):
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
 
+    layout = request.param
+    prefix, name, route, sink = f"xp-{layout}:", f"{APP}-{layout}", f"/xp-{layout}", shop / f"sink-{layout}"
     redis_server.start()
-    ensure_loaded(redis_server.url, str(shop / "data"), PREFIX)
+    ensure_loaded(redis_server.url, str(shop / "data"), prefix)
     experiments = {
         "ab": {"traffic": 0.4, "arms": {"control": {}, "pop": {"model": str(shop / "pop")}}},
         "il": {"type": "interleave", "traffic": 0.3, "arms": {"model": {}, "pop": {"model": str(shop / "pop")}}},
         "learn": {"traffic": 0.3, "arms": {
             "frozen": {},
-            "learner": {"registry_uri": str(shop / "learner-registry"),
+            "learner": {"registry_uri": str(shop / f"learner-registry-{layout}"),
                         "online": {"publish_every_s": 0.3, "publish_every_events": 20, "holdout_every": 0}}}},
     }
     args = {
-        "model": str(shop / "model"), "redis_url": redis_server.url, "redis_prefix": PREFIX,
+        "layout": layout, "model": str(shop / "model"), "redis_url": redis_server.url, "redis_prefix": prefix,
         "online": {"enabled": False, "num_cpus": 0.1}, "catalogue_refresh_s": 0, "experiments": experiments,
-        "sink": {"enabled": True, "out_dir": str(shop / "sink")},
+        "sink": {"enabled": True, "out_dir": str(sink)},
     }  # fmt: skip
-    serve.run(build_app(args), name=APP, route_prefix="/xp")
-    client = httpx.Client(base_url=f"{serve_url}/xp", timeout=30)
+    serve.run(build_app(args), name=name, route_prefix=route)
+    client = httpx.Client(base_url=f"{serve_url}{route}", timeout=30)
     from rerank.data.dataset import load_dataset
 
     items = [str(i) for i in load_dataset(shop / "data").item_ids[1:]]
     yield {"client": client, "redis": redis.Redis.from_url(redis_server.url, decode_responses=True),
-           "items": items, "shop": shop}
+           "items": items, "shop": shop, "prefix": prefix, "url": f"{serve_url}{route}", "sink": sink}
     client.close()
-    serve.delete(APP)  # blocking: its EventSink and trainers stop (and release their leases) before the next module
+    serve.delete(name)  # blocking: its EventSink and trainers stop (and release their leases) before the next module
 
 
 def _post_events(client: httpx.Client, events: list[dict]) -> dict:
@@ -87,10 +91,10 @@ def _rank_all(service, users: list[str], k: int = 8) -> dict[str, dict]:
 
 
 def test_answers_name_their_arm_serve_its_model_and_are_recorded(service):
-    r = service["redis"]
-    before = r.xlen(f"{PREFIX}impressions")
+    r, prefix = service["redis"], service["prefix"]
+    before = r.xlen(f"{prefix}impressions")
     answers = _rank_all(service, [f"xu{i}" for i in range(N_USERS)])
-    assert r.xlen(f"{PREFIX}impressions") - before == N_USERS  # one impression per answer
+    assert r.xlen(f"{prefix}impressions") - before == N_USERS  # one impression per answer
     by_exp = {}
     for a in answers.values():
         by_exp.setdefault(a["experiment"], set()).add(a["arm"])
@@ -114,7 +118,7 @@ def test_interleaved_lists_mix_both_arms_fairly(service):
     assert interleaved
     leaders = []
     for user, a in interleaved:
-        shown = read_shown(service["redis"], Keys(PREFIX), user, a["request_id"])
+        shown = read_shown(service["redis"], Keys(service["prefix"]), user, a["request_id"])
         teams = [shown[item["item_id"]][1] for item in a["items"]]
         assert set(teams) == {"model", "pop"}
         for n in range(1, len(teams) + 1):  # every prefix: the teams' counts differ by at most one
@@ -139,7 +143,7 @@ def test_events_are_attributed_sunk_to_parquet_and_read_out(service):
     answer = _post_events(client, events)  # a retry after a partial write counts the rest as duplicates
     assert answer["accepted"] + answer["duplicates"] == len(events)
 
-    stream = {f["event_id"]: f for _, f in r.xrange(f"{PREFIX}events") if f["event_id"] in
+    stream = {f["event_id"]: f for _, f in r.xrange(f"{service['prefix']}events") if f["event_id"] in
               {e["event_id"] for e in events}}
     for n, (user, a) in enumerate(answers.items()):
         got = stream[f"c-{user}"]
@@ -155,7 +159,7 @@ def test_events_are_attributed_sunk_to_parquet_and_read_out(service):
     # the sink persists both streams; the readout counts exactly what was sent
     from rerank.experiments.readout import load_parquet
 
-    sink = service["shop"] / "sink"
+    sink = service["sink"]
 
     def persisted():
         impressions, sunk = load_parquet(sink)
@@ -231,16 +235,16 @@ def test_an_arm_with_online_learning_trains_on_its_arms_events_only(service):
         assert a["model_version"] == "dir:model"
 
 
-def test_the_simulator_drives_the_live_service_and_its_events_are_attributed(service, serve_url):
+def test_the_simulator_drives_the_live_service_and_its_events_are_attributed(service):
     from rerank.clients.simulate import SimConfig, ShopTruth, simulate
 
-    r = service["redis"]
-    before = r.xlen(f"{PREFIX}events")
+    r, prefix = service["redis"], service["prefix"]
+    before = r.xlen(f"{prefix}events")
     truth = ShopTruth.from_dataset(service["shop"] / "data")
-    summary = simulate(truth, SimConfig(url=f"{serve_url}/xp", n_users=30, requests=120, concurrency=4, seed=11),
+    summary = simulate(truth, SimConfig(url=service["url"], n_users=30, requests=120, concurrency=4, seed=11),
                        progress=False)
     assert summary["ok"] == 120 and not summary["errors"]["rank"] and not summary["errors"]["events"]
-    assert summary["events_posted"] > 0 and r.xlen(f"{PREFIX}events") - before == summary["events_posted"]
-    sim_events = [f for _, f in r.xrevrange(f"{PREFIX}events", count=summary["events_posted"])]
+    assert summary["events_posted"] > 0 and r.xlen(f"{prefix}events") - before == summary["events_posted"]
+    sim_events = [f for _, f in r.xrevrange(f"{prefix}events", count=summary["events_posted"])]
     assert all(f["attributed"] == "request_id" for f in sim_events)  # the simulator sends request_id + position
     assert set(summary["arms"]) <= {"control", "pop", "interleaved", "frozen", "learner", "default"}

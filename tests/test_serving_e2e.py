@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 PREFIX = "e2e:"
 MAX_CANDIDATES = 50
 APP = "rerank-e2e"
+LAYOUTS = ("inline", "split", "fused")  # inline at /, the others at /LAYOUT
 
 
 def wait_until(check, what: str, timeout_s: float = 60.0, every_s: float = 0.2):
@@ -54,7 +55,7 @@ def shop(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(serve_url, redis_server, shop):
     """The app deployed on Serve (HTTP on a free port), features bulk-loaded into the real Redis:
-    the default (inline) layout at /, the split layout of the same app at /split."""
+    the inline layout at /, the split and fused layouts of the same app at /split and /fused."""
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
@@ -62,16 +63,17 @@ def service(serve_url, redis_server, shop):
     redis_server.start()
     ensure_loaded(redis_server.url, str(shop["data"]), PREFIX)
     args = {
-        "model": str(shop["model"]), "registry_uri": shop["registry"].uri, "registry_poll_s": 0.2,
+        "layout": "inline", "model": str(shop["model"]), "registry_uri": shop["registry"].uri, "registry_poll_s": 0.2,
         "redis_url": redis_server.url, "redis_prefix": PREFIX, "max_candidates": MAX_CANDIDATES,
         "ingress_batch_wait_s": 0.02, "catalogue_refresh_s": 0, "online": {"enabled": False},
     }  # fmt: skip
     serve.run(build_app(args), name=APP, route_prefix="/")
-    serve.run(build_app({**args, "layout": "split"}), name=f"{APP}-split", route_prefix="/split")
+    for layout in LAYOUTS[1:]:
+        serve.run(build_app({**args, "layout": layout}), name=f"{APP}-{layout}", route_prefix=f"/{layout}")
     client = httpx.Client(base_url=serve_url, timeout=30)
     yield {"client": client, "url": serve_url, "redis": redis_server, **shop}
     client.close()
-    for name in (APP, f"{APP}-split"):
+    for name in (APP, *(f"{APP}-{layout}" for layout in LAYOUTS[1:])):
         serve.delete(name, _blocking=False)  # replicas drain in the background; Ray stops at session end
 
 
@@ -156,7 +158,7 @@ def test_whole_catalogue_and_rules(service):
     assert ruled_ids[0] == last and first not in ruled_ids and len(ruled_ids) == 5
 
 
-def test_inline_and_split_layouts_return_identical_rankings(service):
+def test_the_three_layouts_return_identical_rankings(service):
     dataset, client = service["dataset"], service["client"]
     users = [user_with_history(dataset), "e2e-unknown-user", str(dataset.user_ids[3])]
     bodies = [{"user_id": u, "candidates": candidate_ids(dataset, 30, seed=10 + n), "k": 10}
@@ -165,12 +167,18 @@ def test_inline_and_split_layouts_return_identical_rankings(service):
                 "rules": {"diversity": 0.4, "exclude": [bodies[0]["candidates"][0]]}},
                {"user_id": users[0], "k": 12}]  # whole catalogue
     for body in bodies:
-        inline, split = client.post("/rank", json=body), client.post("/split/rank", json=body)
-        assert inline.status_code == split.status_code == 200, (inline.text, split.text)
-        a, b = inline.json(), split.json()
-        assert a["model_version"] == b["model_version"] and a["degraded"] is b["degraded"] is False
-        assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]], body
-        np.testing.assert_allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], rtol=1e-6)
+        inline = client.post("/rank", json=body)
+        assert inline.status_code == 200, inline.text
+        a = inline.json()
+        assert a["degraded"] is False
+        for layout in LAYOUTS[1:]:
+            other = client.post(f"/{layout}/rank", json=body)
+            assert other.status_code == 200, (layout, other.text)
+            b = other.json()
+            assert a["model_version"] == b["model_version"] and b["degraded"] is False, (layout, b)
+            assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]], (layout, body)
+            np.testing.assert_allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]],
+                                       rtol=1e-6, err_msg=layout)
 
 
 @pytest.mark.parametrize(

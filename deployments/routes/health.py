@@ -20,8 +20,7 @@ async def healthz(ingress: Replica):
     503 without a model. A stuck scorer or trainer never hangs it (2 s bounds). No key needed."""
     redis_ok = await asyncio.to_thread(ingress.store.ping)
     try:
-        info = await asyncio.wait_for(resolve(ingress.scorer.current_version.remote()), timeout=2.0)
-        version = info["version"]
+        version = (await ingress.model_info(timeout_s=2.0))["version"]
     except Exception:
         version = None
     trainer = None
@@ -44,12 +43,13 @@ async def healthz(ingress: Replica):
 
 @router.get("/model", response_model=ModelInfo, responses={**KEYED, 503: RETRY_LATER})
 async def model(ingress: Replica, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ModelInfo:
-    """The weights a scorer replica serves: version, source, loaded_at, trained_until, meta."""
+    """The weights a scorer replica (layout fused: this ingress replica) serves: version, source,
+    loaded_at, trained_until, meta."""
     from rerank.online.freshness import model_freshness
 
     ingress.authorize(credentials, "rank", "/model")
     try:
-        info = await asyncio.wait_for(resolve(ingress.scorer.current_version.remote()), timeout=5.0)
+        info = await ingress.model_info(timeout_s=5.0)
     except Exception:  # a stuck or restarting scorer: say so, do not hang the client
         return unavailable("scorer unavailable", ingress.settings.retry_after_s)
     info["freshness"] = await asyncio.to_thread(
