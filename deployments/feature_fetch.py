@@ -8,6 +8,7 @@ from ray import serve
 
 from rerank.store.feature_store import FeatureStore
 from rerank.store.keys import DEFAULT_PREFIX
+from rerank.serving.item_cache import ItemCache
 from rerank.serving.pipeline import FeatureFetcher, FetchedBatch, serving_catalogue
 
 
@@ -15,10 +16,11 @@ from rerank.serving.pipeline import FeatureFetcher, FetchedBatch, serving_catalo
                   logging_config={"enable_access_log": False})  # internal hop: the ingress logs requests
 class FeatureFetch:
     def __init__(self, redis_url: str, model: str | None, registry_uri: str | None, history_len: int = 50,
-                 prefix: str = DEFAULT_PREFIX, catalogue_refresh_s: float = 15.0) -> None:
+                 prefix: str = DEFAULT_PREFIX, catalogue_refresh_s: float = 15.0,
+                 item_cache_ttl_s: float = 1.0) -> None:
         store = FeatureStore(redis_url, prefix=prefix)
         self.fetcher = FeatureFetcher(store, serving_catalogue(model, registry_uri, store, catalogue_refresh_s),
-                                      history_len)
+                                      history_len, item_cache=ItemCache(ttl_s=item_cache_ttl_s))
 
     async def fetch(self, requests: list[tuple[str, list[str] | None]]) -> FetchedBatch:
         """Features for each (user_id, candidate ids | None = whole catalogue), in order; the Redis
