@@ -3,7 +3,9 @@
 A thin convenience over serve_config.yaml: `LocalStack` takes the rerank application's `args`
 from that file (`config_app_args`), prepares the demo data and a model when they are missing,
 starts (or reuses, via REDIS_URL / redis_url) a real Redis server, starts a local Ray with the
-Serve flags in its environment (so the proxy, controller and every replica get them) and a
+Serve flags in its environment (so the proxy, controller and every replica get them: the
+throughput flag, a short direct-ingress drain, `serve_env` / `rerank up --serve-env NAME=VALUE`,
+and any RAY_* variable of the caller's environment) and a
 logical CPU count large enough for every replica, and deploys the same app, online trainer
 included, at `/`. For `rerank bench` it can deploy the app in other layouts too (`/{layout}`,
 no trainer), the no-op baseline at `/noop` and the hop floor at `/noop-hop` (deployments.noop).
@@ -15,6 +17,7 @@ With `front_proxy` our HAProxy (rerank.infra.front_proxy) takes HOST:PORT and Se
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,19 @@ APP_NAME = "rerank"
 LOCAL_DRAINING = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 NOOP_APP_NAME = "noop"
 NOOP_HOP_APP_NAME = "noop-hop"
+
+
+_RAY_ENV_NAME = re.compile(r"^RAY_[A-Z0-9_]+$")
+
+
+def check_serve_env(env: dict) -> dict[str, str]:
+    """`env` as strings; a ValueError for a name that is not a Ray setting (RAY_...): Serve reads
+    these once per process when it starts, so they are set before Ray starts, never later."""
+    bad = [name for name in env if not _RAY_ENV_NAME.match(str(name))]
+    if bad:
+        raise ValueError(f"serve env {bad[0]!r}: expected a Ray setting named RAY_... (e.g. "
+                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP)")
+    return {str(name): str(value) for name, value in env.items()}
 
 
 def exposure_warning(host: str, front_proxy: bool) -> str | None:
@@ -158,6 +174,9 @@ class LocalStackConfig:
     front_proxy: bool = False
     front_max_conn: int = 32
     front_queue_s: float = 1.0
+    # Ray / Serve environment for every Ray process (proxy, controller, replicas), set before Ray
+    # starts, over this module's defaults and the caller's environment (`rerank up --serve-env`)
+    serve_env: dict = field(default_factory=dict)
     with_noop: bool = False  # also deploy the no-op baseline at /noop and the hop floor at /noop-hop
     layouts: list[str] = field(default_factory=list)  # (bench) deploy the app in these layouts too, at /{layout}
     train_minutes: float = 1.0
@@ -237,6 +256,7 @@ class LocalStack:
         if cfg.throughput_optimized:
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         os.environ.setdefault(*LOCAL_DRAINING)
+        os.environ.update(check_serve_env(cfg.serve_env))
         serve_host, serve_port = cfg.host, cfg.port
         if cfg.front_proxy:
             from rerank.infra.child_process import free_port

@@ -231,6 +231,8 @@ def _cli_error(capsys, argv: list[str]) -> str:
     (["--layouts", "inline,noop"], "is a reference's name"),
     (["--layouts", "noop_hop"], "is a reference's name"),
     (["--layouts", "inline,plain"], "is a reference's name"),
+    (["--serve-env", "PATH=/x"], "--serve-env 'PATH=/x': expected NAME=VALUE with a Ray setting's name"),
+    (["--serve-env", "RAY_SERVE_X"], "expected NAME=VALUE"),
     (["--layouts", ""], "at least one layout"),
     (["--layouts", "a/b"], "not a valid name"),
     (["--slo-ms", "0"], "--slo-ms"),
@@ -353,11 +355,22 @@ def test_cli_starts_the_stack_with_one_app_per_layout(server, fake_stack, fake_d
 
 def test_cli_without_plain_starts_no_plain_server(server, fake_stack, fake_dataset, tmp_path, capsys):
     argv = ["bench", "--no-plain", "--concurrency", "1", "--requests", "2", "--candidates", "5", "--warmup", "0",
+            "--serve-env", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1", "--serve-env", "RAY_SERVE_X=a=b",
             "--json", "--out", str(tmp_path / "bench.json")]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert "plain_for" not in fake_stack and "plain" not in result["targets"]
     assert result["settings"]["plain"] is False and result["references"] == []
+    given = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_X": "a=b"}
+    assert fake_stack["config"].serve_env == given and result["settings"]["serve_env_given"] == given
+
+
+def test_serve_env_names_only_ray_settings():
+    from deployments.local import check_serve_env
+
+    assert check_serve_env({"RAY_SERVE_HAPROXY_TCP_NODELAY": 0}) == {"RAY_SERVE_HAPROXY_TCP_NODELAY": "0"}
+    with pytest.raises(ValueError, match="expected a Ray setting"):
+        check_serve_env({"LD_PRELOAD": "x"})
 
 
 def test_cli_rejects_an_unknown_layout_before_starting_the_stack(fake_stack, capsys):

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from rerank.cli.options import add_api_key_argument, api_key
-from rerank.cli.up import add_stack_arguments, stack_config
+from rerank.cli.up import add_stack_arguments, serve_env, stack_config
 
 DEFAULT_OUT = Path("benchmarks/results/serving_bench.json")
 DEFAULT_LAYOUTS = "inline,split"
@@ -215,6 +215,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise _error(f"--warmup {args.warmup}: expected >= 0")
     if args.requests is not None and args.requests < 1:
         raise _error(f"--requests {args.requests}: expected >= 1")
+    given_env = serve_env(args.serve_env)
     key = api_key(args)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if args.target and not args.url:
@@ -227,6 +228,7 @@ def run_bench(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()  # other users of the machine move the numbers
 
     stack = plain = None
+    ray_env: dict[str, str] = {}  # the local stack's Serve environment (unknown for --url)
     if args.url:
         data = args.data
     else:
@@ -234,6 +236,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         stack = LocalStack(_stack_config(args, layouts)).start()
         data = stack.data
+        # what every Ray process got: this module's defaults, --serve-env and the caller's RAY_SERVE_*
+        ray_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
         targets = layout_targets(stack.url, layouts)
         references = {FLOOR: f"{stack.url}/noop-hop"}
         if args.plain:
@@ -283,7 +287,8 @@ def run_bench(args: argparse.Namespace) -> int:
                      "data": str(data), "url": args.url, "local_stack": stack is not None, "layouts": layouts_run,
                      "api_key": bool(key), "throughput_optimized": not args.no_throughput_optimized, "haproxy": args.haproxy,
                      "batch_wait_ms": args.batch_wait_ms, "max_batch": args.max_batch,
-                     "plain": PLAIN in result["targets"], "serve_env": dict(getattr(args, "serve_env", None) or {})},
+                     "plain": PLAIN in result["targets"], "serve_env_given": given_env,
+                     "serve_env": ray_env},
         **result,
         "summary": summary(result),
         "summaries": {name: summary(result, name) for name in layouts_run + references},

