@@ -16,11 +16,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 PREFIX = "plain-e2e:"
 APP = "rerank-plain-e2e"
+LAYOUTS = ("inline", "fused")  # one Serve hop per batch to the Scorer, and none (the model in the ingress)
 
 
 @pytest.fixture(scope="module")
 def both(serve_url, redis_server, tmp_path_factory):
-    """The app on Serve at /plain-e2e and the plain server (a child process), same Redis and model."""
+    """The app on Serve in each layout at /plain-e2e-LAYOUT and the plain server (a child process),
+    same Redis and model."""
     from ray import serve
 
     from deployments.app import build_app, ensure_loaded
@@ -34,11 +36,14 @@ def both(serve_url, redis_server, tmp_path_factory):
     ensure_loaded(redis_server.url, str(data), PREFIX)
     args = {"model": str(model), "redis_url": redis_server.url, "redis_prefix": PREFIX, "catalogue_refresh_s": 0,
             "online": {"enabled": False}}
-    serve.run(build_app(args), name=APP, route_prefix="/plain-e2e")
+    for layout in LAYOUTS:
+        serve.run(build_app({**args, "layout": layout}), name=f"{APP}-{layout}", route_prefix=f"/plain-e2e-{layout}")
     plain = PlainServer(PlainSettings.from_app_args(args), log=root / "plain.log").start()
-    yield {"serve": f"{serve_url}/plain-e2e", "plain": plain.url, "dataset": load_dataset(data)}
+    yield {**{layout: f"{serve_url}/plain-e2e-{layout}" for layout in LAYOUTS}, "plain": plain.url,
+           "dataset": load_dataset(data)}
     plain.stop()
-    serve.delete(APP, _blocking=False)
+    for layout in LAYOUTS:
+        serve.delete(f"{APP}-{layout}", _blocking=False)
 
 
 def bodies(dataset) -> list[dict]:
@@ -54,14 +59,15 @@ def bodies(dataset) -> list[dict]:
     return out
 
 
-def test_plain_and_serve_answer_the_same_rankings(both):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_plain_and_serve_answer_the_same_rankings(both, layout):
     for body in bodies(both["dataset"]):
         answers = {}
-        for name in ("serve", "plain"):
+        for name in (layout, "plain"):
             r = httpx.post(f"{both[name]}/rank", json=body, timeout=30)
             assert r.status_code == 200, (name, r.text)
             answers[name] = r.json()
-        served, plain = answers["serve"], answers["plain"]
+        served, plain = answers[layout], answers["plain"]
         assert [i["item_id"] for i in plain["items"]] == [i["item_id"] for i in served["items"]], body["rules"]
         np.testing.assert_allclose([i["score"] for i in plain["items"]], [i["score"] for i in served["items"]],
                                    rtol=1e-4, atol=1e-5)
