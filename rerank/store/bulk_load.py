@@ -19,6 +19,17 @@ if TYPE_CHECKING:
     from rerank.data.dataset import Dataset
 
 
+def recent_purchases(idx: np.ndarray, typ: np.ndarray, ts: np.ndarray, keep: int) -> dict[int, float]:
+    """The bought set of one user's events: item_idx -> ts of its latest purchase, the `keep` most recent."""
+    purchase = typ == EVENT_CODE["purchase"]
+    latest: dict[int, float] = {}
+    for i, t in zip(idx[purchase].tolist(), ts[purchase].tolist()):
+        latest[i] = max(t, latest.get(i, t))
+    if len(latest) > keep:
+        latest = dict(sorted(latest.items(), key=lambda kv: kv[1])[-keep:])
+    return latest
+
+
 def bulk_load(client: redis.Redis, keys: Keys, cfg: FeatureStoreConfig, url: str, dataset: "Dataset",
               progress: bool = True, batch: int = 5000, drop_last: int = 0) -> dict:
     """FeatureStore.bulk_load (see there)."""
@@ -87,9 +98,9 @@ def bulk_load(client: redis.Redis, keys: Keys, cfg: FeatureStoreConfig, url: str
                 if len(rec):
                     pipe.rpush(seq_key, *[raw[i : i + size] for i in range(0, len(raw), size)])
                     pipe.expire(seq_key, cfg.user_ttl_s)
-                bought = np.unique(idx[typ == EVENT_CODE["purchase"]])
-                if len(bought):
-                    pipe.sadd(bought_key, *bought.tolist())
+                bought = recent_purchases(idx, typ, ts, cfg.max_bought)
+                if bought:
+                    pipe.zadd(bought_key, bought)
                     pipe.expire(bought_key, cfg.user_ttl_s)
             pipe.execute()
             bar.update(hi - lo)

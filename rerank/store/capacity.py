@@ -1,5 +1,15 @@
-"""Room in the store: the item_idx space (new_item_room, ensure_item_floor) and the server's memory
-settings (server_memory, check_server).
+"""Room in the store: the item_idx space (new_item_room, ensure_item_floor), the server's memory
+settings (server_memory, check_server) and the memory the configured bounds need (project_memory,
+check_memory_plan, embedded_maxmemory).
+
+Memory plan: every part of the store is bounded by a setting, so what it can hold is a sum
+(`project_memory`): idempotency markers (expected events/s with an event_id x event_ttl_s x
+MARKER_BYTES, `project_marker_bytes`), the event stream (stream_maxlen x event_entry_bytes), the
+impressions stream (its byte budget, x STREAM_MEMORY_FACTOR for the allocator), attribution state
+(impressions within the window x their bound) and, where the caller says how many, users'
+histories and items. `check_memory_plan` compares it with the server's maxmemory and returns a
+warning (or raises MemoryPlanError with refuse=True) when it cannot fit; `embedded_maxmemory` is
+the maxmemory an embedded server should get for it.
 
 Redis itself should run with `maxmemory` and `maxmemory-policy noeviction` (EmbeddedRedis does;
 `check_server()` reports an external server that does not): full, it refuses writes with OOM
@@ -9,14 +19,30 @@ idempotency markers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 
+from rerank.store.config import FeatureStoreConfig
 from rerank.store.errors import UNAVAILABLE, FeatureStoreError, is_transient, unavailable
 from rerank.store.keys import Keys
+from rerank.store.layout import SEQ_RECORD
 from rerank.store.lua import LuaScript
+
+# Redis used_memory per object, measured on Redis 6.2 (jemalloc) with uuid ids:
+MARKER_BYTES = 125  # one idempotency marker `P evt:{uuid}` = "1" with a TTL
+EVENT_ENTRY_BASE_BYTES = 150  # an event-stream entry without its seq (uuid event_id, short ids) ...
+EVENT_SEQ_PAIR_BYTES = 9  # ... plus this per "item_idx:type" pair of seq (312 B measured at 25 on average)
+USER_BASE_BYTES = 512  # a user's keys (sequence list, bought set) beyond their records
+STREAM_MEMORY_FACTOR = 1.3  # used_memory of a stream / its entries' bytes (listpacks in allocator size classes)
+MIB = 2**20
+DEFAULT_EXPECTED_EVENTS_PER_S = 200.0  # events/s with an event_id a store is planned for (AppArgs' default)
+
+
+class MemoryPlanError(FeatureStoreError):
+    """The configured bounds need more memory than the server's maxmemory (check_memory_plan(refuse=True))."""
 
 # Raises next_item_idx to the floor (never lowers it); returns it.
 ITEM_FLOOR = LuaScript.render("""
@@ -128,3 +154,107 @@ def check_server(mem: ServerMemory, url: str, full_fraction: float = 0.9) -> lis
             "writes will soon be refused (OOM)"
         )
     return problems
+
+
+# --- memory plan -------------------------------------------------------------------------------
+
+
+def project_marker_bytes(events_per_s: float, event_ttl_s: float, bytes_per_marker: float = MARKER_BYTES) -> int:
+    """Memory of the idempotency markers at a steady rate of events with an event_id: each lives
+    event_ttl_s, so events_per_s x event_ttl_s of them exist at once."""
+    for name, value in (("events_per_s", events_per_s), ("event_ttl_s", event_ttl_s),
+                        ("bytes_per_marker", bytes_per_marker)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"project_marker_bytes: {name} must be a finite number >= 0, got {value!r}")
+    return int(math.ceil(events_per_s * event_ttl_s * bytes_per_marker))
+
+
+def event_entry_bytes(stream_seq_len: int) -> int:
+    """Memory of one event-stream entry whose seq is full (stream_seq_len pairs)."""
+    return EVENT_ENTRY_BASE_BYTES + EVENT_SEQ_PAIR_BYTES * stream_seq_len
+
+
+def user_bytes(config: FeatureStoreConfig) -> int:
+    """Memory of one user with a full history and a small bought set."""
+    return USER_BASE_BYTES + config.max_history * (SEQ_RECORD.itemsize + 3)
+
+
+@dataclass(frozen=True)
+class MemoryProjection:
+    """What the configured bounds let the store hold, by part (bytes), and how each was computed."""
+
+    parts: dict[str, int]
+    how: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        return "; ".join(f"{name} {size / MIB:.0f} MiB" + (f" ({self.how[name]})" if name in self.how else "")
+                         for name, size in self.parts.items())
+
+
+def project_memory(config: FeatureStoreConfig, *, expected_events_per_s: float = DEFAULT_EXPECTED_EVENTS_PER_S,
+                   impressions_max_bytes: int = 0, attribution_bytes: int = 0, users: int = 0,
+                   items: int = 0) -> MemoryProjection:
+    """The memory the store's bounds need at `expected_events_per_s` events with an event_id.
+
+    impressions_max_bytes: the impressions stream's byte budget (AttributionConfig; 0 = none
+    recorded); attribution_bytes: the attribution state the caller expects (e.g. impressions per s x
+    window_s x AttributionConfig.impression_state_bytes()); users / items: how many users' histories
+    and items to plan for (0 = leave them out)."""
+    markers = project_marker_bytes(expected_events_per_s, config.event_ttl_s)
+    entry = event_entry_bytes(config.stream_seq_len)
+    parts = {"idempotency markers": markers, "event stream": config.stream_maxlen * entry}
+    how = {"idempotency markers": f"{expected_events_per_s:g} events/s x event_ttl_s {config.event_ttl_s} s x "
+                                  f"{MARKER_BYTES} B",
+           "event stream": f"stream_maxlen {config.stream_maxlen} x {entry} B"}
+    if impressions_max_bytes:
+        parts["impressions stream"] = int(impressions_max_bytes * STREAM_MEMORY_FACTOR)
+        how["impressions stream"] = f"impressions_max_bytes {impressions_max_bytes} x {STREAM_MEMORY_FACTOR}"
+    if attribution_bytes:
+        parts["attribution state"] = int(attribution_bytes)
+    if users:
+        parts["user histories"] = users * user_bytes(config)
+        how["user histories"] = f"{users} users x {user_bytes(config)} B"
+    if items:
+        parts["items"] = items * 200
+        how["items"] = f"{items} items x 200 B"
+    return MemoryProjection(parts, how)
+
+
+def check_memory_plan(mem: ServerMemory, projection: MemoryProjection, url: str, *, refuse: bool = False,
+                      fraction: float = 0.9) -> list[str]:
+    """A warning when the projection exceeds `fraction` of the server's maxmemory ([] when it fits or
+    maxmemory is unknown or unbounded, which check_server reports). refuse=True raises MemoryPlanError
+    instead of returning the warning."""
+    from rerank.infra.redact import safe_url
+
+    if not mem.maxmemory:
+        return []
+    if projection.total <= fraction * mem.maxmemory:
+        return []
+    problem = (
+        f"Redis at {safe_url(url)}: the store's bounds need up to {projection.total / MIB:.0f} MiB "
+        f"({projection.describe()}) but maxmemory is {mem.maxmemory / MIB:.0f} MiB: once they fill, Redis "
+        "refuses every write (OOM). Lower event_ttl_s (to the clients' retry window) or the stream caps, "
+        "or raise maxmemory"
+    )
+    if refuse:
+        raise MemoryPlanError(problem)
+    return [problem]
+
+
+def embedded_maxmemory(projection: MemoryProjection, headroom: float = 1.25, minimum: int = 256 * MIB,
+                       maximum: int | None = None) -> int:
+    """The maxmemory (bytes, whole MiB) for an embedded Redis that must hold `projection`: its total
+    x headroom (fragmentation, what the projection leaves out), at least `minimum`; above `maximum`
+    (e.g. a share of the machine's memory) it raises MemoryPlanError naming the parts."""
+    if not headroom >= 1:
+        raise ValueError(f"headroom must be >= 1, got {headroom}")
+    size = max(minimum, int(math.ceil(projection.total * headroom / MIB)) * MIB)
+    if maximum is not None and size > maximum:
+        raise MemoryPlanError(f"the store's bounds need maxmemory {size / MIB:.0f} MiB ({projection.describe()}), "
+                              f"more than the {maximum / MIB:.0f} MiB allowed: lower event_ttl_s or the stream caps")
+    return size

@@ -13,6 +13,12 @@ have no such guarantee). The script does all reads before the first write, and R
 script's first write (not later ones) when out of memory, so an event is applied whole or not at
 all (short of a key of the wrong type, which Redis cannot roll back).
 
+Bounded per user: the sequence at max_history records (LTRIM), the bought set at the max_bought most
+recent purchases: a sorted set item_idx -> ts of its latest purchase, trimmed by rank (a store
+written before the cap has plain sets: the script converts one on the user's next purchase, and
+FeatureStore.fetch reads either). Ids (user, item, event) are at most MAX_ID_LENGTH characters: the
+one bound the HTTP API (rerank.serving.api) validates too.
+
 The script's KEYS and ARGV are named (WRITE_EVENT.keys / .args, rerank.store.lua): the Lua text
 and the call are both built from those names, and the entry's field list from rerank.store.entry.
 """
@@ -35,7 +41,9 @@ from rerank.store.keys import Keys
 from rerank.store.layout import ITEM_STRUCT, SEQ_STRUCT
 from rerank.store.lua import LuaScript
 
-MAX_ID_LENGTH = 512
+# Characters of a user, item or event id, here and in the HTTP API (rerank.serving.api imports it): what
+# bounds the bytes of everything stored per id (histories, stream entries, impressions, attribution).
+MAX_ID_LENGTH = 256
 
 
 @dataclass
@@ -96,6 +104,7 @@ WRITE_ARGS = (
     "type",  # its name
     "ts",  # repr(float)
     "max_history", "user_ttl_s", "event_ttl_s", "stream_maxlen", "stream_seq_len",
+    "max_bought",  # purchases kept in the user's bought set (the most recent)
     "item_capacity",  # 0 = none
     "keyed",  # "1" = the client sent event_id: check and set the marker; "0" = a server id: no marker
     "new_item_rate",  # new items allowed per minute (0 = no rate)
@@ -153,6 +162,10 @@ if rec and idx > 0 then
   local _
   _, counts[1], counts[2], counts[3], counts[4], last = struct.unpack('$ITEM_STRUCT', rec)
 end
+local legacy_bought = nil  -- a bought set from before the cap (a plain set): converted below
+if code == $PURCHASE and idx > 0 and redis.call('TYPE', KEYS.user_bought)['ok'] == 'set' then
+  legacy_bought = redis.call('SMEMBERS', KEYS.user_bought)
+end
 local prev = redis.call('LRANGE', KEYS.user_seq, 0, tonumber(ARGV.stream_seq_len) - 1)
 local parts = {}
 for i = #prev, 1, -1 do
@@ -174,7 +187,19 @@ if idx > 0 then
   redis.call('LTRIM', KEYS.user_seq, 0, tonumber(ARGV.max_history) - 1)
   redis.call('EXPIRE', KEYS.user_seq, ARGV.user_ttl_s)
   if code == $PURCHASE then
-    redis.call('SADD', KEYS.user_bought, idx)
+    if legacy_bought then
+      redis.call('DEL', KEYS.user_bought)
+      for i = 1, #legacy_bought, 1000 do  -- their purchase times are unknown: the oldest
+        local chunk = {}
+        for j = i, math.min(i + 999, #legacy_bought) do
+          chunk[#chunk + 1] = 0
+          chunk[#chunk + 1] = legacy_bought[j]
+        end
+        redis.call('ZADD', KEYS.user_bought, unpack(chunk))
+      end
+    end
+    redis.call('ZADD', KEYS.user_bought, 'GT', ts, idx)  -- a re-purchase moves it up, an older ts never down
+    redis.call('ZREMRANGEBYRANK', KEYS.user_bought, 0, -tonumber(ARGV.max_bought) - 1)
     redis.call('EXPIRE', KEYS.user_bought, ARGV.user_ttl_s)
   end
 end
@@ -216,7 +241,7 @@ class EventWriter:
                        "new_items": keys.new_items(int(now // 60))}
         shared_args = {"max_history": cfg.max_history, "user_ttl_s": cfg.user_ttl_s, "event_ttl_s": cfg.event_ttl_s,
                        "stream_maxlen": cfg.stream_maxlen, "stream_seq_len": cfg.stream_seq_len,
-                       "item_capacity": cfg.item_capacity or 0, "new_item_rate": cfg.new_item_rate_per_min or 0}
+                       "max_bought": cfg.max_bought, "item_capacity": cfg.item_capacity or 0, "new_item_rate": cfg.new_item_rate_per_min or 0}
         calls = []
         for event, (event_id, ts) in zip(events, checked):
             script_keys, script_args = WRITE_EVENT.bind(

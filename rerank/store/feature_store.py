@@ -8,8 +8,9 @@ the jobs live beside it in rerank.store:
     entry      the event stream's entry: its fields, EventEntry, parse_seq
     events     Event, validate_event and the event script (write_events, WriteResult)
     bulk_load  a Dataset into the store
-    capacity   the item_idx space (new_item_room, ensure_item_floor) and the server's memory
-               (server_memory, check_server)
+    capacity   the item_idx space (new_item_room, ensure_item_floor), the server's memory
+               (server_memory, check_server) and the memory plan of the bounds (project_memory,
+               check_memory_plan, embedded_maxmemory)
     config     FeatureStoreConfig;  errors  FeatureStoreUnavailable / FeatureStoreError / EventValidationError
 
 Items: item_idx is dense (1..) and never changes once assigned. `next_item_idx` is the highest
@@ -17,18 +18,21 @@ assigned so far; items first seen in events get the next one (up to `item_capaci
 beyond it they get idx 0: see "Bounded state"). An emptied Redis starts it at 0 again:
 `ensure_item_floor(model's n_items)` keeps new items clear of the idx the served model already
 uses. A user's sequence holds their events newest first, capped at max_history (LTRIM), with a TTL
-of user_ttl_s renewed on every event; their bought set has the same TTL. An idempotency marker
+of user_ttl_s renewed on every event; their bought set (a sorted set item_idx -> ts of the latest
+purchase) keeps the max_bought most recent purchases, with the same TTL. An idempotency marker
 exists ONLY for events whose client sent an event_id (an event without one gets a server uuid in
-the stream but no marker: nobody can retry it), for event_ttl_s (7 days). The events stream has one
+the stream but no marker: nobody can retry it), for event_ttl_s (6 h by default). The events stream has one
 entry per applied event (XADD MAXLEN ~ stream_maxlen; fields: rerank.store.entry).
 
-Bounded state: user keys expire (user_ttl_s), the stream is capped (stream_maxlen,
+Bounded state: user keys expire (user_ttl_s) and are capped (max_history events, max_bought
+purchases; ids at most MAX_ID_LENGTH characters), the stream is capped (stream_maxlen,
 ~0.5 KB an entry at stream_seq_len 50, so ~0.5 GB at the default cap; a consumer that falls
 further behind than the cap loses the oldest entries, and the online trainer counts them from
 the gaps in `n`: `events_trimmed_unapplied`, metric rerank_online_events_trimmed_unapplied), idempotency
-markers exist only for client event_ids and expire (event_ttl_s; ~100 B each, so
-200 events/s with ids for 7 days is ~120 M markers, ~12 GB: size event_ttl_s to the
-retry window). The catalogue grows by one item per unseen item_id unless
+markers exist only for client event_ids and expire (event_ttl_s; ~125 B each, so
+200 events/s with ids for 6 h is ~4.3 M markers, ~0.5 GB, and for 7 days would be ~15 GB: size
+event_ttl_s to the retry window; rerank.store.capacity projects it against maxmemory,
+`project_memory` / `check_memory_plan`). The catalogue grows by one item per unseen item_id unless
 `item_capacity` is set (and by at most `new_item_rate_per_min` a minute when that is set);
 events naming a new item beyond either are still applied (stream entry with item_idx 0,
 marker) but leave the user's history, bought set and item
@@ -141,7 +145,7 @@ class FeatureStore:
         pipe = self._redis.pipeline(transaction=False)
         for user_id, _ in requests:
             pipe.lrange(keys.user_seq(user_id), 0, history_len - 1)
-            pipe.smembers(keys.user_bought(user_id))
+            pipe.zrange(keys.user_bought(user_id), 0, -1)
         cached = ask = None  # with a cache: its records, and the rows of all_candidates it lacks
         wanted = all_candidates
         if item_cache is not None and all_candidates:
@@ -160,7 +164,11 @@ class FeatureStore:
             pipe.hmget(keys.item_stats, lookup)
         read_at = item_cache.clock() if item_cache is not None else None  # before the read: ages are upper bounds
         try:
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+            self._read_legacy_bought(replies, requests)
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise failed
         except UNAVAILABLE as err:
             raise self._unavailable(err, "fetch") from err
         except redis.ResponseError as err:
@@ -204,6 +212,19 @@ class FeatureStore:
                 )
             )
         return out
+
+    def _read_legacy_bought(self, replies: list, requests: list[tuple[str, list[str] | None]]) -> None:
+        """Bought sets written before they became capped sorted sets (plain sets: ZRANGE answers
+        WRONGTYPE) are read with SMEMBERS instead, in place; the next purchase converts them."""
+        legacy = [i for i in range(len(requests)) if isinstance(replies[2 * i + 1], redis.ResponseError)
+                  and str(replies[2 * i + 1]).startswith("WRONGTYPE")]
+        if not legacy:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for i in legacy:
+            pipe.smembers(self.keys.user_bought(requests[i][0]))
+        for i, members in zip(legacy, pipe.execute(raise_on_error=False)):
+            replies[2 * i + 1] = members
 
     def item_index(self, item_ids: list[str]) -> np.ndarray:
         """(N,) int32 item_idx of each id, 0 for unknown ids."""
@@ -301,16 +322,28 @@ class FeatureStore:
         unreachable."""
         return capacity.server_memory(self._redis, self.url)
 
-    def check_server(self, full_fraction: float = 0.9) -> list[str]:
+    def check_server(self, full_fraction: float = 0.9, *, projection: capacity.MemoryProjection | None = None,
+                     refuse: bool = False) -> list[str]:
         """Problems of the server's memory settings for this store, as sentences ([] = fine).
 
         Reported: an eviction policy other than noeviction (allkeys-* / volatile-* may drop user
         histories, the event stream, the item map or idempotency markers when Redis is full),
         maxmemory 0 (unbounded: Redis grows until the OS kills it), memory use at or above
-        `full_fraction` of maxmemory, and settings that could not be read (CONFIG and INFO both
-        refused) -- a warning, not an error. Meant for startup logs; raises only
+        `full_fraction` of maxmemory, settings that could not be read (CONFIG and INFO both
+        refused) -- a warning, not an error -- and, given a `projection` (`memory_projection()`),
+        bounds that need more than `full_fraction` of maxmemory (with refuse=True that raises
+        capacity.MemoryPlanError instead). Meant for startup logs; raises otherwise only
         FeatureStoreUnavailable (Redis unreachable)."""
-        return capacity.check_server(self.server_memory(), self.url, full_fraction)
+        mem = self.server_memory()
+        problems = capacity.check_server(mem, self.url, full_fraction)
+        if projection is not None:
+            problems += capacity.check_memory_plan(mem, projection, self.url, refuse=refuse, fraction=full_fraction)
+        return problems
+
+    def memory_projection(self, **expected) -> capacity.MemoryProjection:
+        """capacity.project_memory of this store's config (expected_events_per_s, impressions_max_bytes,
+        attribution_bytes, users, items as keywords)."""
+        return capacity.project_memory(self.config, **expected)
 
     def bulk_load(self, dataset: "Dataset", progress: bool = True, batch: int = 5000, drop_last: int = 0) -> dict:
         """Load a dataset's catalogue, item counters and user histories (pipelined, idempotent).
