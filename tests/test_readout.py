@@ -270,7 +270,7 @@ def simulated_tables(rng: np.random.Generator, lift: float, users: int = 400, ho
     impressions = pa.Table.from_arrays([
         request_ids, request_ids, pa.array([f"u{u}" for u in user]), pa.array(["aa"] * n),
         pa.array(np.array(["control", "treat"])[arm[user]]), pa.array(["v"] * n), pa.array(ts), items,
-        pa.array([DAY] * n)], schema=IMPRESSION_SCHEMA)
+        pa.array(np.ones(n, np.int32)), pa.array([DAY] * n)], schema=IMPRESSION_SCHEMA)
     c = int(clicked.sum())
     events = pa.Table.from_arrays([
         pa.array([f"e{j}" for j in range(c)]), pa.array(["e"] * c), pa.array(["u"] * c), pa.array(["x"] * c),
@@ -320,6 +320,15 @@ def test_load_parquet_round_trip(tmp_path, ab_tables):
     empty_imps, empty_events = load_parquet(tmp_path / "missing")
     assert empty_imps.num_rows == 0 and empty_imps.schema == IMPRESSION_SCHEMA
     assert empty_events.num_rows == 0 and empty_events.schema == EVENT_SCHEMA
+
+
+def test_load_parquet_reads_files_from_before_n_items(tmp_path, ab_tables):
+    """Files the sink wrote before impressions carried `n_items` (truncation) read it as null."""
+    impressions, events = ab_tables
+    write_sink(tmp_path, impressions.drop(["n_items"]), events)
+    loaded, _ = load_parquet(tmp_path)
+    assert loaded.schema == IMPRESSION_SCHEMA and loaded["n_items"].null_count == loaded.num_rows
+    assert report("exp", loaded, events)["arms"] == report("exp", impressions, events)["arms"]
 
 
 def test_plot_report_writes_pngs(tmp_path, ab_tables, interleaved_tables):

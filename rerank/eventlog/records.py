@@ -9,13 +9,19 @@ their Parquet schema.
 
 Stream fields are strings (Redis). An impression's items travel as one compact JSON field,
 `[[item_id, score, team], ...]` in position order (position = index + 1; team = the arm whose
-list contributed the item under interleaving, "" otherwise). The Parquet tables written by
+list contributed the item under interleaving, "" otherwise). A stored impression keeps the
+answer's first items only (`Impression.stored`: at most max_impression_items, and at most
+max_impression_bytes of that JSON, rerank.experiments.attribution.AttributionConfig); `n_items`
+says how many the answer had, so `n_items > len(items)` marks a truncated one (clicks on its
+later positions cannot be attributed to it). Entries and rows from before the field read
+`n_items` as their item count (stream) or null (Parquet written before). The Parquet tables written by
 rerank.eventlog.sink add `stream_id` (the Redis entry id, unique: what makes a rewrite idempotent) and
 `day` (UTC date of the stream id, the partition column).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -36,6 +42,7 @@ IMPRESSION_SCHEMA = pa.schema([
     ("model_version", pa.string()),
     ("ts", pa.float64()),  # Unix seconds of the answer
     ("items", pa.list_(IMPRESSION_ITEM)),
+    ("n_items", pa.int32()),  # items the answer had; more than len(items) = truncated (null: written before)
     ("day", pa.string()),  # YYYY-MM-DD (UTC) of stream_id: the partition
 ])
 EVENT_SCHEMA = pa.schema([
@@ -74,13 +81,40 @@ class Impression:
     model_version: str
     ts: float
     items: list[tuple[str, float, str]] = field(default_factory=list)
+    n_items: int | None = None  # items the answer had (None: len(items)); more than len(items) = truncated
+
+    @property
+    def truncated(self) -> bool:
+        return self.n_items is not None and self.n_items > len(self.items)
+
+    def stored(self, max_items: int, max_bytes: int) -> "Impression":
+        """The impression as stored: its first items, at most `max_items` of them and at most
+        `max_bytes` of the `items` JSON (at least the first item when there is one); `n_items` keeps
+        the answer's count. Itself when nothing is cut."""
+        n = min(len(self.items), max_items)
+        size = 2  # the brackets
+        for k in range(n):
+            size += len(_item_json(self.items[k]).encode()) + (k > 0)
+            if size > max_bytes and k > 0:
+                n = k
+                break
+        if n == len(self.items):
+            return self
+        return dataclasses.replace(self, items=self.items[:n],
+                                   n_items=len(self.items) if self.n_items is None else self.n_items)
 
     def to_fields(self) -> dict[str, str]:
         """The stream entry (all strings); non-finite scores are written as null."""
-        items = [[item_id, score if math.isfinite(score) else None, team] for item_id, score, team in self.items]
         return {"request_id": self.request_id, "user_id": self.user_id, "experiment": self.experiment,
                 "arm": self.arm, "model_version": self.model_version, "ts": repr(float(self.ts)),
-                "items": json.dumps(items, separators=(",", ":"))}
+                "items": "[" + ",".join(map(_item_json, self.items)) + "]",
+                "n_items": str(len(self.items) if self.n_items is None else self.n_items)}
+
+
+def _item_json(item: tuple[str, float, str]) -> str:
+    item_id, score, team = item
+    return json.dumps([item_id, score if math.isfinite(score) else None, team], separators=(",", ":"),
+                      ensure_ascii=False)
 
 
 def _text(fields: dict[str, str], name: str) -> str:
@@ -107,10 +141,18 @@ def impression_row(stream_id: str, fields: dict[str, str]) -> dict:
         raise ValueError("field 'items': expected [[item_id, score, team], ...]")
     items = [{"item_id": str(item_id), "position": pos, "score": None if score is None else float(score),
               "team": str(team)} for pos, (item_id, score, team) in enumerate(raw, start=1)]
+    n_items = len(items)
+    if "n_items" in fields:  # absent in entries from before truncation existed
+        try:
+            n_items = int(fields["n_items"])
+        except ValueError:
+            raise ValueError(f"field 'n_items': not an integer: {fields['n_items']!r}") from None
+        if n_items < len(items):
+            raise ValueError(f"field 'n_items': {n_items}, fewer than the {len(items)} items stored")
     return {"stream_id": stream_id, "request_id": _text(fields, "request_id"), "user_id": _text(fields, "user_id"),
             "experiment": _text(fields, "experiment"), "arm": _text(fields, "arm"),
             "model_version": _text(fields, "model_version"), "ts": _float(fields, "ts"), "items": items,
-            "day": stream_day(stream_id)}
+            "n_items": n_items, "day": stream_day(stream_id)}
 
 
 def event_row(stream_id: str, fields: dict[str, str]) -> dict:

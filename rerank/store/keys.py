@@ -12,13 +12,17 @@ All keys of one service share its prefix `P` (DEFAULT_PREFIX "rr:"; a prefix wit
     P next_item_idx     .next_item_idx        string  highest item_idx assigned      store.events, .bulk_load, .capacity
     P new_items:{min}   .new_items(minute)    string  new items admitted that minute store.events (TTL 120 s)
     P u:{user}:seq      .user_seq(user)       list    SEQ_RECORD, newest first       store.events, store.bulk_load
-    P u:{user}:bought   .user_bought(user)    set     purchased item_idx             store.events, store.bulk_load
+    P u:{user}:bought   .user_bought(user)    zset    item_idx -> last purchase ts   store.events, store.bulk_load
+                                                      (the max_bought most recent; a plain set before the cap)
     P evt:{event_id}    .event(event_id)      string  idempotency marker             store.events
     P events            .events               stream  an applied event (store.entry) store.events
     P events:n          .events_seq           string  the events' entry counter      store.events
     P impressions       .impressions          stream  a /rank answer (Impression)    experiments.attribution
+    P impressions:bytes .impressions_bytes    string  bytes of the impressions stream experiments.attribution
     P u:{user}:imps     .user_impressions(u)  list    recent request ids             experiments.attribution
     P u:{user}:shown    .user_shown(u)        hash    request_id -> what it showed   experiments.attribution
+    P u:{user}:seen     .user_seen(u)         hash    item_id -> its newest showing  experiments.attribution
+                                                      (the attribution index)
     P experiments       .experiments          hash    name -> experiment spec        experiments.book
     P trainer:lease     .trainer_lease        string  the online trainer's lease     store.lease (online trainer)
     P trainer:lease:{experiment}:{arm}  .arm_trainer_lease(e, a)  string  an arm's trainer's lease
@@ -48,6 +52,7 @@ class Keys:
     events: str = field(init=False)
     events_seq: str = field(init=False)
     impressions: str = field(init=False)
+    impressions_bytes: str = field(init=False)
     experiments: str = field(init=False)
     trainer_lease: str = field(init=False)
     sink_lease: str = field(init=False)
@@ -59,6 +64,7 @@ class Keys:
         object.__setattr__(self, "trainer_lease", self.prefix + "trainer:lease")
         object.__setattr__(self, "sink_lease", self.prefix + "sink:lease")
         object.__setattr__(self, "events_seq", self.prefix + "events:n")
+        object.__setattr__(self, "impressions_bytes", self.prefix + "impressions:bytes")
 
     def arm_trainer_lease(self, experiment: str, arm: str) -> str:
         """The lease of an experiment arm's own online trainer."""
@@ -71,6 +77,10 @@ class Keys:
     def user_impressions(self, user_id: str) -> str:
         """List of the user's recent request_ids, newest first (attribution by window)."""
         return f"{self.prefix}u:{user_id}:imps"
+
+    def user_seen(self, user_id: str) -> str:
+        """Hash item_id -> the newest of the user's recent answers that showed it (the attribution index)."""
+        return f"{self.prefix}u:{user_id}:seen"
 
     def new_items(self, minute: int | str) -> str:
         """Count of new items admitted in one minute (the new-item rate), expiring after two."""
