@@ -16,21 +16,35 @@ Bounds (module constants, so the ingress, the docs and the tests use one number)
 |value| <= MAX_ABS_BOOST, `context` <= MAX_CONTEXT_KEYS keys of JSON scalars and
 <= MAX_CONTEXT_BYTES serialized, `k` <= MAX_K, events <= MAX_EVENTS_PER_REQUEST, and the
 raw body <= MAX_BODY_BYTES (enforced by the ingress before parsing; `check_body_size`).
+User and item ids are at most MAX_ID_LENGTH characters: the store's constant
+(rerank.store.events.MAX_ID_LENGTH), so the API and the store refuse the same ids.
+
+An event's `ts` must lie between `EventTsBounds.min_ts` and `max_future_skew_s` seconds ahead of the
+server clock, checked when the request is validated (`configure_event_ts` sets a deployment's
+bounds; defaults MIN_EVENT_TS and MAX_FUTURE_SKEW_S): a far-future ts (e.g. milliseconds sent as
+seconds) would otherwise stretch every time range computed from events, such as the experiment
+readout's looks (one click at ts 2e9 made it step through ~70k hourly looks). Old timestamps are
+accepted by default: replaying a dataset with its own clock (`rerank replay --original-ts`,
+MovieLens from 1997) sends them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from rerank.data.dataset import EVENT_TYPES
+from rerank.store.events import MAX_ID_LENGTH
 
 MAX_K = 1000
 MAX_EVENTS_PER_REQUEST = 1000
-MAX_ID_LENGTH = 256
+MAX_FUTURE_SKEW_S = 300.0  # an event's ts may be this far ahead of the server clock (clients' clock skew)
+MIN_EVENT_TS = 0.0  # the earliest ts accepted by default (Unix seconds)
 MAX_EXCLUDE = 1000  # ids in rules.exclude
 MAX_BOOST_ENTRIES = 1000  # entries in rules.boost
 # |boost| bound. Model scores are O(1..10), so a boost of 1000 already pins an item to the
@@ -232,6 +246,48 @@ class RankResponse(BaseModel):
     scorer_batch_size: int = Field(description="number of requests scored in the same forward pass")
 
 
+@dataclass(frozen=True)
+class EventTsBounds:
+    """The range of an event's `ts`: at least `min_ts`, at most now + `max_future_skew_s`."""
+
+    max_future_skew_s: float = MAX_FUTURE_SKEW_S
+    min_ts: float = MIN_EVENT_TS
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_future_skew_s) and self.max_future_skew_s >= 0):
+            raise ValueError(f"max_future_skew_s must be a finite number >= 0, got {self.max_future_skew_s}")
+        if not (math.isfinite(self.min_ts) and self.min_ts >= 0):
+            raise ValueError(f"min_ts must be a finite number >= 0, got {self.min_ts}")
+
+    def check(self, ts: float, now: float | None = None) -> float:
+        """ts, or ValueError saying what is wrong with it."""
+        now = time.time() if now is None else now
+        if ts > now + self.max_future_skew_s:
+            hint = " (milliseconds? ts is Unix seconds)" if ts > 1e11 else ""
+            raise ValueError(f"ts {ts:.17g} is {ts - now:.0f} s ahead of the server clock; at most "
+                             f"{self.max_future_skew_s:g} s ahead is accepted{hint}")
+        if ts < self.min_ts:
+            raise ValueError(f"ts {ts:.17g} is before the earliest accepted ts {self.min_ts:.17g} (Unix seconds)")
+        return ts
+
+
+_event_ts_bounds = EventTsBounds()
+
+
+def configure_event_ts(bounds: EventTsBounds) -> EventTsBounds:
+    """Set this process' event ts bounds (an ingress replica does it once, from its settings);
+    returns the previous ones. Validation with a context {"event_ts_bounds": EventTsBounds(...)}
+    uses that instead."""
+    global _event_ts_bounds
+    previous, _event_ts_bounds = _event_ts_bounds, bounds
+    return previous
+
+
+def event_ts_bounds() -> EventTsBounds:
+    """The bounds EventIn.ts is validated against in this process."""
+    return _event_ts_bounds
+
+
 class EventIn(_Strict):
     """One behaviour event. `event_id` makes retries idempotent; `ts` is Unix seconds (default now).
     `request_id` (+ `position`) attribute it to the ranking that showed the item; without it the
@@ -241,13 +297,24 @@ class EventIn(_Strict):
     user_id: ShopId
     item_id: ShopId
     type: EventType
-    ts: float | None = Field(None, ge=0.0, allow_inf_nan=False, strict=True)  # a number, not true/false
+    ts: float | None = Field(None, ge=0.0, allow_inf_nan=False, strict=True,  # a number, not true/false
+                             description="Unix seconds; at most max_future_skew_s (default 300) ahead of the "
+                             "server clock")
     request_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[0-9a-f]+$",
                                    description="the /rank answer that showed the item (its request_id)")
     position: int | None = Field(None, ge=1, le=MAX_K, strict=True,
                                  description="1-based position of the item in that answer (as the client saw it)")
     value: float | None = Field(None, ge=0.0, le=1e9, allow_inf_nan=False,
                                 description="revenue of a purchase (for the experiment readout)")
+
+    @field_validator("ts")
+    @classmethod
+    def _ts_in_bounds(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """Not before the earliest accepted ts, not further ahead of the server clock than the skew."""
+        if value is None:
+            return value
+        context = info.context if isinstance(info.context, dict) else {}
+        return context.get("event_ts_bounds", _event_ts_bounds).check(value)
 
 
 class EventsRequest(_Strict):
