@@ -289,7 +289,7 @@ def _anonymous_state(client: redis.Redis, store: FeatureStore) -> dict:
     """Markers, user sequences, bought sets, the stream, and what the default caps would take."""
     keys = store.keys
     seqs, bought = scan_keys(client, keys.user_seq("*")), scan_keys(client, keys.user_bought("*"))
-    seq_len, bought_len = lengths(client, seqs, "llen"), lengths(client, bought, "scard")
+    seq_len, bought_len = lengths(client, seqs, "llen"), lengths(client, bought, "zcard")
     xlen = int(client.xlen(store.keys.events))
     stream_bytes = int(client.memory_usage(store.keys.events, samples=0) or 0)
     full = [k for k, n in zip(seqs, seq_len) if n == store.config.max_history]

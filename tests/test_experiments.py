@@ -167,7 +167,8 @@ def test_attribution_state_is_bounded_per_user_and_evicted_impressions_leave_not
     assert [r.decode() for r in client.lrange(keys.user_impressions("u1"), 0, -1)] == kept[::-1]
     assert sorted(f.decode() for f in client.hkeys(keys.user_shown("u1"))) == sorted(kept)
     assert set(client.keys(f"{prefix}*")) == {k.encode() for k in
-                                              (keys.impressions, keys.user_impressions("u1"), keys.user_shown("u1"))}
+                                              (keys.impressions, keys.impressions_bytes, keys.user_impressions("u1"),
+                                               keys.user_shown("u1"), keys.user_seen("u1"))}
     got = log.attribute([
         ("u1", "own0", "r00"),  # evicted request id, its item in no kept impression: none
         ("u1", "common", "r01"),  # evicted request id, item shown since: the newest kept one by window

@@ -354,3 +354,12 @@ def test_cli_report(tmp_path, ab_tables, capsys):
     assert "sample ratio: users control 2, treat 3" in capsys.readouterr().out
     assert main(["experiment", "report", "exp", "--data", str(tmp_path), "--weights", "control=x"]) == 2
     assert "--weights" in capsys.readouterr().err
+
+
+def test_a_click_stamped_far_in_the_future_does_not_multiply_the_looks(ab_tables):
+    """A client clock far ahead (ts = 2e9) counts at the horizon: the looks stay a handful."""
+    impressions, events = ab_tables
+    far = events_table([ev("r5", "z", "click", 2e9, 1)])
+    result = report("exp", impressions, pa.concat_tables([events, far]), look_every_s=10, max_click_delay_s=100)
+    ctr = next(c for c in result["comparisons"] if c["metric"] == "ctr")
+    assert len(ctr["looks"]) <= 15 and result["end"] <= 30 + 100

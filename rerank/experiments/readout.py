@@ -201,13 +201,16 @@ def _clicks(impressions: pa.Table, events: pa.Table, exploded: pa.Table) -> pa.T
     return ev.append_column("resolved_position", pa.array(np.where(sent > 0, sent, from_items).astype(np.int64)))
 
 
-def _prepare(impressions: pa.Table, events: pa.Table, names: list[str]) -> _Data:
-    """The arrays of _Data; `names` are the arms to report, in order."""
+def _prepare(impressions: pa.Table, events: pa.Table, names: list[str],
+             max_click_delay_s: float = math.inf) -> _Data:
+    """The arrays of _Data; `names` are the arms to report, in order. A click stamped more than
+    max_click_delay_s after the last impression (a client clock far ahead) counts at that horizon."""
     n = impressions.num_rows
     exploded = explode_impressions(impressions)
     clicks = _clicks(impressions, events, exploded)
     imp = clicks["imp"].to_numpy()
-    ts = clicks["ts"].to_numpy(zero_copy_only=False)
+    horizon = float(pc.max(impressions["ts"]).as_py()) + max_click_delay_s if n else math.inf
+    ts = np.minimum(clicks["ts"].to_numpy(zero_copy_only=False), horizon)
     purchase = pc.equal(clicks["type"], "purchase").to_numpy(zero_copy_only=False)
     value = pc.fill_null(clicks["value"], math.nan).to_numpy(zero_copy_only=False)
     first_click, first_purchase = np.full(n, math.inf), np.full(n, math.inf)
@@ -433,7 +436,8 @@ def sample_ratio(users: Mapping[str, int], weights: Mapping[str, float], alpha: 
 
 def report(name: str, impressions: pa.Table, events: pa.Table, *, arms: Sequence[str] | None = None,
            alpha: float = 0.05, tau: float | None = None, look_every_s: float = 3600.0,
-           max_position: int = 20, weights: Mapping[str, float] | None = None) -> dict:
+           max_position: int = 20, weights: Mapping[str, float] | None = None,
+           max_click_delay_s: float = 86_400.0) -> dict:
     """The readout of experiment `name` (JSON-serialisable). arms: the arms (A/B) or teams
     (interleaving) to report, the first being the baseline; default: order of first appearance.
     weights: the A/B arms' configured weights, for the sample ratio check (`srm`; absent without)."""
@@ -455,7 +459,7 @@ def report(name: str, impressions: pa.Table, events: pa.Table, *, arms: Sequence
            "impressions": imps.num_rows}
     if not imps.num_rows:
         return {**out, "start": None, "end": None, "arms": [], "comparisons": []}
-    data = _prepare(imps, events, names)
+    data = _prepare(imps, events, names, max_click_delay_s)
     end = max(float(data.ts.max()), float(data.click_ts.max()) if len(data.click_ts) else -math.inf)
     look_times = _look_times(float(data.ts.min()), end, look_every_s)
     out.update(start=float(data.ts.min()), end=end,
