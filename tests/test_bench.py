@@ -295,6 +295,7 @@ def fake_stack(server, tmp_path, monkeypatch):
         def __init__(self, config):
             seen["config"] = config
             self.url, self.data = server, tmp_path
+            self.serve_url, self.front = f"{server}/behind-front", None  # Serve's proxy behind the front
 
         def start(self):
             seen["started"] = True
@@ -321,7 +322,7 @@ def fake_stack(server, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("layouts, routes", [
-    (None, {"inline": "/rank", "split": "/split/rank"}),  # the default: inline,split
+    (None, {"fused": "/rank", "inline": "/inline/rank", "split": "/split/rank"}),  # the default: fused,inline,split
     ("split,inline", {"split": "/rank", "inline": "/inline/rank"}),
 ])
 def test_cli_starts_the_stack_with_one_app_per_layout(server, fake_stack, fake_dataset, tmp_path, capsys,
@@ -351,6 +352,32 @@ def test_cli_starts_the_stack_with_one_app_per_layout(server, fake_stack, fake_d
     point = result["summary"]["points"][0]
     assert set(point["ratios"]) == {"noop", "plain"}
     assert result["summary"]["closed"]["plain_p50_ratio"] == default["plain_p50_ratio"]
+
+
+def test_cli_front_hop_adds_the_default_layout_straight_at_serve(server, fake_stack, fake_dataset, tmp_path,
+                                                                 capsys):
+    SEEN.clear()
+    argv = ["bench", "--front-hop", "--layouts", "fused,inline", "--no-plain", "--concurrency", "1",
+            "--requests", "2", "--candidates", "5", "--warmup", "0", "--json", "--out", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["targets"]) == ["fused", "fused_no_front", "inline", "noop_hop", "noop"]
+    assert result["targets"]["fused_no_front"] == f"{server}/behind-front/rank"  # same app, one hop fewer
+    assert result["targets"]["fused"] == f"{server}/rank"
+    assert result["settings"]["layouts"] == ["fused", "inline"] and result["settings"]["front_hop"] is True
+    assert result["settings"]["haproxy"] is True and result["settings"]["front_proxy"] is True  # the defaults
+    assert "fused_no_front" in result["summaries"]
+
+
+def test_bench_runs_fused_first():
+    from rerank.cli.bench import DEFAULT_LAYOUTS
+
+    assert DEFAULT_LAYOUTS == "fused,inline,split"  # the app's default layout on CPU first (at /rank)
+
+
+def test_cli_front_hop_needs_the_local_front(fake_stack, capsys):
+    assert "--front-hop" in _cli_error(capsys, ["--front-hop", "--no-front-proxy"])
+    assert "started" not in fake_stack
 
 
 def test_cli_without_plain_starts_no_plain_server(server, fake_stack, fake_dataset, tmp_path, capsys):

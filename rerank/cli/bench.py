@@ -22,11 +22,13 @@ from rerank.cli.options import add_api_key_argument, api_key
 from rerank.cli.up import add_stack_arguments, serve_env, stack_config
 
 DEFAULT_OUT = Path("benchmarks/results/serving_bench.json")
-DEFAULT_LAYOUTS = "inline,split"
+DEFAULT_LAYOUTS = "fused,inline,split"  # fused first: the app's default on CPU (deployments.app.default_layout)
 BASELINE = "noop"
 FLOOR = "noop_hop"  # deployments.noop.NoopHop: one Serve hop per request, no work (the local stack's /noop-hop)
 PLAIN = "plain"  # rerank.serving.plain: the same work in one process without Ray (a separate server)
 PLAIN_PROCESSES = ("plain", "redis-server")  # what the plain target's server CPU counts
+FRONT = "front_proxy"  # the stack's front HAProxy (rerank.infra.front_proxy), in CPU per process
+NO_FRONT = "_no_front"  # --front-hop: the default layout's target straight at Serve's proxy, behind the front
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -52,6 +54,10 @@ def register(subparsers) -> None:
                         "to --url (default: the --layouts routes under --url); the no-op is URL/noop; a target "
                         f"named {FLOOR} is reported as the hop floor, one named {PLAIN} as the plain reference "
                         "(ratios to it on every row), not as layouts")
+    parser.add_argument("--front-hop", action="store_true",
+                        help="local stack with its front proxy (the default): also the first layout straight at "
+                        f"Serve's proxy behind the front (target LAYOUT{NO_FRONT}), interleaved with the rest, so "
+                        "the front's extra hop shows point by point")
     parser.add_argument("--no-plain", dest="plain", action="store_false",
                         help=f"do not start the plain reference server ({PLAIN}: rerank.serving.plain, no Ray)")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
@@ -220,6 +226,8 @@ def run_bench(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if args.target and not args.url:
         raise _error("--target needs --url (without --url the local stack's layouts are benchmarked)")
+    if args.front_hop and (args.url or not args.front_proxy):
+        raise _error("--front-hop measures the local stack's front proxy: not with --url or --no-front-proxy")
     if args.url:
         if args.data is None:
             raise _error("--url needs --data (the dataset whose users/items to request)")
@@ -239,6 +247,10 @@ def run_bench(args: argparse.Namespace) -> int:
         # what every Ray process got: this module's defaults, --serve-env and the caller's RAY_SERVE_*
         ray_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
         targets = layout_targets(stack.url, layouts)
+        if args.front_hop:  # right after the default layout: the same app, one proxy hop fewer
+            direct = layout_targets(stack.serve_url, layouts[:1])[layouts[0]]
+            targets = {layouts[0]: targets[layouts[0]], layouts[0] + NO_FRONT: direct,
+                       **{k: v for k, v in targets.items() if k != layouts[0]}}
         references = {FLOOR: f"{stack.url}/noop-hop"}
         if args.plain:
             try:
@@ -264,7 +276,10 @@ def run_bench(args: argparse.Namespace) -> int:
                             timeout_s=args.timeout, headers=headers)
         meter = None
         if stack is not None:  # the stack (and the plain server) run as our child processes
-            meter = CpuMeter(names={plain.pid: PLAIN} if plain is not None else None)
+            names = {plain.pid: PLAIN} if plain is not None else {}
+            if getattr(stack, "front", None) is not None and stack.front.pid is not None:
+                names[stack.front.pid] = FRONT  # not to be confused with Serve's HAProxy
+            meter = CpuMeter(names=names or None)
         result = compare(targets, bodies_by_candidates, concurrencies, config, rates=rates, baseline=BASELINE,
                          slo_ms=args.slo_ms, cpu_meter=meter, references=[PLAIN], cpu_counted=cpu_counted)
     finally:
@@ -284,8 +299,10 @@ def run_bench(args: argparse.Namespace) -> int:
         "settings": {"candidates": sorted(bodies_by_candidates), "k": args.k, "duration_s": args.duration,
                      "concurrencies": concurrencies, "rates": rates, "slo_ms": args.slo_ms,
                      "timeout_s": args.timeout, "max_requests": args.requests, "warmup_requests": args.warmup,
-                     "data": str(data), "url": args.url, "local_stack": stack is not None, "layouts": layouts_run,
+                     "data": str(data), "url": args.url, "local_stack": stack is not None,
+                     "layouts": [name for name in layouts_run if not name.endswith(NO_FRONT)],
                      "api_key": bool(key), "throughput_optimized": not args.no_throughput_optimized, "haproxy": args.haproxy,
+                     "front_proxy": args.front_proxy, "front_hop": args.front_hop,
                      "batch_wait_ms": args.batch_wait_ms, "max_batch": args.max_batch,
                      "plain": PLAIN in result["targets"], "serve_env_given": given_env,
                      "serve_env": ray_env},
