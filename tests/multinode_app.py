@@ -52,7 +52,8 @@ def main() -> int:
         ray.init(address=cluster.address, namespace="multinode", log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({"model": None, "registry_uri": args.registry, "registry_poll_s": 0.2,
+        # layout inline: a Scorer deployment, so its replica is tested off the builder's node too
+        app = build_app({"layout": "inline", "model": None, "registry_uri": args.registry, "registry_poll_s": 0.2,
                          "redis_url": args.redis_url, "redis_prefix": "mn:", "data": args.data,
                          "catalogue_refresh_s": 0, "online": {"enabled": True, "publish_every_s": 0.3}})
         serve.run(app, name="multinode", route_prefix="/")

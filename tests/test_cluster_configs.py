@@ -79,7 +79,8 @@ def all_serve_configs() -> list[tuple[str, dict]]:
 
 def deployments_in_app(args: AppArgs) -> set[str]:
     """The Serve deployments build_app creates for these args (Serve refuses overrides of others)."""
-    roles = {"ingress", "scorer"} | ({"features", "ranker"} if args.layout == "split" else set())
+    roles = {"ingress"} | ({"scorer"} if args.layout != "fused" else set()) \
+        | ({"features", "ranker"} if args.layout == "split" else set())
     if args.online.enabled:
         roles.add("trainer")
     if args.sink.enabled:
@@ -102,7 +103,8 @@ def test_serve_configs_target_the_app_and_its_deployments(name, config):
         f"{name}: overrides for deployments the app (layout {args.layout}) does not have: "
         f"{names - deployments_in_app(args)}"
     )
-    assert DEPLOYMENT_NAMES["scorer"] in names
+    # a Scorer entry exactly for the layouts that have one (fused scores in the ingress replica)
+    assert (DEPLOYMENT_NAMES["scorer"] in names) == (args.layout != "fused"), (name, args.layout)
 
 
 @pytest.mark.parametrize(("name", "config"), all_serve_configs(), ids=lambda v: v if isinstance(v, str) else "")

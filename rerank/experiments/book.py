@@ -151,7 +151,7 @@ def servable(name: str, spec: ExperimentSpec, layout: str, arm_trainers: tuple[s
     app's model only; an arm's own trainer is part of the deployed app (serve deploy the config);
     model paths must be absolute (replicas run elsewhere)."""
     if layout == "split" and (spec.type == "interleave" or any(a.model_key for a in spec.arms.values())):
-        return "layout split serves arms that differ in rules only; per-arm models and interleaving need layout inline"
+        return "layout split serves arms that differ in rules only; per-arm models and interleaving need layout inline or fused"
     for arm_name, arm in spec.arms.items():
         if arm.online is not None and f"{name}/{arm_name}" not in arm_trainers:
             return (f"arm {arm_name!r} has online learning, whose trainer is deployed with the app: add the "
