@@ -282,7 +282,9 @@ def main() -> int:
                                                      "trainable": args.online_trainable}}}}
     prefix = "rr:"
     config = LocalStackConfig(port=args.port, online=False, app_args={
-        "experiments": {"learn": learn}, "redis_prefix": prefix, "catalogue_refresh_s": 5.0})
+        "experiments": {"learn": learn}, "redis_prefix": prefix, "catalogue_refresh_s": 5.0,
+        # arm locations: the models next to the app's (the pop model) and the learner's temporary registry
+        "model_roots": [str(DEMO_MODEL.parent), str(POP_MODEL.parent), learner_registry]})
     results: dict = {"scenarios": only}
     with LocalStack(config) as stack:
         app = {**stack.app_args(), "record_impressions": False, "experiments": {}}

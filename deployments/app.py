@@ -34,6 +34,9 @@ the EventSink (deployments/sink.py). `build_app` binds them together at its end.
 - api_keys: scoped API keys (rerank.serving.auth), plus RERANK_API_KEY (rank+events) and
   RERANK_ADMIN_KEY (all scopes) from the environment of the node that builds the app; none =
   auth off, for loopback-only use.
+- model_roots: where experiment arms' `model` / `registry_uri` may point (checked before anything
+  reads or creates them; rerank.experiments.book.check_locations); default: the parents of `model`
+  and of `registry_uri`.
 - redis_url: "redis://...", "env" ($REDIS_URL), or "embedded": a real Redis server owned by a
   detached Ray actor (single node). redis_prefix: every key and the event stream derive from it.
 - data: a dataset directory bulk-loaded into the store when the store is empty.
@@ -66,7 +69,15 @@ from deployments.sink import EventSink
 from rerank.online.config import online_config
 from rerank.serving.auth import ApiKeys
 from rerank.experiments.attribution import AttributionConfig
-from rerank.experiments.book import EXPERIMENT_NAME, Experiment, ExperimentSpec, check_traffic, servable
+from rerank.experiments.book import (
+    EXPERIMENT_NAME,
+    Experiment,
+    ExperimentSpec,
+    check_locations,
+    check_traffic,
+    default_location_roots,
+    servable,
+)
 from rerank.store.keys import DEFAULT_PREFIX
 
 logger = logging.getLogger("ray.serve")
@@ -145,6 +156,9 @@ class AppArgs(BaseModel):
     api_keys: dict[str, dict] | None = Field(
         None, description="name -> {key: 'env:VAR' | 'sha256:<hex>' | key, scopes: [rank, events, admin]}; "
         "RERANK_API_KEY / RERANK_ADMIN_KEY / RERANK_API_KEYS in the builder's environment are added")
+    model_roots: list[str] | None = Field(
+        None, description="where experiment arms' model / registry_uri may point (dirs or scheme://bucket/prefix); "
+        "null = parent of `model` and of `registry_uri`; [] = nowhere")
     history_len: int = Field(50, ge=1)
     ingress_max_batch_size: int = Field(32, ge=1)
     ingress_batch_wait_s: float = Field(0.01, ge=0)
@@ -322,7 +336,7 @@ def prepare_experiments(redis_url: str, prefix: str, experiments: dict[str, Expe
 
 
 def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_uri: str | None,
-                     n_items: int) -> IngressSettings:
+                     n_items: int, location_roots: tuple[str, ...] = ()) -> IngressSettings:
     """The Ingress replicas' settings, from the app's args and what the builder prepared."""
     keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
     if not keys.enabled:
@@ -344,6 +358,7 @@ def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_
         max_in_flight=args.max_in_flight,
         score_timeout_s=args.score_timeout_s,
         keys=keys,
+        location_roots=tuple(location_roots),
         max_batch_size=args.ingress_max_batch_size,
         batch_wait_s=args.ingress_batch_wait_s,
         max_concurrent_batches=args.ingress_max_concurrent_batches,
@@ -362,11 +377,17 @@ def build_app(raw_args: dict) -> serve.Application:
                     "environment before `ray start` for the measured throughput")
     redis_url = resolve_redis_url(args)
     model, registry_uri = _absolute(args.model), _absolute(args.registry_uri)
+    # arm locations before anything reads them (prepare_experiments creates and publishes arm registries)
+    roots = ([_absolute(r) for r in args.model_roots] if args.model_roots is not None
+             else default_location_roots(model, registry_uri))
+    experiments = absolute_experiments(args.experiments)
+    for name, spec in experiments.items():
+        if (problem := check_locations(spec, roots)):
+            raise ValueError(f"experiment {name!r}: {problem}")
     prepare_registry(args)
     if args.data:
         ensure_loaded(redis_url, _absolute(args.data), args.redis_prefix)
     n_items = prepare_store(redis_url, args.redis_prefix, model, registry_uri)
-    experiments = absolute_experiments(args.experiments)
     prepare_experiments(redis_url, args.redis_prefix, experiments, model, registry_uri)
     scorer = None  # fused: the Ingress replicas hold the models themselves
     if args.layout != "fused":
@@ -399,6 +420,6 @@ def build_app(raw_args: dict) -> serve.Application:
         sink = EventSink.options(ray_actor_options={"num_cpus": args.sink.num_cpus}).bind(
             redis_url, _absolute(args.sink.out_dir), prefix=args.redis_prefix, keep_days=args.sink.keep_days,
             flush_every_s=args.sink.flush_every_s, lease_ttl_s=args.sink.lease_ttl_s)
-    settings = ingress_settings(args, redis_url, model, registry_uri, n_items)
+    settings = ingress_settings(args, redis_url, model, registry_uri, n_items, tuple(roots))
     return Ingress.bind(scorer, settings, features=features, ranker=ranker, trainer=trainer,
                         arm_trainers=arm_trainers, sink=sink)

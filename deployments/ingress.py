@@ -110,6 +110,7 @@ class IngressSettings:
     score_timeout_s: float = 2.0  # a slower scorer call gives a degraded (popularity) ranking
     retry_after_s: int = 1
     keys: ApiKeys = field(default_factory=ApiKeys)  # no keys = auth off (loopback only, see rerank.serving.auth)
+    location_roots: tuple[str, ...] = ()  # where experiment arms' models may be (empty: nowhere)
     experiments_refresh_s: float = 1.0  # how soon a changed experiment book reaches this replica
     arm_trainers: tuple[str, ...] = ()  # "experiment/arm" of the arms whose own trainer the app runs
     record_impressions: bool = True

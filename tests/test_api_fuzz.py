@@ -66,11 +66,11 @@ def test_the_openapi_documents_every_route_and_its_error_statuses(fuzz_app):
         ("/rank", "post"), ("/events", "post"), ("/healthz", "get"), ("/model", "get"),
         ("/admin/rollback", "post"), ("/admin/trainer", "get"), ("/admin/sink", "get"), ("/experiments", "get"),
         ("/admin/experiments/{name}", "put"), ("/admin/experiments/{name}", "delete"),
-        ("/experiments/{name}/report", "get")}
+        ("/admin/experiments/{name}/archive", "post"), ("/experiments/{name}/report", "get")}
     for path, method in [("/rank", "post"), ("/events", "post"), ("/model", "get"), ("/admin/rollback", "post"),
                          ("/admin/trainer", "get"), ("/admin/sink", "get"), ("/experiments", "get"),
                          ("/admin/experiments/{name}", "put"), ("/admin/experiments/{name}", "delete"),
-                         ("/experiments/{name}/report", "get")]:
+                         ("/admin/experiments/{name}/archive", "post"), ("/experiments/{name}/report", "get")]:
         assert {"401", "403"} <= set(paths[path][method]["responses"]), path
     for path in ("/rank", "/events"):
         assert {"413", "422", "503"} <= set(paths[path]["post"]["responses"]), path
@@ -89,7 +89,7 @@ def test_generated_requests_to_every_route_get_no_5xx(fuzzed):
     assert fuzzed["requests_by_operation"].keys() == {
         "POST /rank", "POST /events", "GET /healthz", "GET /model", "POST /admin/rollback", "GET /admin/trainer",
         "GET /admin/sink", "GET /experiments", "PUT /admin/experiments/{name}", "DELETE /admin/experiments/{name}",
-        "GET /experiments/{name}/report"}
+        "POST /admin/experiments/{name}/archive", "GET /experiments/{name}/report"}
     assert fuzzed["requests"] >= 200
     server_errors = [f for f in fuzzed["failures"] if f["status"] is None or f["status"] >= 500]
     assert fuzzed["server_errors_5xx"] == 0 and fuzzed["transport_errors"] == 0, json.dumps(server_errors, indent=2)

@@ -197,7 +197,7 @@ def test_the_book_changes_live_without_a_restart(service):
     # refused: relative model paths, an online arm without its deployed trainer, a full book
     bad = {"arms": {"a": {"model": "relative/path"}}, "traffic": 0.0}
     assert client.put("/admin/experiments/new", json=bad).status_code == 409
-    online = {"traffic": 0.0, "arms": {"a": {"registry_uri": "/tmp/r", "online": {}}}}
+    online = {"traffic": 0.0, "arms": {"a": {"registry_uri": str(service["shop"] / "no-trainer"), "online": {}}}}
     assert client.put("/admin/experiments/new", json=online).status_code == 409
     assert client.put("/admin/experiments/new", json={"traffic": 0.5, "arms": {"a": {}}}).status_code == 422
     assert client.delete("/admin/experiments/none-such").status_code == 404

@@ -1,6 +1,10 @@
-"""Experiment management: GET /experiments, PUT / DELETE /admin/experiments/{name}, and the
-readout GET /experiments/{name}/report, which runs on the EventSink replica (a Parquet scan
-never takes the serving replica's CPU or memory)."""
+"""Experiment management: GET /experiments, PUT / DELETE /admin/experiments/{name},
+POST /admin/experiments/{name}/archive, and the readout GET /experiments/{name}/report, which runs
+on the EventSink replica (a Parquet scan never takes the serving replica's CPU or memory).
+
+An arm's model / registry_uri must lie inside the app's location roots (`model_roots`, default the
+parents of the app's model and registry; rerank.experiments.book.check_locations), checked before
+anything reads it."""
 
 import asyncio
 
@@ -11,6 +15,8 @@ from deployments.routes.common import KEYED, RETRY_LATER, UNPARSABLE, Replica, b
 from rerank.experiments.book import (
     EXPERIMENT_NAME,
     ExperimentSpec,
+    archive_experiment,
+    check_locations,
     read_book,
     servable,
     stop_experiment,
@@ -33,13 +39,17 @@ async def experiments(ingress: Replica, credentials: HTTPAuthorizationCredential
 
 
 @router.put("/admin/experiments/{name}", responses={**KEYED, 400: UNPARSABLE, 409: {
-    "description": "the layout or the app cannot serve it (split layout with models, an online arm "
-                   "without its trainer, an arm model that does not load)"}})
+    "description": "the layout or the app cannot serve it (an arm model or registry outside the app's "
+                   "model_roots, split layout with models, an online arm without its trainer, an arm model "
+                   "that does not load)"}})
 async def put_experiment(ingress: Replica, body: ExperimentSpec, name: str = Path(pattern=EXPERIMENT_NAME),
                          credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
     """Add or change an experiment (ramp weights, add arms); replicas follow within a second."""
     ingress.authorize(credentials, "admin", "/admin/experiments")
-    problem = servable(name, body, ingress.settings.layout, ingress.settings.arm_trainers)
+    # where the arms' models may be, before anything reads them (a thread: realpath can block on a hung mount)
+    problem = await asyncio.to_thread(check_locations, body, ingress.settings.location_roots)
+    if problem is None:
+        problem = servable(name, body, ingress.settings.layout, ingress.settings.arm_trainers)
     if problem is None:  # refuse an arm whose model no scorer could load (its users would go degraded)
         try:
             check = asyncio.get_running_loop().run_in_executor(ingress.model_checks, unreadable_model, body)
@@ -66,6 +76,25 @@ async def delete_experiment(ingress: Replica, name: str = Path(pattern=EXPERIMEN
         raise HTTPException(404, detail=f"no experiment {name!r}")
     ingress.book.refresh()
     return {"name": name, "status": stopped.status}
+
+
+@router.post("/admin/experiments/{name}/archive", responses={
+    **KEYED, 404: {"description": "no such experiment"},
+    409: {"description": "the experiment is running: stop it first"}})
+async def archive(ingress: Replica, name: str = Path(pattern=EXPERIMENT_NAME),
+                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+    """Remove a stopped experiment from the book, freeing its traffic range (other experiments keep
+    theirs, and their users); its events stay in the sink for the readout. Needs the admin scope."""
+    ingress.authorize(credentials, "admin", "/admin/experiments")
+    try:
+        archived = await asyncio.to_thread(archive_experiment, ingress.redis, ingress.store.keys.experiments, name)
+    except ValueError:
+        raise HTTPException(409, detail=f"experiment {name!r} is running: stop it first "
+                            f"(DELETE /admin/experiments/{name})") from None
+    if archived is None:
+        raise HTTPException(404, detail=f"no experiment {name!r}")
+    ingress.book.refresh()
+    return {"name": name, "archived": True}
 
 
 @router.get("/experiments/{name}/report", responses={**KEYED, 404: {"description": "no sink data configured"},
