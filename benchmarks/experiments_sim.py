@@ -284,7 +284,8 @@ def main() -> int:
     config = LocalStackConfig(port=args.port, online=False, app_args={
         "experiments": {"learn": learn}, "redis_prefix": prefix, "catalogue_refresh_s": 5.0,
         # arm locations: the models next to the app's (the pop model) and the learner's temporary registry
-        "model_roots": [str(DEMO_MODEL.parent), str(POP_MODEL.parent), learner_registry]})
+        "model_roots": [str(DEMO_MODEL.parent), str(POP_MODEL.parent), learner_registry],
+        "allow_no_auth": True})  # a loopback stack of its own, without keys
     results: dict = {"scenarios": only}
     with LocalStack(config) as stack:
         app = {**stack.app_args(), "record_impressions": False, "experiments": {}}

@@ -32,8 +32,10 @@ the EventSink (deployments/sink.py). `build_app` binds them together at its end.
   impressions and events to Parquet by day (rerank.eventlog.sink; one sink per stream, by a Redis lease);
   GET /experiments/NAME/report reads it, on the sink's replica (EventSink.report).
 - api_keys: scoped API keys (rerank.serving.auth), plus RERANK_API_KEY (rank+events) and
-  RERANK_ADMIN_KEY (all scopes) from the environment of the node that builds the app; none =
-  auth off, for loopback-only use.
+  RERANK_ADMIN_KEY (all scopes) from the environment of the node that builds the app. Without any
+  key the build fails unless `allow_no_auth: true` (auth off, every route open: loopback only; it
+  logs a warning and /healthz says `"auth": "off"`). `docs`: with keys, /docs and /openapi.json
+  need the admin key unless `docs: true` (then open); without keys they are open.
 - model_roots: where experiment arms' `model` / `registry_uri` may point (checked before anything
   reads or creates them; rerank.experiments.book.check_locations); default: the parents of `model`
   and of `registry_uri`.
@@ -154,8 +156,14 @@ class AppArgs(BaseModel):
     max_in_flight: int = Field(64, ge=1, description="/rank requests inside one ingress replica before 503 + Retry-After (about a second of a CPU replica's capacity)")
     score_timeout_s: float = Field(2.0, gt=0, description="slower scorer calls give a degraded ranking")
     api_keys: dict[str, dict] | None = Field(
-        None, description="name -> {key: 'env:VAR' | 'sha256:<hex>' | key, scopes: [rank, events, admin]}; "
-        "RERANK_API_KEY / RERANK_ADMIN_KEY / RERANK_API_KEYS in the builder's environment are added")
+        None, description="name -> {key: 'env:VAR' | 'sha256:<hex>' | key, scopes: [rank, events, admin], "
+        "user_prefix?, rate_per_s?, burst?}; RERANK_API_KEY / RERANK_ADMIN_KEY / RERANK_API_KEYS in the "
+        "builder's environment are added")
+    allow_no_auth: bool = Field(
+        False, description="start without any API key (every route open): for loopback-only use; without it "
+        "a build with no keys fails")
+    docs: bool = Field(False, description="with API keys: /docs and /openapi.json open to anyone (default: "
+                       "admin key only); without keys they are always open")
     model_roots: list[str] | None = Field(
         None, description="where experiment arms' model / registry_uri may point (dirs or scheme://bucket/prefix); "
         "null = parent of `model` and of `registry_uri`; [] = nowhere")
@@ -335,12 +343,30 @@ def prepare_experiments(redis_url: str, prefix: str, experiments: dict[str, Expe
         client.close()
 
 
-def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_uri: str | None,
-                     n_items: int, location_roots: tuple[str, ...] = ()) -> IngressSettings:
-    """The Ingress replicas' settings, from the app's args and what the builder prepared."""
-    keys = ApiKeys.load(args.api_keys)  # digests only: no key travels to the replicas
+NO_KEYS = (
+    "no API keys configured: set RERANK_API_KEY and RERANK_ADMIN_KEY (or RERANK_API_KEYS) in the environment "
+    "of the node that builds the app, or `api_keys` in the app args; or set `allow_no_auth: true` in the app "
+    "args to serve every route without authentication (loopback-only use: bind the HTTP proxy to 127.0.0.1)"
+)
+
+
+def load_keys(args: AppArgs) -> ApiKeys:
+    """The app's API keys (digests only: no key travels to the replicas). No keys: a ValueError
+    naming both ways out, unless `allow_no_auth` (then a warning: every route is open)."""
+    keys = ApiKeys.load(args.api_keys)
     if not keys.enabled:
-        logger.warning("rerank: no API keys configured: every route is open (bind the HTTP proxy to loopback)")
+        if not args.allow_no_auth:
+            raise ValueError(NO_KEYS)
+        logger.warning("rerank: authentication is OFF (allow_no_auth: true, no API keys): every route, /admin "
+                       "included, is open to whoever reaches the HTTP proxy; bind it to loopback only")
+    return keys
+
+
+def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_uri: str | None,
+                     n_items: int, keys: ApiKeys | None = None,
+                     location_roots: tuple[str, ...] = ()) -> IngressSettings:
+    """The Ingress replicas' settings, from the app's args and what the builder prepared."""
+    keys = load_keys(args) if keys is None else keys
     return IngressSettings(
         redis_url=redis_url,
         prefix=args.redis_prefix,
@@ -358,6 +384,7 @@ def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_
         max_in_flight=args.max_in_flight,
         score_timeout_s=args.score_timeout_s,
         keys=keys,
+        docs=args.docs,
         location_roots=tuple(location_roots),
         max_batch_size=args.ingress_max_batch_size,
         batch_wait_s=args.ingress_batch_wait_s,
@@ -372,6 +399,7 @@ def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_
 def build_app(raw_args: dict) -> serve.Application:
     """Build the graph from `raw_args` (validated into AppArgs)."""
     args = AppArgs.model_validate(raw_args or {})
+    keys = load_keys(args)  # before anything is created: a build without keys fails first
     if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
         logger.info("RAY_SERVE_THROUGHPUT_OPTIMIZED is not set on this node: set it in every node's "
                     "environment before `ray start` for the measured throughput")
@@ -420,6 +448,6 @@ def build_app(raw_args: dict) -> serve.Application:
         sink = EventSink.options(ray_actor_options={"num_cpus": args.sink.num_cpus}).bind(
             redis_url, _absolute(args.sink.out_dir), prefix=args.redis_prefix, keep_days=args.sink.keep_days,
             flush_every_s=args.sink.flush_every_s, lease_ttl_s=args.sink.lease_ttl_s)
-    settings = ingress_settings(args, redis_url, model, registry_uri, n_items, tuple(roots))
+    settings = ingress_settings(args, redis_url, model, registry_uri, n_items, keys, tuple(roots))
     return Ingress.bind(scorer, settings, features=features, ranker=ranker, trainer=trainer,
                         arm_trainers=arm_trainers, sink=sink)

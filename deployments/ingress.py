@@ -19,11 +19,17 @@ concurrency the configured wait lets batches form. How a request is ranked in it
 arm (its RankPlan) is a pure function of it: rerank.serving.planning.
 
 Safety: every route but /healthz needs an API key with its scope when keys are configured
-(rerank.serving.auth; 401 / 403). One request never fails another of its batch: a request whose
-ranking fails gets its own 500, a scorer that fails or times out gives every request of the
-batch a popularity ranking flagged `degraded` (inline and fused layouts; fused: a forward pass
-that fails or takes longer than score_timeout_s), and over `max_in_flight`
-requests the ingress answers 503 with Retry-After at once instead of queueing. Bodies over
+(rerank.serving.auth), checked by the KeyGate middleware (routes/common.py) from the headers
+before the body is read: 401 / 403, then the key's rate limit (429 + Retry-After); /docs and
+/openapi.json need the admin key unless `docs`. A key bound to a tenant (user_prefix) may name
+only its tenant's users in /rank and /events (403). A build without keys needs allow_no_auth
+(deployments/app.py). Event writes that hold an event without event_id go through a store client
+that never re-sends a timed-out command (no marker would catch the duplicate).
+One request never fails another of its batch: a request whose ranking fails gets its own 500,
+a scorer that fails or times out gives every request of the batch a popularity ranking flagged
+`degraded` (inline and fused layouts; fused: a forward pass that fails or takes longer than
+score_timeout_s), and over `max_in_flight` requests the ingress answers 503 with Retry-After at
+once instead of queueing. Bodies over
 MAX_BODY_BYTES get 413 before they are parsed. Error bodies name no secrets. The experiment
 readout (a Parquet scan) runs on the EventSink replica, never here.
 """
@@ -47,11 +53,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import ServingMetrics
 from deployments.routes import admin, experiments, health, rank
-from deployments.routes.common import BodyLimit, resolve, unavailable, validation_error
+from deployments.routes.common import BodyLimit, KeyGate, Recent, resolve, unavailable, validation_error
 from deployments.scorer import model_off_loop
 from rerank.serving.api import DEFAULT_MAX_CATALOGUE_ITEMS, RankRequest
 from rerank.infra.redact import redact
-from rerank.serving.auth import ApiKeys, AuthError, Scope
+from rerank.serving.auth import ApiKeys, AuthError, RateLimiter, Scope
 from rerank.experiments.attribution import AttributionConfig, ImpressionLog
 from rerank.experiments.book import Assignment, LiveBook
 from rerank.store.events import Event
@@ -74,6 +80,7 @@ from rerank.serving.scoring import ScoreInput
 
 logger = logging.getLogger("ray.serve")
 SPLIT_CHAIN_TIMEOUTS = 3  # the split layout's three chained hops get score_timeout_s each
+RECENT_S = 1.0  # /healthz's trainer stats and /model's freshness (stream counts) at most this often per replica
 LAYOUTS = ("inline", "split", "fused")
 
 app = FastAPI(
@@ -82,6 +89,7 @@ app = FastAPI(
     version="0.2.0",
 )
 app.add_middleware(BodyLimit)
+app.add_middleware(KeyGate)  # added last = outermost: the key is checked before BodyLimit or FastAPI read the body
 app.add_exception_handler(RequestValidationError, validation_error)
 for _routes in (rank, health, admin, experiments):  # before @serve.ingress below: it freezes a copy of `app`
     app.include_router(_routes.router)
@@ -110,11 +118,20 @@ class IngressSettings:
     score_timeout_s: float = 2.0  # a slower scorer call gives a degraded (popularity) ranking
     retry_after_s: int = 1
     keys: ApiKeys = field(default_factory=ApiKeys)  # no keys = auth off (loopback only, see rerank.serving.auth)
+    docs: bool = False  # with keys: /docs and /openapi.json open to anyone (else the admin key's)
     location_roots: tuple[str, ...] = ()  # where experiment arms' models may be (empty: nowhere)
     experiments_refresh_s: float = 1.0  # how soon a changed experiment book reaches this replica
     arm_trainers: tuple[str, ...] = ()  # "experiment/arm" of the arms whose own trainer the app runs
     record_impressions: bool = True
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+
+
+def event_store(events: list[Event], retrying: FeatureStore, once: FeatureStore) -> FeatureStore:
+    """`once` (a client that never re-sends a command: retries=0) when any event has no event_id:
+    such an event has no idempotency marker, so a write re-sent after a timeout (the server may have
+    run the first one) would store it twice. Else `retrying`: a re-sent event with an event_id is a
+    duplicate that its marker drops, and the retry rides out a pooled connection that died."""
+    return retrying if all(e.event_id is not None for e in events) else once
 
 
 @dataclass
@@ -152,6 +169,10 @@ class Ingress:
         self.settings = settings
         self.store = FeatureStore(settings.redis_url, prefix=settings.prefix, item_capacity=settings.item_capacity,
                                   new_item_rate_per_min=settings.new_item_rate_per_min)
+        # writes holding an event without event_id: a client that never re-sends (see event_store)
+        self.store_once = FeatureStore(settings.redis_url, prefix=settings.prefix, retries=0,
+                                       item_capacity=settings.item_capacity,
+                                       new_item_rate_per_min=settings.new_item_rate_per_min)
         self.catalogue = serving_catalogue(settings.model, settings.registry_uri, self.store,
                                            settings.catalogue_refresh_s)
         if settings.layout in ("inline", "fused"):
@@ -165,13 +186,15 @@ class Ingress:
             # the event loop, nor the default pool that the Redis calls of /rank and /events use
             self.forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fused-forward")
         self.metrics = ServingMetrics()
+        self.rate_limiter = RateLimiter()  # per key name, per replica (ApiKeys.rate_of; KeyGate applies it)
+        self.recent = Recent(RECENT_S)  # counts of stream entries (trainer lag, freshness): once a second at most
         self._in_flight = 0
         self._model_versions: dict[str, str] = {}  # model key -> last version it answered with (degraded answers)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.book = LiveBook(self.redis, self.store.keys.experiments, settings.experiments_refresh_s)
         self.impressions = ImpressionLog(self.redis, self.store.keys, settings.attribution)
-        # arm model checks may take long: their own threads, never the event loop's default pool
-        # that the Redis calls of /rank and /events use
+        # arm model checks and registry reads (rollback) may take long: their own threads, never the
+        # event loop's default pool that the Redis calls of /rank and /events use
         self.model_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slow-admin")
         # the batch queue is built per replica so that every knob comes from the app's args
         self._rank_batch = serve.batch(
@@ -188,6 +211,19 @@ class Ingress:
         except AuthError as err:
             self.metrics.requests.inc(tags={"route": route, "status": str(err.status)})
             raise HTTPException(err.status, detail=err.message, headers=err.headers) from None
+
+    def check_user(self, name: str, user_id: str, route: str, where: str = "") -> None:
+        """403 HTTPException when the key `name` is bound to a tenant (user_prefix) that `user_id`
+        is outside of (counted under `route`); `where` prefixes the message (e.g. "events[3]: ")."""
+        try:
+            self.settings.keys.check_user(name, user_id)
+        except AuthError as err:
+            self.metrics.requests.inc(tags={"route": route, "status": str(err.status)})
+            raise HTTPException(err.status, detail=f"{where}{err.message}") from None
+
+    def event_store(self, events: list[Event]) -> FeatureStore:
+        """The store to write `events` with (see `event_store`)."""
+        return event_store(events, self.store, self.store_once)
 
     # ------------------------------------------------------------------ /rank
     @property

@@ -55,7 +55,8 @@ def main() -> int:
         # layout inline: a Scorer deployment, so its replica is tested off the builder's node too
         app = build_app({"layout": "inline", "model": None, "registry_uri": args.registry, "registry_poll_s": 0.2,
                          "redis_url": args.redis_url, "redis_prefix": "mn:", "data": args.data,
-                         "catalogue_refresh_s": 0, "online": {"enabled": True, "publish_every_s": 0.3}})
+                         "catalogue_refresh_s": 0, "online": {"enabled": True, "publish_every_s": 0.3},
+                         "allow_no_auth": True})  # loopback proxy, test cluster
         serve.run(app, name="multinode", route_prefix="/")
         replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica")]
         out["replica_nodes"] = {a.class_name: a.node_id for a in replicas}

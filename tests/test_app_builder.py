@@ -80,5 +80,6 @@ def test_each_layout_builds_its_deployments_and_fused_has_no_scorer(redis_server
 
     redis_server.start()
     app = build_app({"model": str(tiny_model), "redis_url": redis_server.url, "layout": layout,
-                     "redis_prefix": f"t{uuid.uuid4().hex[:8]}:", "online": {"enabled": False}})
+                     "redis_prefix": f"t{uuid.uuid4().hex[:8]}:", "online": {"enabled": False},
+                     "allow_no_auth": True})
     assert {d.name for d in built(app, name="builder-test").deployments} == deployments

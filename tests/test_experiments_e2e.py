@@ -56,7 +56,7 @@ def service(request, serve_url, redis_server, shop):
     args = {
         "layout": layout, "model": str(shop / "model"), "redis_url": redis_server.url, "redis_prefix": prefix,
         "online": {"enabled": False, "num_cpus": 0.1}, "catalogue_refresh_s": 0, "experiments": experiments,
-        "sink": {"enabled": True, "out_dir": str(sink)},
+        "sink": {"enabled": True, "out_dir": str(sink)}, "allow_no_auth": True,
     }  # fmt: skip
     serve.run(build_app(args), name=name, route_prefix=route)
     client = httpx.Client(base_url=f"{serve_url}{route}", timeout=30)

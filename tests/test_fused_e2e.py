@@ -62,7 +62,7 @@ def deploy(serve_url, shop):
     def run(name: str, **args) -> httpx.Client:
         base = {"layout": "fused", "model": str(shop["root"] / "model"), "redis_url": shop["redis_url"],
                 "redis_prefix": PREFIX, "catalogue_refresh_s": 0, "ingress_batch_wait_s": 0.02,
-                "online": {"enabled": False}}
+                "online": {"enabled": False}, "allow_no_auth": True}
         serve.run(build_app({**base, **args}), name=name, route_prefix=f"/{name}")
         names.append(name)
         return httpx.Client(base_url=f"{serve_url}/{name}", timeout=30)

@@ -154,7 +154,7 @@ def test_weight_swaps_under_concurrent_rank_load_fail_no_request(serve_url, redi
     ensure_loaded(redis_server.url, str(tiny[0]), prefix)
     app = build_app({"model": str(tiny[1]), "registry_uri": registry.uri, "registry_poll_s": 0.1,
                      "redis_url": redis_server.url, "redis_prefix": prefix, "ingress_batch_wait_s": 0.01,
-                     "catalogue_refresh_s": 0,
+                     "catalogue_refresh_s": 0, "allow_no_auth": True,
                      "online": {"enabled": True, "publish_every_s": 0.3, "read_count": 64}})  # the app's trainer
     serve.run(app, name="online-swap", route_prefix="/")
     url = serve_url

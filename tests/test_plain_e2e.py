@@ -35,7 +35,7 @@ def both(serve_url, redis_server, tmp_path_factory):
     redis_server.start()
     ensure_loaded(redis_server.url, str(data), PREFIX)
     args = {"model": str(model), "redis_url": redis_server.url, "redis_prefix": PREFIX, "catalogue_refresh_s": 0,
-            "online": {"enabled": False}}
+            "online": {"enabled": False}, "allow_no_auth": True}
     for layout in LAYOUTS:
         serve.run(build_app({**args, "layout": layout}), name=f"{APP}-{layout}", route_prefix=f"/plain-e2e-{layout}")
     plain = PlainServer(PlainSettings.from_app_args(args), log=root / "plain.log").start()

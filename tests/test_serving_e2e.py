@@ -66,6 +66,7 @@ def service(serve_url, redis_server, shop):
         "layout": "inline", "model": str(shop["model"]), "registry_uri": shop["registry"].uri, "registry_poll_s": 0.2,
         "redis_url": redis_server.url, "redis_prefix": PREFIX, "max_candidates": MAX_CANDIDATES,
         "ingress_batch_wait_s": 0.02, "catalogue_refresh_s": 0, "online": {"enabled": False},
+        "allow_no_auth": True,  # loopback test proxy, no keys
     }  # fmt: skip
     serve.run(build_app(args), name=APP, route_prefix="/")
     for layout in LAYOUTS[1:]:

@@ -1,4 +1,9 @@
-"""Admin of online learning and the sink: POST /admin/rollback, GET /admin/trainer, GET /admin/sink."""
+"""Admin of online learning and the sink: POST /admin/rollback, GET /admin/trainer, GET /admin/sink.
+
+A rollback reads and writes the model registry (a local directory or an object store such as S3):
+all of it, the registry's construction included, runs on the replica's slow-admin threads
+(Ingress.model_checks) within ROLLBACK_TIMEOUT_S, never on the event loop nor on the default pool
+that the Redis calls of /rank and /events use; a registry that does not answer in time is a 503."""
 
 import asyncio
 
@@ -6,11 +11,25 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials
 from ray.serve.handle import DeploymentHandle
 
-from deployments.routes.common import KEYED, UNPARSABLE, Replica, bearer, resolve
+from deployments.routes.common import KEYED, RETRY_LATER, UNPARSABLE, Replica, bearer, resolve, unavailable
 from rerank.infra.redact import redact
 from rerank.serving.api import RollbackRequest
 
+ROLLBACK_TIMEOUT_S = 10.0  # the registry's reads and writes of one POST /admin/rollback; longer is a 503
 router = APIRouter()
+
+
+def _move_pointer(registry_uri: str, body: RollbackRequest) -> dict:
+    """The rollback itself, blocking (registry I/O): on a slow-admin thread."""
+    from rerank.models.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_uri)
+    if body.unpin:
+        registry.unpin()
+    else:
+        registry.rollback(body.version, body.reason or "admin rollback")
+    ptr = registry.pointer()
+    return {"latest": ptr.version if ptr else None, "pinned": bool(ptr and ptr.pinned)}
 
 
 async def _trainer_stats(trainer: DeploymentHandle) -> dict:
@@ -20,29 +39,29 @@ async def _trainer_stats(trainer: DeploymentHandle) -> dict:
 
 
 @router.post("/admin/rollback", responses={**KEYED, 400: UNPARSABLE, 404: {"description": "no such version"},
-                                           409: {"description": "the app has no registry"}})
+                                           409: {"description": "the app has no registry"}, 503: RETRY_LATER})
 async def admin_rollback(ingress: Replica, body: RollbackRequest,
                          credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
     """Point the registry's LATEST at `version` and pin it (or `unpin: true` to release the pin);
-    the scorers follow within a poll interval. Needs the admin scope."""
-    from rerank.models.registry import ModelRegistry, RegistryError
+    the scorers follow within a poll interval. Needs the admin scope. 503 when the registry does
+    not answer within 10 s (the change may still land: check GET /model)."""
+    from rerank.models.registry import RegistryError
 
     ingress.authorize(credentials, "admin", "/admin/rollback")
     if not ingress.settings.registry_uri:
         raise HTTPException(409, detail="the app has no registry_uri; nothing to roll back")
-    registry = ModelRegistry(ingress.settings.registry_uri)
+    if not body.unpin and body.version is None:
+        raise HTTPException(422, detail=[{"loc": ["body", "version"], "msg": "give version or unpin",
+                                          "type": "value_error"}])
+    call = asyncio.get_running_loop().run_in_executor(ingress.model_checks, _move_pointer,
+                                                      ingress.settings.registry_uri, body)
     try:
-        if body.unpin:
-            await asyncio.to_thread(registry.unpin)
-        else:
-            if body.version is None:
-                raise HTTPException(422, detail=[{"loc": ["body", "version"], "msg": "give version or unpin",
-                                                  "type": "value_error"}])
-            await asyncio.to_thread(registry.rollback, body.version, body.reason or "admin rollback")
+        return await asyncio.wait_for(call, timeout=ROLLBACK_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return unavailable(f"the model registry did not answer within {ROLLBACK_TIMEOUT_S:g} s (the rollback may "
+                           "still take effect: check GET /model)", ingress.settings.retry_after_s)
     except RegistryError as err:
         raise HTTPException(404, detail=redact(str(err))) from None
-    ptr = registry.pointer()
-    return {"latest": ptr.version if ptr else None, "pinned": bool(ptr and ptr.pinned)}
 
 
 @router.get("/admin/trainer", responses={**KEYED, 404: {"description": "the app runs without a trainer"}})

@@ -18,7 +18,8 @@ router = APIRouter()
 async def rank(ingress: Replica, body: RankRequest,
                credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
     """Re-rank `candidates` (or the whole catalogue) for `user_id`."""
-    ingress.authorize(credentials, "rank", "/rank")
+    name = ingress.authorize(credentials, "rank", "/rank")
+    ingress.check_user(name, body.user_id, "/rank")  # a tenant's key ranks its own users only
     settings = ingress.settings
     try:
         check_rank_limits(body, settings.max_candidates, catalogue_size=ingress.catalogue.current.n_items,
@@ -39,11 +40,14 @@ async def rank(ingress: Replica, body: RankRequest,
 async def events(ingress: Replica, body: EventsRequest,
                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
     """Store behaviour events: one atomic Redis step each, one round trip for the request."""
-    ingress.authorize(credentials, "events", "/events")
+    name = ingress.authorize(credentials, "events", "/events")
+    for i, event in enumerate(body.events):  # a tenant's key writes its own users' history only; before any write
+        ingress.check_user(name, event.user_id, "/events", f"events[{i}]: ")
     metrics = ingress.metrics
     try:
         events = await asyncio.to_thread(ingress.attributed, body.events)
-        written = await asyncio.to_thread(ingress.store.write_events_detailed, events)
+        # events without event_id: a client that never re-sends a timed-out write (no marker to drop a copy)
+        written = await asyncio.to_thread(ingress.event_store(events).write_events_detailed, events)
     except (FeatureStoreUnavailable, redis.RedisError):
         metrics.requests.inc(tags={"route": "/events", "status": "503"})
         return unavailable("feature store unavailable, events not stored", ingress.settings.retry_after_s)
