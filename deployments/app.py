@@ -71,6 +71,7 @@ from deployments.sink import EventSink
 from rerank.online.config import online_config
 from rerank.serving.auth import ApiKeys
 from rerank.experiments.attribution import AttributionConfig
+from rerank.serving.api import EventTsBounds
 from rerank.experiments.book import (
     EXPERIMENT_NAME,
     Experiment,
@@ -183,7 +184,17 @@ class AppArgs(BaseModel):
         "at build, changed live with PUT/DELETE /admin/experiments/NAME")
     record_impressions: bool = True
     attribution_window_s: float = Field(1800.0, gt=0, description="how long an impression can earn clicks")
-    impressions_maxlen: int = Field(1_000_000, ge=1000, description="cap of the impressions stream (MAXLEN ~)")
+    impressions_maxlen: int = Field(1_000_000, ge=1000, description="entry cap of the impressions stream")
+    impressions_max_bytes: int = Field(256 * 2**20, ge=2**20, description="byte budget of the impressions stream")
+    max_impression_items: int = Field(100, ge=1, le=1000, description="items of an answer stored for attribution")
+    max_impression_bytes: int = Field(8192, ge=1024, description="bytes of an answer's stored items (their JSON)")
+    event_ttl_s: int = Field(6 * 3600, ge=60, description="how long a duplicate event_id is recognised")
+    max_bought: int = Field(500, ge=1, description="purchased items kept per user")
+    expected_events_per_s: float = Field(200.0, ge=0, description="event rate the memory plan is checked for")
+    refuse_unfit_memory: bool = Field(False, description="refuse to start when the memory plan exceeds maxmemory")
+    max_event_future_skew_s: float = Field(300.0, ge=0, description="how far ahead of the server clock an event ts may be")
+    min_event_ts: float = Field(0.0, ge=0, description="the earliest event ts accepted")
+    item_cache_ttl_s: float = Field(1.0, ge=0, description="how old a replica's cached item counters may be (0 = off)")
     sink: SinkArgs = Field(default_factory=SinkArgs)
 
     @model_validator(mode="before")
@@ -290,7 +301,8 @@ def prepare_registry(args: AppArgs) -> None:
         raise ValueError(f"model {model}: not a model directory (config.json missing)")
 
 
-def prepare_store(redis_url: str, prefix: str, model: str | None, registry_uri: str | None) -> int:
+def prepare_store(redis_url: str, prefix: str, model: str | None, registry_uri: str | None,
+                  args: AppArgs | None = None) -> int:
     """Warn about a Redis that may evict or grow without bound, and keep new item ids above the
     served model's items (an emptied Redis would otherwise hand their idx out again).
     Returns the served model's item count."""
@@ -300,9 +312,12 @@ def prepare_store(redis_url: str, prefix: str, model: str | None, registry_uri: 
 
     model_dir, _ = resolve_model_dir(model, registry_uri)
     n_items = int(read_config(model_dir)["n_items"])
-    store = FeatureStore(redis_url, prefix=prefix)
+    args = args or AppArgs()
+    store = FeatureStore(redis_url, prefix=prefix, event_ttl_s=args.event_ttl_s, max_bought=args.max_bought)
+    projection = store.memory_projection(expected_events_per_s=args.expected_events_per_s,
+                                         impressions_max_bytes=args.impressions_max_bytes)
     try:
-        for problem in store.check_server():
+        for problem in store.check_server(projection=projection, refuse=args.refuse_unfit_memory):
             logger.warning("rerank: Redis: %s", problem)
         store.ensure_item_floor(n_items)
     finally:
@@ -392,7 +407,14 @@ def ingress_settings(args: AppArgs, redis_url: str, model: str | None, registry_
         adaptive_wait=args.adaptive_wait,
         arm_trainers=args.arm_trainers(),
         record_impressions=args.record_impressions,
-        attribution=AttributionConfig(window_s=args.attribution_window_s, impressions_maxlen=args.impressions_maxlen),
+        attribution=AttributionConfig(window_s=args.attribution_window_s, impressions_maxlen=args.impressions_maxlen,
+                                      impressions_max_bytes=args.impressions_max_bytes,
+                                      max_impression_items=args.max_impression_items,
+                                      max_impression_bytes=args.max_impression_bytes),
+        event_ttl_s=args.event_ttl_s,
+        max_bought=args.max_bought,
+        event_ts_bounds=EventTsBounds(args.max_event_future_skew_s, args.min_event_ts),
+        item_cache_ttl_s=args.item_cache_ttl_s,
     )
 
 
@@ -415,7 +437,7 @@ def build_app(raw_args: dict) -> serve.Application:
     prepare_registry(args)
     if args.data:
         ensure_loaded(redis_url, _absolute(args.data), args.redis_prefix)
-    n_items = prepare_store(redis_url, args.redis_prefix, model, registry_uri)
+    n_items = prepare_store(redis_url, args.redis_prefix, model, registry_uri, args)
     prepare_experiments(redis_url, args.redis_prefix, experiments, model, registry_uri)
     scorer = None  # fused: the Ingress replicas hold the models themselves
     if args.layout != "fused":
@@ -428,7 +450,7 @@ def build_app(raw_args: dict) -> serve.Application:
     features = ranker = trainer = None
     if args.layout == "split":
         features = FeatureFetch.bind(redis_url, model, registry_uri, args.history_len, args.redis_prefix,
-                                     args.catalogue_refresh_s)
+                                     args.catalogue_refresh_s, args.item_cache_ttl_s)
         ranker = Ranker.bind(model, registry_uri, redis_url, args.redis_prefix, args.catalogue_refresh_s)
     if args.online.enabled:
         trainer = OnlineTrainer.options(ray_actor_options={"num_cpus": args.online.num_cpus}).bind(

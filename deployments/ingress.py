@@ -55,7 +55,7 @@ from deployments.metrics import ServingMetrics
 from deployments.routes import admin, experiments, health, rank
 from deployments.routes.common import BodyLimit, KeyGate, Recent, resolve, unavailable, validation_error
 from deployments.scorer import model_off_loop
-from rerank.serving.api import DEFAULT_MAX_CATALOGUE_ITEMS, RankRequest
+from rerank.serving.api import DEFAULT_MAX_CATALOGUE_ITEMS, EventTsBounds, RankRequest, configure_event_ts
 from rerank.infra.redact import redact
 from rerank.serving.auth import ApiKeys, AuthError, RateLimiter, Scope
 from rerank.experiments.attribution import AttributionConfig, ImpressionLog
@@ -74,6 +74,7 @@ from rerank.serving.pipeline import (
     score_groups,
     serving_catalogue,
 )
+from rerank.serving.item_cache import ItemCache
 from rerank.serving.models import ModelPool
 from rerank.serving.planning import attributed_event, rank_plan
 from rerank.serving.scoring import ScoreInput
@@ -124,6 +125,10 @@ class IngressSettings:
     arm_trainers: tuple[str, ...] = ()  # "experiment/arm" of the arms whose own trainer the app runs
     record_impressions: bool = True
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    event_ttl_s: int = 6 * 3600  # how long a duplicate event_id is recognised
+    max_bought: int = 500  # purchased items kept per user
+    event_ts_bounds: EventTsBounds = field(default_factory=EventTsBounds)  # the range of an event's ts
+    item_cache_ttl_s: float = 1.0  # how old this replica's cached item counters may be (0 = off)
 
 
 def event_store(events: list[Event], retrying: FeatureStore, once: FeatureStore) -> FeatureStore:
@@ -167,16 +172,18 @@ class Ingress:
         self.arm_trainers = arm_trainers or {}  # "experiment/arm" -> that arm's own OnlineTrainer
         self.sink = sink
         self.settings = settings
-        self.store = FeatureStore(settings.redis_url, prefix=settings.prefix, item_capacity=settings.item_capacity,
-                                  new_item_rate_per_min=settings.new_item_rate_per_min)
+        store_config = dict(prefix=settings.prefix, item_capacity=settings.item_capacity,
+                            new_item_rate_per_min=settings.new_item_rate_per_min, event_ttl_s=settings.event_ttl_s,
+                            max_bought=settings.max_bought)
+        self.store = FeatureStore(settings.redis_url, **store_config)
         # writes holding an event without event_id: a client that never re-sends (see event_store)
-        self.store_once = FeatureStore(settings.redis_url, prefix=settings.prefix, retries=0,
-                                       item_capacity=settings.item_capacity,
-                                       new_item_rate_per_min=settings.new_item_rate_per_min)
+        self.store_once = FeatureStore(settings.redis_url, retries=0, **store_config)
+        configure_event_ts(settings.event_ts_bounds)  # /events bodies are validated against them
         self.catalogue = serving_catalogue(settings.model, settings.registry_uri, self.store,
                                            settings.catalogue_refresh_s)
         if settings.layout in ("inline", "fused"):
-            self.fetcher = FeatureFetcher(self.store, self.catalogue, settings.history_len)
+            self.fetcher = FeatureFetcher(self.store, self.catalogue, settings.history_len,
+                                          item_cache=ItemCache(ttl_s=settings.item_cache_ttl_s))
         self.models: ModelPool | None = None  # fused: the models this replica scores with itself
         if settings.layout == "fused":
             self.models = ModelPool(settings.model, settings.registry_uri, settings.registry_poll_s,

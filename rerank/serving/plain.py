@@ -46,6 +46,7 @@ from rerank.serving.api import (
 )
 from rerank.serving.auth import ApiKeys, AuthError
 from rerank.serving.catalogue import RefreshingCatalogue
+from rerank.serving.item_cache import ItemCache
 from rerank.serving.pipeline import FeatureFetcher, ModelScores, ScoredBatch, rank_batch
 from rerank.serving.planning import rank_plan
 from rerank.serving.scoring import score_batch
@@ -70,6 +71,10 @@ class PlainSettings:
     record_impressions: bool = True
     attribution_window_s: float = 1800.0
     impressions_maxlen: int = 1_000_000
+    impressions_max_bytes: int = 256 * 2**20
+    max_impression_items: int = 100
+    max_impression_bytes: int = 8192
+    item_cache_ttl_s: float = 1.0
     torch_threads: int = 1  # torch's intra-op threads, as the Scorer's default
     api_keys: dict | None = None  # as the app's `api_keys`; the environment's keys count too
     extra: dict = field(default_factory=dict)  # other app args, ignored
@@ -102,10 +107,13 @@ class PlainRanker:
         self.model = load_model(model_dir)
         self.model_version = f"v{version}" if version is not None else f"dir:{Path(model_dir).name}"
         self.catalogue = RefreshingCatalogue(Path(model_dir), self.store, settings.catalogue_refresh_s)
-        self.fetcher = FeatureFetcher(self.store, self.catalogue, settings.history_len)
+        self.fetcher = FeatureFetcher(self.store, self.catalogue, settings.history_len,
+                                      item_cache=ItemCache(ttl_s=settings.item_cache_ttl_s))
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.impressions = ImpressionLog(self.redis, self.store.keys, AttributionConfig(
-            window_s=settings.attribution_window_s, impressions_maxlen=settings.impressions_maxlen))
+            window_s=settings.attribution_window_s, impressions_maxlen=settings.impressions_maxlen,
+            impressions_max_bytes=settings.impressions_max_bytes, max_impression_items=settings.max_impression_items,
+            max_impression_bytes=settings.max_impression_bytes))
 
     def check(self, body: RankRequest) -> None:
         """RequestLimitError when the request is over this server's limits (the service's)."""
