@@ -251,7 +251,8 @@ def _own_stack(port: int):
         port=port or free_port(), num_cpus=8, online=False,
         app_args={"api_keys": {"shop": {"key": RANK_KEY, "scopes": ["rank", "events"]},
                                "ops": {"key": ADMIN_KEY, "scopes": ["rank", "events", "admin"]}},
-                  "registry_uri": registry_dir, "catalogue_refresh_s": 0},
+                  "registry_uri": registry_dir, "catalogue_refresh_s": 0,
+                  "docs": True},  # the fuzzer reads the schema without a key
     )
     return LocalStack(cfg), registry_dir
 
