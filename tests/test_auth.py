@@ -253,6 +253,7 @@ def test_a_key_bound_to_a_tenant_refuses_other_users():
     assert caught.value.status == 403 and "tenant" in caught.value.message and "shop-a" not in caught.value.message
     keys.check_user("any", "b:u1")  # no prefix: any user
     keys.check_user(ANONYMOUS, "b:u1")
+    assert keys.tenant_of("shop-a") == "a:" and keys.tenant_of("any") == keys.tenant_of(ANONYMOUS) == ""
 
 
 @pytest.mark.parametrize("spec, message", [

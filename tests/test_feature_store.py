@@ -15,6 +15,7 @@ from rerank.store.entry import parse_seq
 from rerank.store.errors import EventValidationError, FeatureStoreError, FeatureStoreUnavailable
 from rerank.store.events import Event
 from rerank.store.feature_store import FeatureStore
+from rerank.store.keys import Keys
 
 # user -> [(item_id, type, ts)] in time order
 HISTORIES = {
@@ -545,3 +546,19 @@ def test_new_items_are_admitted_at_most_new_item_rate_per_min(redis_url, dataset
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     (rate_key,) = client.keys(store.keys.new_items("*"))
     assert 0 < client.ttl(rate_key) <= 120  # the minute's counter goes away by itself
+
+
+def test_idempotency_markers_are_scoped_by_tenant(redis_url):
+    """The same event_id from two tenants is two events; within one tenant it is one."""
+    from rerank.store.events import marker_id
+
+    store = FeatureStore(redis_url, prefix="scope:")
+    a = Event("a:u1", "i1", "view", event_id="e-1", marker_scope="a:")
+    b = Event("b:u1", "i1", "view", event_id="e-1", marker_scope="b:")
+    assert store.write_events([a, b]) == [True, True]
+    assert store.write_events([Event("a:u1", "i1", "view", event_id="e-1", marker_scope="a:")]) == [False]
+    assert store.write_events([Event("u9", "i1", "view", event_id="e-1")]) == [True]  # the shared namespace
+    assert marker_id("e", "ab") != marker_id("b:e", "a") and marker_id("e") == "e"
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    ids = [fields["event_id"] for _, fields in client.xrange(Keys("scope:").events)]
+    assert ids == ["e-1", "e-1", "e-1"]  # the entries keep the id the client sent

@@ -46,6 +46,9 @@ async def events(ingress: Replica, body: EventsRequest,
     metrics = ingress.metrics
     try:
         events = await asyncio.to_thread(ingress.attributed, body.events)
+        tenant = ingress.settings.keys.tenant_of(name)  # one tenant's event_id never marks another's event
+        for event in events:
+            event.marker_scope = tenant
         # events without event_id: a client that never re-sends a timed-out write (no marker to drop a copy)
         written = await asyncio.to_thread(ingress.event_store(events).write_events_detailed, events)
     except (FeatureStoreUnavailable, redis.RedisError):

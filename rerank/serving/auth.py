@@ -271,6 +271,10 @@ class ApiKeys:
         entry = self._named(name)
         return entry.rate_per_s, entry.burst or 2.0 * entry.rate_per_s
 
+    def tenant_of(self, name: str) -> str:
+        """The tenant (user_prefix) of a key; "" for keys without one (they share one namespace)."""
+        return "" if name == ANONYMOUS else self._named(name).user_prefix
+
     def check_user(self, name: str, user_id: str) -> None:
         """AuthError 403 when the key `name` is bound to a tenant prefix that `user_id` lacks."""
         if name == ANONYMOUS:

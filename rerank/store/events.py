@@ -56,6 +56,13 @@ class Event:
     ts: float | None = None  # Unix seconds; None = now
     event_id: str | None = None  # idempotency key; None = a server uuid, no marker (a retry applies it twice)
     extra: dict[str, str] = field(default_factory=dict)  # more stream fields (attribution), stored as given
+    marker_scope: str = ""  # the namespace of its idempotency marker (a tenant); the entry keeps event_id as sent
+
+
+def marker_id(event_id: str, scope: str = "") -> str:
+    """The id an idempotency marker is keyed by: `event_id` within `scope` ("" = the shared namespace),
+    length-prefixed so no scope/id pair can spell another's."""
+    return f"{len(scope)}:{scope}:{event_id}" if scope else event_id
 
 
 @dataclass
@@ -245,7 +252,7 @@ class EventWriter:
         calls = []
         for event, (event_id, ts) in zip(events, checked):
             script_keys, script_args = WRITE_EVENT.bind(
-                {**shared_keys, "marker": keys.event(event_id), "user_seq": keys.user_seq(event.user_id),
+                {**shared_keys, "marker": keys.event(marker_id(event_id, event.marker_scope)), "user_seq": keys.user_seq(event.user_id),
                  "user_bought": keys.user_bought(event.user_id)},
                 {**shared_args, "event_id": event_id, "user_id": event.user_id, "item_id": event.item_id,
                  "type_code": EVENT_CODE[event.type], "type": event.type, "ts": repr(ts),
