@@ -246,11 +246,28 @@ def _absolute(path: str | None) -> str | None:
     return str(p if p.is_absolute() else (PROJECT_ROOT / p).resolve())
 
 
+def embedded_maxmemory_of(args: AppArgs, machine_bytes: int | None = None) -> int:
+    """The embedded Redis' maxmemory from the app's bounds (markers at the expected event rate, the
+    event stream, the impressions' byte budget) with headroom, at least the default 2 GB; a plan over
+    half of the machine's memory is refused (capacity.MemoryPlanError names its parts)."""
+    import psutil
+
+    from rerank.infra.redis_server import DEFAULT_MAXMEMORY, parse_memory_size
+    from rerank.store import capacity
+    from rerank.store.config import FeatureStoreConfig
+
+    plan = capacity.project_memory(FeatureStoreConfig(event_ttl_s=args.event_ttl_s, max_bought=args.max_bought),
+                                   expected_events_per_s=args.expected_events_per_s,
+                                   impressions_max_bytes=args.impressions_max_bytes)
+    machine = machine_bytes if machine_bytes is not None else psutil.virtual_memory().total
+    return max(parse_memory_size(DEFAULT_MAXMEMORY), capacity.embedded_maxmemory(plan, maximum=machine // 2))
+
+
 def resolve_redis_url(args: AppArgs) -> str:
     if args.redis_url == "embedded":
         from deployments.redis_owner import embedded_redis_url
 
-        return embedded_redis_url(_absolute(args.redis_data_dir))
+        return embedded_redis_url(_absolute(args.redis_data_dir), embedded_maxmemory_of(args))
     if args.redis_url == "env":
         url = os.environ.get("REDIS_URL")
         if not url:

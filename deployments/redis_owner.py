@@ -18,10 +18,18 @@ NAMESPACE = "rerank"
 
 @ray.remote(num_cpus=0)
 class RedisOwner:
-    def __init__(self, data_dir: str) -> None:
-        from rerank.infra.redis_server import EmbeddedRedis
+    def __init__(self, data_dir: str, maxmemory: int | None = None) -> None:
+        from rerank.infra.redis_server import DEFAULT_MAXMEMORY, EmbeddedRedis
 
-        self.server = EmbeddedRedis(data_dir=Path(data_dir)).start().supervise()  # restarted when it dies
+        self.server = EmbeddedRedis(data_dir=Path(data_dir), maxmemory=maxmemory or DEFAULT_MAXMEMORY)
+        self.server.start().supervise()  # restarted when it dies
+
+    def set_maxmemory(self, maxmemory: int) -> None:
+        """A later build's memory plan: the running server's maxmemory, now and after restarts."""
+        import redis
+
+        self.server.maxmemory = maxmemory
+        redis.Redis.from_url(self.server.url).config_set("maxmemory", maxmemory)
 
     def url(self) -> str:
         if not self.server.running:
@@ -32,10 +40,13 @@ class RedisOwner:
         self.server.stop()
 
 
-def embedded_redis_url(data_dir: str | Path) -> str:
-    """URL of the cluster's embedded Redis, starting its owner actor on first use."""
+def embedded_redis_url(data_dir: str | Path, maxmemory: int | None = None) -> str:
+    """URL of the cluster's embedded Redis, starting its owner actor on first use; `maxmemory`
+    (bytes, from the app's memory plan) applies to a running server too."""
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     owner = RedisOwner.options(
         name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(str(data_dir))
+    ).remote(str(data_dir), maxmemory)
+    if maxmemory:
+        ray.get(owner.set_maxmemory.remote(maxmemory))
     return ray.get(owner.url.remote())
