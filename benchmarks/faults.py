@@ -20,6 +20,10 @@ its online trainer) and runs each scenario with real processes and signals:
   answer normally again after Redis returns;
 - redis_kill: the same with `kill -9` of the embedded Redis, which the stack's supervisor
   restarts (same port, append-only file): seconds from the kill until both answer normally;
+- rank_key_flood: what a rank-only key can make Redis hold and do: 200 /rank answers of k=1000
+  candidates with 251-character ids to one user, one /events call of 1,000 clicks on items never
+  shown, one event with ts = 2e9 (used_memory growth, the impressions stream's size, the user's
+  attribution state, the /events time, the statuses);
 - trainer_kill: the OnlineTrainer replica is `kill -9`ed `--tk-kills` times while a replay
   writer posts `--tk-events` demo-shop events (unique event ids) at `--tk-rate` events/s, an
   equal burst per kill: each burst starts once the (restarted) trainer trains, the kill is aimed
@@ -70,6 +74,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -81,7 +86,8 @@ from rerank.infra.front_proxy import admin_command, show_stat  # noqa: E402
 from rerank.infra.results import write_results  # noqa: E402
 from rerank.infra.stats import percentile  # noqa: E402  (in the unit of its input)
 
-SCENARIOS = ("bad_neighbour", "scorer_kill", "overload", "redis_freeze", "redis_kill", "trainer_kill")
+SCENARIOS = ("bad_neighbour", "scorer_kill", "overload", "redis_freeze", "redis_kill", "trainer_kill",
+             "rank_key_flood")
 TRAINER_KILL_ONLINE = {"publish_every_s": 0.3, "publish_every_events": 100, "lease_ttl_s": 2.0}
 VERSION_DIR = re.compile(r"^v(\d{6})$")
 STAGING_DIR = re.compile(r"^\.v(\d{6})\.[0-9a-f]+\.partial$")  # ModelRegistry._upload's temporary name
@@ -588,6 +594,49 @@ def wait_caught_up(client, stream: str, group: str, root: Path, timeout_s: float
     return None
 
 
+def rank_key_flood(url: str, redis_url: str, prefix: str, calls: int = 200, k: int = 1000, id_len: int = 251,
+                   clicks: int = 1000) -> dict:
+    """What a rank-only key can make Redis hold and do: `calls` /rank answers of k = 1000 candidates
+    with 251-character ids to one user (the largest the API allows), then one /events call with
+    `clicks` clicks on items that user was never shown, then one event with ts = 2e9.
+    Reports used_memory growth, the impressions stream's length / bytes / memory, the user's
+    attribution state, the /events call's time (attribution is one script per event on Redis), and
+    the statuses."""
+    import httpx
+    import redis as redis_lib
+
+    from rerank.store.keys import Keys
+
+    client = redis_lib.Redis.from_url(redis_url, socket_timeout=30)
+    keys = Keys(prefix)
+    user = f"flood-{uuid.uuid4().hex[:8]}"
+    used = lambda: int(client.info("memory")["used_memory"])  # noqa: E731
+    before = used()
+    statuses: Counter = Counter()
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for c in range(calls):
+            body = {"user_id": user, "k": k, "candidates": [f"{c:06d}-{j:04d}-".ljust(id_len, "x") for j in range(k)]}
+            statuses[str(http.post("/rank", json=body).status_code)] += 1
+        grown = used() - before
+        user_keys = client.keys(keys.user_seq(user).replace(":seq", ":*"))
+        state = sum(int(client.memory_usage(key, samples=0) or 0) for key in user_keys)
+        events = [{"user_id": user, "item_id": f"never-shown-{j}", "type": "click"} for j in range(clicks)]
+        start = time.perf_counter()
+        r = http.post("/events", json={"events": events})
+        events_s = time.perf_counter() - start
+        future = http.post("/events", json={"events": [{"user_id": user, "item_id": "x", "type": "click", "ts": 2e9}]})
+    return {
+        "calls": calls, "k": k, "id_len": id_len, "rank_statuses": dict(statuses),
+        "used_memory_growth_mb": round(grown / 2**20, 2),
+        "impressions_xlen": int(client.xlen(keys.impressions)),
+        "impressions_bytes_counted_mb": round(int(client.get(keys.impressions_bytes) or 0) / 2**20, 2),
+        "impressions_stream_mb": round(int(client.memory_usage(keys.impressions, samples=0) or 0) / 2**20, 2),
+        "user_attribution_state_kb": round(state / 1024, 1),
+        "events_1000_clicks_s": round(events_s, 3), "events_status": r.status_code,
+        "future_ts_status": future.status_code, "future_ts_detail": future.json().get("detail"),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=20.0, help="load per scenario (default 20)")
@@ -785,6 +834,9 @@ def main() -> int:
             events = dataset_events(dataset, offset=max(0, dataset.events.num_rows - 20_000))
             result["trainer_kill" + suffix] = {"online": online, "kills_asked": args.tk_kills, "rate": args.tk_rate,
                                       **trainer_kill(url, stack.redis_url, prefix, registry, events, args)}
+        if "rank_key_flood" in only:
+            result["rank_key_flood" + suffix] = rank_key_flood(url, stack.redis_url,
+                                                               config_app_args().get("redis_prefix", "rr:"))
     shutil.rmtree(work, ignore_errors=True)
     result["load_average"] = os.getloadavg()
     for name in only:
