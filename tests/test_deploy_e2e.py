@@ -76,12 +76,14 @@ def test_serve_run_of_the_shipped_config_trains_on_posted_events(redis_url, tiny
             events = [{"event_id": f"served-{n}", "user_id": user, "item_id": items[n % 20], "type": "click"}
                       for n in range(30)]
             assert client.post("/events", json={"events": events}).json() == {"accepted": 30, "duplicates": 0}
-            deadline, served = time.monotonic() + 60, first["model_version"]
-            while time.monotonic() < deadline and served == "v1":
+            # the trainer may publish a version holding the first of the 30 entries before it has read
+            # the rest (the script runs once per event): wait for the version that holds all of them
+            deadline, served, info = time.monotonic() + 60, first["model_version"], {}
+            while time.monotonic() < deadline and (served == "v1" or (info.get("meta") or {}).get("events_applied", 0) < 30):
                 served = client.post("/rank", json={"user_id": user, "candidates": items, "k": 5}).json()["model_version"]
+                info = client.get("/model").json()
                 time.sleep(0.2)
             assert served != "v1", "no new version reached the scorers"
-            info = client.get("/model").json()
             assert info["meta"]["events_applied"] >= 30
             # the shipped config's sink persists the answers and the events to Parquet, attributed
             from rerank.experiments.readout import load_parquet

@@ -125,8 +125,9 @@ def test_a_lapsed_lease_taken_again_restarts_the_loop_from_the_checkpoint(serve_
     registry = ModelRegistry(str(tmp_path / "reg"))
     registry.publish_dir(tiny[1])
     calls = HandleCaller()
+    # a TTL longer than the loop's first start on a loaded machine: the lapse is the test's own (below)
     trainer = serve.run(OnlineTrainer.bind(redis_url, registry.uri, "lapse:", {"publish_every_s": 0.3},
-                                           lease_ttl_s=2.0), name="trainer-lapse", route_prefix=None)
+                                           lease_ttl_s=10.0), name="trainer-lapse", route_prefix=None)
     wait_until(lambda: calls(lambda: trainer.stats.remote())["state"] == "training", "the trainer to train")
     assert calls(lambda: trainer.stats.remote())["lease_term"] == 1
     redis.Redis.from_url(redis_url).delete(Keys("lapse:").trainer_lease)  # the hold lapses (as past its TTL)
