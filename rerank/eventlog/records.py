@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from rerank.store.entry import EventEntry
+from rerank.store.entry import EventEntry, float_field, required_field
 
 IMPRESSION_ITEM = pa.struct([("item_id", pa.string()), ("position", pa.int32()), ("score", pa.float64()),
                              ("team", pa.string())])
@@ -117,24 +117,10 @@ def _item_json(item: tuple[str, float, str]) -> str:
                       ensure_ascii=False)
 
 
-def _text(fields: dict[str, str], name: str) -> str:
-    if name not in fields:
-        raise ValueError(f"field {name!r} missing")
-    return fields[name]
-
-
-def _float(fields: dict[str, str], name: str) -> float:
-    text = _text(fields, name)  # a missing field says so (not a KeyError from the message below)
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"field {name!r}: not a number: {text!r}") from None
-
-
 def impression_row(stream_id: str, fields: dict[str, str]) -> dict:
     """The Parquet row (IMPRESSION_SCHEMA) of one impressions-stream entry; ValueError names the field."""
     try:
-        raw = json.loads(_text(fields, "items"))
+        raw = json.loads(required_field(fields, "items"))
     except json.JSONDecodeError:
         raise ValueError("field 'items': not JSON") from None
     if not isinstance(raw, list) or not all(isinstance(x, list) and len(x) == 3 for x in raw):
@@ -149,9 +135,9 @@ def impression_row(stream_id: str, fields: dict[str, str]) -> dict:
             raise ValueError(f"field 'n_items': not an integer: {fields['n_items']!r}") from None
         if n_items < len(items):
             raise ValueError(f"field 'n_items': {n_items}, fewer than the {len(items)} items stored")
-    return {"stream_id": stream_id, "request_id": _text(fields, "request_id"), "user_id": _text(fields, "user_id"),
-            "experiment": _text(fields, "experiment"), "arm": _text(fields, "arm"),
-            "model_version": _text(fields, "model_version"), "ts": _float(fields, "ts"), "items": items,
+    return {"stream_id": stream_id, "request_id": required_field(fields, "request_id"), "user_id": required_field(fields, "user_id"),
+            "experiment": required_field(fields, "experiment"), "arm": required_field(fields, "arm"),
+            "model_version": required_field(fields, "model_version"), "ts": float_field(fields, "ts"), "items": items,
             "n_items": n_items, "day": stream_day(stream_id)}
 
 

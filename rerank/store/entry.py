@@ -78,21 +78,22 @@ class EventEntry:
         unattributed. ValueError names the field (`seq` is kept as text, not checked)."""
         position, value = _optional(fields, POSITION), _optional(fields, VALUE)
         try:
-            item_idx = int(_required(fields, ITEM_IDX))
+            item_idx = int(required_field(fields, ITEM_IDX))
             position_num = int(position) if position is not None else None
         except ValueError:
             raise ValueError(f"field {ITEM_IDX!r} or 'position': not an integer") from None
         return cls(
-            event_id=_required(fields, EVENT_ID), user_id=_required(fields, USER_ID),
-            item_id=_required(fields, ITEM_ID), item_idx=item_idx, type=_required(fields, TYPE),
-            ts=_float(fields, TS), seq=fields.get(SEQ, ""), request_id=_optional(fields, REQUEST_ID),
+            event_id=required_field(fields, EVENT_ID), user_id=required_field(fields, USER_ID),
+            item_id=required_field(fields, ITEM_ID), item_idx=item_idx, type=required_field(fields, TYPE),
+            ts=float_field(fields, TS), seq=fields.get(SEQ, ""), request_id=_optional(fields, REQUEST_ID),
             position=position_num, experiment=fields.get(EXPERIMENT, ""), arm=fields.get(ARM, ""),
             team=fields.get(TEAM, ""), attributed=fields.get(ATTRIBUTED, ""),
             value=float(value) if value is not None else None, n=entry_number(fields),
         )  # fmt: skip
 
 
-def _required(fields: Mapping[str, str], name: str) -> str:
+def required_field(fields: Mapping[str, str], name: str) -> str:
+    """A stream field's text; ValueError naming it when it is missing."""
     if name not in fields:
         raise ValueError(f"field {name!r} missing")
     return fields[name]
@@ -102,8 +103,9 @@ def _optional(fields: Mapping[str, str], name: str) -> str | None:
     return fields.get(name, "") or None
 
 
-def _float(fields: Mapping[str, str], name: str) -> float:
-    text = _required(fields, name)  # a missing field says so (not a KeyError from the message below)
+def float_field(fields: Mapping[str, str], name: str) -> float:
+    """A stream field as a float; ValueError naming it when it is missing or not a number."""
+    text = required_field(fields, name)  # a missing field says so (not a KeyError from the message below)
     try:
         return float(text)
     except ValueError:
