@@ -20,7 +20,10 @@ def tiny(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("online-e2e"))
 
 
-def _write_events(url: str, events, prefix: str = "rr:", every_s: float = 0.0, batch: int = 20) -> int:
+def _write_events(url: str, events, prefix: str = "rr:", every_s: float = 0.0, batch: int = 20,
+                  last_after: threading.Event | None = None) -> int:
+    """Write `events` in chunks; with `last_after`, the last chunk waits for that event (so a kill
+    the caller makes meanwhile lands mid-stream however slow the machine is)."""
     from rerank.store.events import Event
     from rerank.store.feature_store import FeatureStore
 
@@ -28,6 +31,8 @@ def _write_events(url: str, events, prefix: str = "rr:", every_s: float = 0.0, b
     accepted = 0
     for lo in range(0, len(events), batch):
         chunk = events[lo : lo + batch]
+        if last_after is not None and lo + batch >= len(events):
+            last_after.wait(120)
         accepted += sum(store.write_events([Event(u, i, t, ts=ts, event_id=f"e2e-{lo + k}")
                                             for k, (u, i, t, ts) in enumerate(chunk)]))
         if every_s:
@@ -47,10 +52,9 @@ def _replica_actor(app: str, deployment: str):
 
 
 def test_killing_the_trainer_replica_mid_stream_loses_and_duplicates_no_event(serve_url, redis_url, tiny, tmp_path):
-    import ray
     from ray import serve
 
-    from deployments.online_trainer import GROUP, OnlineTrainer
+    from deployments.online_trainer import OnlineTrainer
     from rerank.models.registry import ModelRegistry
 
     registry = ModelRegistry(str(tmp_path / "reg"))
@@ -62,11 +66,26 @@ def test_killing_the_trainer_replica_mid_stream_loses_and_duplicates_no_event(se
     trainer = serve.run(OnlineTrainer.bind(redis_url, registry.uri, "rr:", options, claim_idle_ms=500, lease_ttl_s=2.0),
                         name=app, route_prefix=None)
     calls(lambda: trainer.stats.remote())  # constructed
-    writer = threading.Thread(target=_write_events, args=(redis_url, events), kwargs={"every_s": 0.05})
+    killed = threading.Event()
+    writer = threading.Thread(target=_write_events, args=(redis_url, events),
+                              kwargs={"every_s": 0.05, "last_after": killed})
     writer.start()
+    try:
+        _kill_mid_stream_and_check(trainer, calls, app, registry, events, killed, writer, redis_url)
+    finally:  # a failure here must not leave a trainer consuming the session's stream for later tests
+        killed.set()
+        serve.delete(app)
+
+
+def _kill_mid_stream_and_check(trainer, calls, app, registry, events, killed, writer, redis_url) -> None:
+    import ray
+
+    from deployments.online_trainer import GROUP
+
     wait_until(lambda: calls(lambda: trainer.stats.remote())["versions_published"] >= 2, "two published versions")
     ray.kill(_replica_actor(app, "OnlineTrainer"))  # dies mid-stream, no clean stop; Serve starts a new replica
     killed_at = registry.read_state("trainer_state.json")["events_applied"]
+    killed.set()
     writer.join()
     assert 0 < killed_at < len(events)
 
@@ -89,7 +108,6 @@ def test_killing_the_trainer_replica_mid_stream_loses_and_duplicates_no_event(se
     pending = redis.Redis.from_url(redis_url).xpending("rr:events", GROUP)["pending"]
     assert pending == 0
     calls(lambda: trainer.stop.remote())
-    serve.delete(app)
 
 
 def test_a_second_trainer_on_the_same_stream_stands_by_until_the_first_stops(serve_url, redis_url, tiny, tmp_path):
